@@ -1,0 +1,28 @@
+"""Engine backends: small specs that say how to launch and probe one engine.
+
+A backend is data plus one command builder, not a class hierarchy: the Server
+owns the lifecycle, the backend only answers "what command, which endpoints,
+which metric names". Add an engine by adding a spec here.
+"""
+from __future__ import annotations
+
+from ci.backends.spec import BackendSpec, Gauges
+from ci.backends.generic import generic
+from ci.backends.sglang import SGLANG
+from ci.backends.vllm import VLLM, VLLM_CPU
+
+BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (VLLM, VLLM_CPU, SGLANG)}
+
+
+def get_backend(name: str) -> BackendSpec:
+    """Return the backend called ``name``; ``generic:<template>`` builds one from a template."""
+    if name.startswith("generic:"):
+        return generic(name.split(":", 1)[1])
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKENDS)) + ", generic:<command template>"
+        raise ValueError(f"unknown backend {name!r}; known: {known}") from None
+
+
+__all__ = ["BACKENDS", "BackendSpec", "Gauges", "get_backend", "generic"]

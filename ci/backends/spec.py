@@ -1,0 +1,59 @@
+"""The BackendSpec data type shared by every engine backend."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """Prometheus series names an engine exposes, as the kits need them.
+
+    ``None`` means the engine has no honest equivalent; a kit that needs it
+    fails naming what is missing rather than skipping.
+    """
+
+    running: str | None = None
+    waiting: str | None = None
+    generation_tokens: str | None = None
+    prompt_tokens: str | None = None
+    occupancy: str | None = None
+    kv_usage: str | None = None
+    spec_accept_length: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to launch and probe one engine.
+
+    ``argv`` builds the launch command from (model, port, tp, extra args);
+    everything else is plain data the Server and the kits read.
+    """
+
+    name: str
+    argv: Callable[[str, int, int, Sequence[str]], list[str]]
+    health_path: str = "/health"
+    models_path: str = "/v1/models"
+    metrics_path: str = "/metrics"
+    metrics_prefix: str = ""
+    gauges: Gauges = field(default_factory=Gauges)
+    # Flag that turns metrics on, named in the error when a kit finds them off.
+    metrics_flag: str | None = None
+    # Python module whose __version__ is the engine version (None: unknown).
+    version_module: str | None = None
+    # Environment the engine needs on every launch (merged under the caller's).
+    env: tuple[tuple[str, str], ...] = ()
+
+    def command(self, model: str, port: int, tp: int = 1, args: Sequence[str] = ()) -> list[str]:
+        """The full argv for one launch."""
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range: {port}")
+        return self.argv(model, port, tp, list(args))
+
+
+def python() -> str:
+    """The interpreter engines are launched with: the one running kiln (the session venv)."""
+    return sys.executable

