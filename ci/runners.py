@@ -45,6 +45,10 @@ class Profile:
     default_model: str = "tiny-llama"
     # Enforce performance budgets (else report only).
     enforce_perf: bool = False
+    # Launch args every server on this runner gets, before the test's own.
+    server_args: tuple[str, ...] = ()
+    # Servers alive at once: bounded by host RAM on CPU, by GPUs elsewhere.
+    max_live_servers: int = 4
 
     @property
     def session(self) -> str:

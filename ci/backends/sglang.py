@@ -29,5 +29,5 @@ SGLANG = BackendSpec(
     ),
     # SGLang serves /metrics only when launched with this flag (sglang #25886).
     metrics_flag="--enable-metrics",
-    version_module="sglang",
+    distributions=("sglang",),
 )

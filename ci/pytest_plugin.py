@@ -1,0 +1,151 @@
+"""pytest glue for e2e suites: the ``model`` marker, the ``server`` fixture and the pool.
+
+Loaded for every pytest run (``-p ci.pytest_plugin`` in pyproject.toml). A test says what it needs::
+
+    @pytest.mark.model("tiny-llama", tp=1, args=["--max-num-seqs", "8"])
+    def test_chat(server): ...
+
+and borrows the one server for that key; the pool launches each key once per
+run and stops everything with ``stop_many`` at session end. The fixture is
+function-scoped with try/finally, because class-scoped teardown never ran
+under pytest-parallel and leaked pool references (sglang #24222).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ci import runners
+from ci.backends import get_backend
+from ci.pool import ServerKey, ServerPool, key_from_marker
+from ci.server import Server
+
+log = logging.getLogger(__name__)
+
+PROFILE_ENV = "KILN_PROFILE"
+SESSION_ENV = "KILN_SESSION"
+REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
+# Names of local models kiln builds itself (no model hub on CI machines).
+LOCAL_MODELS = ("tiny-llama",)
+_POOL_KEY = pytest.StashKey[ServerPool]()
+_PREV_SIGTERM = pytest.StashKey[object]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kiln")
+    group.addoption("--kiln-profile", default=os.environ.get(PROFILE_ENV, "cpu"),
+                    help="runner profile from ci/runners.py (default: $KILN_PROFILE or cpu)")
+    group.addoption("--kiln-backend", default=None,
+                    help="override the profile's backend (e.g. generic:<template>)")
+    group.addoption("--kiln-reports", default=os.environ.get(REPORTS_DIR_ENV, "reports"),
+                    help="where server logs and server records go")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
+    config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
+    config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
+
+
+def profile_of(config: pytest.Config) -> runners.Profile:
+    return runners.get_profile(config.getoption("--kiln-profile"))
+
+
+def session_name(config: pytest.Config) -> str:
+    return os.environ.get(SESSION_ENV) or profile_of(config).session
+
+
+def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
+    """Model reference to pass to the engine, and the args that name it in the API."""
+    if name in LOCAL_MODELS:
+        from ci import tinymodel  # imported lazily: it pulls numpy/tokenizers in
+        return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
+    return name, ()
+
+
+def _factory(config: pytest.Config):
+    profile = profile_of(config)
+    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
+
+    def make(key: ServerKey) -> Server:
+        model, naming = resolve_model(key.model)
+        return Server(
+            backend, model, tp=key.tp, args=(*profile.server_args, *naming, *key.args),
+            env=dict(profile.env), log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
+            key=str(key),
+        )
+
+    return make
+
+
+def _on_sigterm(signum, frame):
+    # CI cancels a job with SIGTERM; turning it into KeyboardInterrupt lets
+    # pytest unwind fixtures, so the pool still stops every server.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    profile = profile_of(config)
+    config.stash[_POOL_KEY] = ServerPool(_factory(config), max_live=profile.max_live_servers)
+    try:
+        config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded runs): leave signals alone
+        pass
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    pool = config.stash.get(_POOL_KEY, None)
+    if pool is None:
+        return
+    if not pool.servers():
+        return  # nothing launched (unit tests): no records to write
+    try:
+        pool.close()
+    finally:
+        records = Path(config.getoption("--kiln-reports")) / f"servers-{session_name(config)}.json"
+        pool.write_records(records)
+        prev = config.stash.get(_PREV_SIGTERM, None)
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+@pytest.fixture(scope="session")
+def kiln_profile(pytestconfig: pytest.Config) -> runners.Profile:
+    """The runner profile this session runs under."""
+    return profile_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def kiln_pool(pytestconfig: pytest.Config) -> ServerPool:
+    """The session's server pool (launched lazily, stopped at session end)."""
+    return pytestconfig.stash[_POOL_KEY]
+
+
+def server_key(item: pytest.Item, profile: runners.Profile) -> ServerKey:
+    marker = item.get_closest_marker("model")
+    if marker is None:
+        return ServerKey(profile.default_model)
+    return key_from_marker(marker.args, marker.kwargs, profile.default_model)
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, kiln_pool: ServerPool, kiln_profile: runners.Profile,
+           record_property, record_testsuite_property) -> Server:
+    """A ready server for this test's ``model`` marker, borrowed from the session pool."""
+    key = server_key(request.node, kiln_profile)
+    record_property("kiln_server", str(key))
+    srv = kiln_pool.acquire(key)
+    version = srv.backend.version()
+    if version:
+        record_testsuite_property("kiln_engine_version", f"{srv.backend.name} {version}")
+    try:
+        yield srv
+    finally:
+        kiln_pool.release(srv, request.node.nodeid)
