@@ -12,6 +12,7 @@ under pytest-parallel and leaked pool references (sglang #24222).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -43,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="override the profile's backend (e.g. generic:<template>)")
     group.addoption("--kiln-reports", default=os.environ.get(REPORTS_DIR_ENV, "reports"),
                     help="where server logs and server records go")
+    group.addoption("--kiln-collect-keys", default=None, metavar="PATH",
+                    help="write the server keys the collected tests need to PATH (JSON) — "
+                         "warmup reads the same declarations the tests use")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,6 +91,21 @@ def _on_sigterm(signum, frame):
     # CI cancels a job with SIGTERM; turning it into KeyboardInterrupt lets
     # pytest unwind fixtures, so the pool still stops every server.
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    path = session.config.getoption("--kiln-collect-keys")
+    if not path:
+        return
+    profile = profile_of(session.config)
+    keys: dict[str, dict] = {}
+    for item in session.items:
+        if "server" in getattr(item, "fixturenames", ()):
+            key = server_key(item, profile)
+            keys.setdefault(str(key), {"model": key.model, "tp": key.tp, "args": list(key.args),
+                                       "tests": []})["tests"].append(item.nodeid)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(list(keys.values()), indent=1))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
