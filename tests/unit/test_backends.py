@@ -1,0 +1,55 @@
+"""Backend specs build the right commands and reject bad input clearly."""
+from __future__ import annotations
+
+import pytest
+
+from ci.backends import get_backend
+from ci.pool import ServerKey, key_from_marker
+
+
+@pytest.mark.parametrize("name, tp, expect", [
+    ("vllm", 4, ["-m", "vllm.entrypoints.openai.api_server", "--tensor-parallel-size", "4"]),
+    ("vllm-cpu", 1, ["-m", "vllm.entrypoints.openai.api_server"]),
+    ("sglang", 2, ["-m", "sglang.launch_server", "--tp-size", "2"]),
+])
+def test_commands(name, tp, expect):
+    argv = get_backend(name).command("m", 23456, tp, ["--extra"])
+    assert all(part in argv for part in expect)
+    assert argv[argv.index("--port") + 1] == "23456"
+    assert argv[-1] == "--extra"
+    if tp == 1:
+        assert "--tensor-parallel-size" not in argv and "--tp-size" not in argv
+
+
+def test_generic_template_fills_port_and_model():
+    b = get_backend("generic:{python} -m my.engine --model {model} --port {port} --tp {tp}")
+    argv = b.command("mymodel", 30001, 2)
+    assert argv[1:] == ["-m", "my.engine", "--model", "mymodel", "--port", "30001", "--tp", "2"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown backend 'nope'"),
+    ("generic:", "empty command template"),
+    ("generic:{python} serve", "must contain {port}"),
+    ("generic:x --port {port} {gpu}", "unknown placeholder"),
+])
+def test_bad_backends(spec, message):
+    with pytest.raises(ValueError, match=message):
+        get_backend(spec).command("m", 30000, 1)
+
+
+def test_bad_tp_and_port():
+    b = get_backend("vllm")
+    with pytest.raises(ValueError, match="tp must be"):
+        b.command("m", 30000, 0)
+    with pytest.raises(ValueError, match="port out of range"):
+        b.command("m", 70000, 1)
+
+
+def test_model_marker_keys():
+    assert key_from_marker(("m",), {"tp": 2, "args": "--a 1"}, "d") == ServerKey("m", 2, ("--a", "1"))
+    assert key_from_marker((), {}, "d") == ServerKey("d")
+    with pytest.raises(ValueError, match="unknown keyword"):
+        key_from_marker(("m",), {"tensor_parallel": 2}, "d")
+    with pytest.raises(ValueError, match="tp must be a positive int"):
+        key_from_marker(("m",), {"tp": 0}, "d")
