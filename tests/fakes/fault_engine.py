@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--mode", default="ok")
     ap.add_argument("--ready-after", type=float, default=0.0)
-    a = ap.parse_args()
+    a, _engine_args = ap.parse_known_args()  # launch args meant for a real engine are accepted
     print(f"fault engine pid {os.getpid()} mode {a.mode}", flush=True)
     if a.ready_after:
         threading.Event().wait(a.ready_after)  # simulated load time

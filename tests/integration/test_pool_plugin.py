@@ -1,0 +1,175 @@
+"""The pool and the pytest plugin with real processes (the fault engine as the backend).
+
+Each case runs a small e2e-style test file in a child pytest, as a user would,
+and then checks that every server it launched is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import procs
+from ci.backends import generic
+from ci.pool import PoolError, ServerKey, ServerPool
+from ci.server import Server, ServerExited
+
+ROOT = Path(__file__).resolve().parents[2]
+FAULT_ENGINE = ROOT / "tests" / "fakes" / "fault_engine.py"
+# Child pytest runs launch a few fault engines; this bounds a hung run.
+CHILD_TIMEOUT_S = 120
+
+
+def _fault_backend(mode: str = "ok") -> str:
+    return f"generic:{{python}} {shlex.quote(str(FAULT_ENGINE))} --port {{port}} --mode {mode}"
+
+
+def _pool(tmp_path: Path, mode_of=lambda key: "ok", max_live: int = 2) -> ServerPool:
+    def make(key: ServerKey) -> Server:
+        backend = generic(_fault_backend(mode_of(key))[len("generic:"):])
+        return Server(backend, key.model, args=key.args, log_dir=tmp_path, launch_timeout_s=5,
+                      grace_s=1, key=str(key))
+    return ServerPool(make, max_live=max_live)
+
+
+def test_one_launch_per_key_and_release_records_tests(tmp_path):
+    pool = _pool(tmp_path)
+    key = ServerKey("m", 1, ("--x",))
+    try:
+        a = pool.acquire(key)
+        pool.release(a, "t::one")
+        b = pool.acquire(key)
+        pool.release(b, "t::two")
+        assert a is b and pool.launches == 1
+        assert a.record.tests == ["t::one", "t::two"]
+        with pytest.raises(PoolError, match="already borrowed"):
+            pool.acquire(key) and pool.acquire(key)
+    finally:
+        pool.close()
+    assert procs.tagged(a.tree.tag) == []
+
+
+def test_failed_launch_fails_later_borrowers_fast_with_the_first_cause(tmp_path):
+    pool = _pool(tmp_path, mode_of=lambda key: "crash")
+    key = ServerKey("m")
+    with pytest.raises(ServerExited):
+        pool.acquire(key)
+    t0 = time.monotonic()
+    with pytest.raises(PoolError, match="already failed in this run: .*exited with code 3"):
+        pool.acquire(key)
+    assert time.monotonic() - t0 < 0.5 and pool.launches == 1
+    pool.close()
+
+
+def test_full_pool_evicts_least_recently_used_idle_server(tmp_path):
+    pool = _pool(tmp_path, max_live=2)
+    servers = {}
+    try:
+        for name in ("a", "b", "a", "c"):
+            s = pool.acquire(ServerKey(name))
+            servers[name] = s
+            pool.release(s)
+        # c needed room: b was the least recently used, so b went, a stayed.
+        assert procs.tagged(servers["b"].tree.tag) == []
+        assert procs.tagged(servers["a"].tree.tag) != []
+        assert pool.launches == 3
+    finally:
+        pool.close()
+    assert all(procs.tagged(s.tree.tag) == [] for s in servers.values())
+
+
+def test_server_that_died_between_tests_is_relaunched(tmp_path):
+    pool = _pool(tmp_path)
+    key = ServerKey("m")
+    try:
+        first = pool.acquire(key)
+        pool.release(first)
+        first.tree.popen.kill()
+        first.tree.popen.wait()
+        second = pool.acquire(key)
+        assert second is not first and pool.launches == 2
+        assert "exited with code" in first.record.error
+        pool.release(second)
+    finally:
+        pool.close()
+
+
+TEST_FILE = textwrap.dedent('''
+    import os, threading, pytest
+    from pathlib import Path
+
+    def _note(server):
+        with open(os.environ["TAGS_FILE"], "a") as f:
+            f.write(server.tree.tag + "\\n")
+
+    @pytest.mark.model("fake", args=["--a"])
+    def test_pass(server):
+        _note(server)
+
+    @pytest.mark.model("fake", args=["--a"])
+    def test_fail(server):
+        _note(server)
+        assert False, "planned failure"
+
+    @pytest.mark.model("fake", args=["--b"])
+    def test_other_key(server):
+        _note(server)
+        if os.environ.get("BLOCK"):
+            Path(os.environ["BLOCK"]).write_text("waiting")
+            threading.Event().wait(60)
+''')
+
+
+def _run_child(tmp_path: Path, *extra: str, block: bool = False):
+    (tmp_path / "test_child.py").write_text(TEST_FILE)
+    env = {**os.environ, "TAGS_FILE": str(tmp_path / "tags"), "PYTHONPATH": str(ROOT)}
+    if block:
+        env["BLOCK"] = str(tmp_path / "blocked")
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_child.py"), "-p", "ci.pytest_plugin",
+            "-p", "no:cacheprovider", f"--rootdir={tmp_path}", "--kiln-profile=cpu",
+            f"--kiln-backend={_fault_backend()}", f"--kiln-reports={tmp_path / 'reports'}",
+            f"--junitxml={tmp_path / 'junit.xml'}", *extra]
+    return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _tags(tmp_path: Path) -> set[str]:
+    return set((tmp_path / "tags").read_text().split())
+
+
+def test_plugin_shares_servers_releases_on_failure_and_stops_all(tmp_path):
+    child = _run_child(tmp_path)
+    out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 1, out  # test_fail failed, as planned
+    assert "1 failed, 2 passed" in out
+    tags = _tags(tmp_path)
+    assert len(tags) == 2, "two keys -> two servers, shared across tests"
+    assert all(procs.tagged(t) == [] for t in tags)
+    records = json.loads((tmp_path / "reports" / "servers-e2e-cpu.json").read_text())
+    assert sorted(len(r["tests"]) for r in records) == [1, 2]
+    assert all(r["stopped"] and r["ready"] for r in records)
+    junit = (tmp_path / "junit.xml").read_text()
+    assert 'name="kiln_server" value="fake|tp=1|--a"' in junit
+
+
+def test_sigterm_mid_test_still_stops_every_server(tmp_path):
+    child = _run_child(tmp_path, "-k", "other_key", block=True)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while not (tmp_path / "blocked").exists():
+        assert child.poll() is None, child.stdout.read()
+        assert time.monotonic() < deadline, "child never reached the blocking test"
+        time.sleep(procs.POLL_INTERVAL_S)
+    tags = _tags(tmp_path)
+    assert all(procs.tagged(t) for t in tags), "server should be running now"
+    child.send_signal(signal.SIGTERM)  # our own child: CI cancelling the job
+    out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode != 0
+    assert all(procs.tagged(t) == [] for t in tags), out
