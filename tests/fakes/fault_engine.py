@@ -22,6 +22,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -99,7 +100,9 @@ def main() -> None:
         threading.Event().wait(a.ready_after)  # simulated load time
     if a.mode == "crash":
         print("Traceback (most recent call last):\nRuntimeError: injected crash", flush=True)
-        sys.exit(3)
+        # Wall-clock moment of exit, for bench/crash_detect.py.
+        print(f"exit-at {time.time():.6f}", flush=True)
+        os._exit(3)
     if a.mode == "exit0":
         print("exiting 0 before ready", flush=True)
         sys.exit(0)

