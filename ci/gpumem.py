@@ -295,3 +295,43 @@ class ReleaseLedger:
                 d.pop(device, None)
         self._update(drop)
         return wanted
+
+
+class DeviceMemoryGuard:
+    """ci.server's MemoryGuard: refuse held devices, baseline before launch, wait after stop.
+
+    One guard may serve every server of a pool: baselines are kept per physical
+    device (the pool gives servers disjoint devices) and, should two launches
+    share a device before its wait, the lowest baseline is kept - the same rule
+    stop_many needs.
+    """
+
+    def __init__(self, telemetry: Telemetry, ledger: ReleaseLedger, *,
+                 timeout_s: float = RELEASE_TIMEOUT_S, headroom: int = HEADROOM_BYTES,
+                 poll_s: float = POLL_INTERVAL_S):
+        self.telemetry, self.ledger = telemetry, ledger
+        self._wait_args = {"timeout_s": timeout_s, "headroom": headroom, "poll_s": poll_s}
+        self._lock = threading.Lock()
+        self._baselines: dict[int, int] = {}
+
+    def before_launch(self, devices: Iterable[int]) -> None:
+        """Raise DeviceHeld for a sticky failure; record baselines (TelemetryError stops the launch)."""
+        devices = list(devices)
+        self.ledger.check_launchable(devices, self.telemetry)
+        base = take_baselines(self.telemetry, devices)
+        with self._lock:
+            self._baselines = lowest(self._baselines, base)
+
+    def wait_released(self, devices: Iterable[int], owner: str = "") -> Released:
+        """Wait for ``devices`` to return to their baselines; a failure becomes sticky."""
+        devices = sorted(set(devices))
+        with self._lock:
+            missing = [d for d in devices if d not in self._baselines]
+            base = {d: self._baselines.pop(d) for d in devices if d in self._baselines}
+        if missing:
+            # No baseline means no honest way to judge the release: fail closed.
+            held = [Held(d, 0, None, None, "no baseline was taken before launch", owner, time.time())
+                    for d in missing]
+            self.ledger.record(held)
+            raise ReleaseError(held)
+        return self.ledger.wait_released(self.telemetry, base, owner=owner, **self._wait_args)

@@ -10,7 +10,7 @@ import pytest
 from ci.gpu import TelemetryError
 from ci.gpu_telemetry import NvmlTelemetry
 from ci.gpumem import (
-    GIB, HEADROOM_BYTES, DeviceHeld, Held, ReleaseError, ReleaseLedger, lowest, take_baselines,
+    GIB, HEADROOM_BYTES, DeviceHeld, DeviceMemoryGuard, Held, ReleaseError, ReleaseLedger, lowest, take_baselines,
     wait_released,
 )
 from tests.fakes.nvml import FakeGpu, FakeNvml
@@ -240,3 +240,53 @@ def test_concurrent_records_all_land(tmp_path):
     for t in threads:
         t.join()
     assert sorted(ReleaseLedger(tmp_path, boot_id="b").held()) == list(range(8))
+
+
+# ---------------------------------------------------------------- the guard (ci.server.MemoryGuard)
+
+class Device:
+    """A device whose memory the test moves by hand."""
+
+    def __init__(self, used):
+        self.used = dict(used)
+        self.pids = {d: () for d in used}
+
+    def telemetry(self):
+        return ScriptedTelemetry(lambda d, n: self.used[d], pids=self.pids)
+
+
+def test_guard_baselines_then_waits_per_device():
+    dev = Device({0: 1 * GIB, 1: 2 * GIB})
+    guard = DeviceMemoryGuard(dev.telemetry(), ReleaseLedger(), timeout_s=0.1)
+    guard.before_launch([0, 1])
+    dev.used = {0: 30 * GIB, 1: 32 * GIB}   # the server runs
+    dev.used = {0: 1 * GIB, 1: 2 * GIB}     # and is stopped
+    assert guard.wait_released([0, 1]).used == {0: GIB, 1: 2 * GIB}
+
+
+def test_guard_keeps_the_lowest_baseline_for_two_launches_on_one_device():
+    # stop_many on one GPU: B's baseline includes A's memory; only A's is honest.
+    dev = Device({0: 1 * GIB})
+    guard = DeviceMemoryGuard(dev.telemetry(), ReleaseLedger(), timeout_s=0.1)
+    guard.before_launch([0])               # server A
+    dev.used[0] = 21 * GIB
+    guard.before_launch([0])               # server B, baseline 21 GiB
+    dev.used[0] = 11 * GIB                 # A is gone, B still holds 10 GiB
+    with pytest.raises(ReleaseError, match="GPU 0 not released"):
+        guard.wait_released([0])
+
+
+def test_guard_refuses_a_held_device_and_fails_closed_without_baseline():
+    dev = Device({0: 0, 1: 0})
+    ledger = ReleaseLedger()
+    guard = DeviceMemoryGuard(dev.telemetry(), ledger, timeout_s=0.05)
+    guard.before_launch([0])
+    dev.used[0], dev.pids[0] = 8 * GIB, (31337,)
+    with pytest.raises(ReleaseError):
+        guard.wait_released([0], owner="fake-gpu")
+    with pytest.raises(DeviceHeld, match=r"GPU 0 .*8.00 GiB .*PIDs 31337"):
+        guard.before_launch([0])
+    guard.before_launch([1])
+    with pytest.raises(ReleaseError, match="no baseline"):
+        guard.wait_released([1, 2])
+    assert 2 in ledger.held()
