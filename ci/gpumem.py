@@ -300,10 +300,12 @@ class ReleaseLedger:
 class DeviceMemoryGuard:
     """ci.server's MemoryGuard: refuse held devices, baseline before launch, wait after stop.
 
-    One guard may serve every server of a pool: baselines are kept per physical
-    device (the pool gives servers disjoint devices) and, should two launches
-    share a device before its wait, the lowest baseline is kept - the same rule
-    stop_many needs.
+    One guard serves every server of a pool. Baselines are kept per physical
+    device with a count of launches not yet waited for; when two launches share
+    a device (stop_many on a one-GPU machine) the lowest baseline is kept, and
+    every wait on that device is judged against it until the last one is done.
+    The pool gives concurrent servers disjoint devices, so normally the count
+    is one.
     """
 
     def __init__(self, telemetry: Telemetry, ledger: ReleaseLedger, *,
@@ -313,21 +315,28 @@ class DeviceMemoryGuard:
         self._wait_args = {"timeout_s": timeout_s, "headroom": headroom, "poll_s": poll_s}
         self._lock = threading.Lock()
         self._baselines: dict[int, int] = {}
+        self._launches: dict[int, int] = {}
 
     def before_launch(self, devices: Iterable[int]) -> None:
         """Raise DeviceHeld for a sticky failure; record baselines (TelemetryError stops the launch)."""
-        devices = list(devices)
+        devices = sorted(set(devices))
         self.ledger.check_launchable(devices, self.telemetry)
         base = take_baselines(self.telemetry, devices)
         with self._lock:
             self._baselines = lowest(self._baselines, base)
+            for d in devices:
+                self._launches[d] = self._launches.get(d, 0) + 1
 
     def wait_released(self, devices: Iterable[int], owner: str = "") -> Released:
         """Wait for ``devices`` to return to their baselines; a failure becomes sticky."""
         devices = sorted(set(devices))
         with self._lock:
             missing = [d for d in devices if d not in self._baselines]
-            base = {d: self._baselines.pop(d) for d in devices if d in self._baselines}
+            base = {d: self._baselines[d] for d in devices if d in self._baselines}
+            for d in base:
+                self._launches[d] -= 1
+                if self._launches[d] == 0:
+                    del self._launches[d], self._baselines[d]
         if missing:
             # No baseline means no honest way to judge the release: fail closed.
             held = [Held(d, 0, None, None, "no baseline was taken before launch", owner, time.time())

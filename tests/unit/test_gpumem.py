@@ -273,7 +273,11 @@ def test_guard_keeps_the_lowest_baseline_for_two_launches_on_one_device():
     guard.before_launch([0])               # server B, baseline 21 GiB
     dev.used[0] = 11 * GIB                 # A is gone, B still holds 10 GiB
     with pytest.raises(ReleaseError, match="GPU 0 not released"):
-        guard.wait_released([0])
+        guard.wait_released([0])           # judged against A's 1 GiB, not B's 21 GiB
+    dev.used[0] = 1 * GIB                  # B gone too: B's own wait uses the same lowest baseline
+    assert guard.wait_released([0]).polls == 1
+    with pytest.raises(ReleaseError, match="no baseline"):
+        guard.wait_released([0])           # both launches waited for: nothing left to judge by
 
 
 def test_guard_refuses_a_held_device_and_fails_closed_without_baseline():
