@@ -1,0 +1,365 @@
+"""Engine containers for a runner profile: devices, mounts, labels, logs, and a stop that always ends.
+
+* NVIDIA GPUs go in as a device request naming the allocated ids (never
+  "all": two jobs on one 8-GPU host must not see each other's GPUs); AMD GPUs
+  as ``/dev/kfd`` plus the allocated ``/dev/dri/renderD*`` nodes;
+  ``/dev/infiniband`` whenever the host has it (PD KV transfer needs RDMA).
+* Every container carries ``kiln.managed=1`` and ``kiln.run-tag=<tag>``, and
+  stale-container cleanup matches on those labels only: sglang #24253 showed
+  what ``pkill -f`` by name does to a neighbour's job, and the same holds for
+  ``docker rm`` by image or name.
+* Logs stream to a file from a thread; the tail is logged whichever way the
+  container ends. Stop is SIGTERM, then SIGKILL after a timeout, then remove.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+import docker
+import docker.errors
+import docker.types
+import requests
+import urllib3.exceptions
+
+from ci.docker_client import DockerError, unavailable_from
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "kiln.managed"
+LABEL_RUN_TAG = "kiln.run-tag"
+LABEL_RUNNER = "kiln.runner"
+RUN_TAG_ENV = "KILN_RUN_TAG"
+VENDORS = ("nvidia", "amd", "cpu")
+DEV_ROOT = Path("/dev")
+# Engines release GPU memory and flush logs on SIGTERM; vLLM/sglang need up to
+# ~20 s with many workers. After this docker sends SIGKILL.
+STOP_TIMEOUT_S = 30.0
+# After SIGKILL only reaping is left; a container still up then is a daemon bug.
+KILL_WAIT_S = 15.0
+# Same tail length sglang #24253 prints: enough for a Python traceback.
+LOG_TAIL_LINES = 30
+# Bounded wait for the log thread to drain after the container exited.
+LOG_JOIN_S = 10.0
+# AMD render nodes are minors 128..255 (DRM render node range).
+RENDER_MINOR_MIN, RENDER_MINOR_MAX = 128, 255
+_RUN_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_RENDER_RE = re.compile(r"^(?:/dev/dri/)?(?:renderD)?(\d+)$")
+
+
+class ContainerError(DockerError):
+    """A container could not be created, started or stopped as asked."""
+
+
+def _frozen(mapping: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What to run; the runner profile (ci/runners.py) and the allocator fill it in.
+
+    ``mounts`` maps host path -> container path, with an optional ``:ro``
+    suffix on the container path (HF cache, workspace). ``device_ids`` are
+    NVIDIA indices/UUIDs, or AMD render nodes (``renderD128``, ``128`` or a path).
+    """
+
+    image: str
+    run_tag: str
+    command: Sequence[str] | None = None
+    vendor: str = "cpu"
+    device_ids: Sequence[str] = ()
+    shm_size: str | None = None
+    mounts: Mapping[str, str] = field(default_factory=_frozen)
+    env: Mapping[str, str] = field(default_factory=_frozen)
+    name: str | None = None
+    runner: str | None = None
+    # Engines serve on host ports allocated by ci/ports.py; host networking keeps
+    # those numbers valid inside and out.
+    network_mode: str = "host"
+
+
+def check_run_tag(tag: str) -> str:
+    """``tag`` if usable as a label value and name part, else a one-line error."""
+    if not _RUN_TAG_RE.match(tag or ""):
+        raise ContainerError(f"bad run tag {tag!r}: use 1-128 of A-Z a-z 0-9 _ . - (starting alphanumeric)")
+    return tag
+
+
+def run_tag_from_env(env: Mapping[str, str] | None = None) -> str:
+    """The run tag for `invoke start/stop`: ``$KILN_RUN_TAG``, else the GitHub run, else 'local'."""
+    env = os.environ if env is None else env
+    if env.get(RUN_TAG_ENV):
+        return check_run_tag(env[RUN_TAG_ENV])
+    if env.get("GITHUB_RUN_ID"):
+        return check_run_tag(f"gh-{env['GITHUB_RUN_ID']}-{env.get('GITHUB_RUN_ATTEMPT', '1')}")
+    return "local"
+
+
+def _render_node(device_id: str, dev_root: Path) -> Path:
+    match = _RENDER_RE.match(str(device_id).strip())
+    minor = int(match.group(1)) if match else -1
+    if not RENDER_MINOR_MIN <= minor <= RENDER_MINOR_MAX:
+        raise ContainerError(f"bad AMD device id {device_id!r}: expected a render node such as renderD128 "
+                             f"(minor {RENDER_MINOR_MIN}-{RENDER_MINOR_MAX}), not a GPU index")
+    return dev_root / "dri" / f"renderD{minor}"
+
+
+def _device_entry(path: Path, dev_root: Path) -> str:
+    # Inside the container the node sits where it does on a real host.
+    inside = Path("/dev") / path.relative_to(dev_root)
+    return f"{path}:{inside}:rwm"
+
+
+def device_options(vendor: str, device_ids: Sequence[str], dev_root: Path = DEV_ROOT) -> dict:
+    """The ``containers.create`` keyword arguments that hand the allocated devices in."""
+    if vendor not in VENDORS:
+        raise ContainerError(f"unknown vendor {vendor!r}; expected one of {', '.join(VENDORS)}")
+    ids = [str(d).strip() for d in device_ids]
+    opts: dict = {}
+    if vendor == "cpu":
+        if ids:
+            raise ContainerError(f"cpu profile got device ids {ids}: a CPU runner has no GPUs to hand in")
+    elif not ids:
+        raise ContainerError(f"{vendor} profile got no device ids: allocate GPUs first (kiln never hands in all)")
+    elif vendor == "nvidia":
+        opts["device_requests"] = [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    else:
+        nodes = [dev_root / "kfd", *(_render_node(d, dev_root) for d in ids)]
+        missing = [str(n) for n in nodes if not n.exists()]
+        if missing:
+            raise ContainerError(f"AMD devices missing on this host: {', '.join(missing)}")
+        opts["devices"] = [_device_entry(n, dev_root) for n in nodes]
+        # ROCm opens these nodes as the group that owns them on the host (video,
+        # render); numeric gids work whatever the image's /etc/group says.
+        opts["group_add"] = sorted({str(n.stat().st_gid) for n in nodes})
+    ib = dev_root / "infiniband"
+    if ib.is_dir():
+        opts.setdefault("devices", []).append(_device_entry(ib, dev_root))
+        # RDMA pins memory: the default 64 KiB memlock makes ibv_reg_mr fail.
+        opts["cap_add"] = ["IPC_LOCK"]
+        opts["ulimits"] = [docker.types.Ulimit(name="memlock", soft=-1, hard=-1)]
+    return opts
+
+
+def mount_options(mounts: Mapping[str, str]) -> dict:
+    """``volumes`` for bind mounts; a missing host path is an error, not a silent empty dir."""
+    volumes = {}
+    for host, inside in mounts.items():
+        path, _, mode = inside.partition(":")
+        if mode not in ("", "ro", "rw") or not path.startswith("/"):
+            raise ContainerError(f"bad mount target {inside!r} for {host}: expected /path or /path:ro")
+        if not Path(host).exists():
+            # dockerd would create it as an empty root-owned dir, hiding the typo.
+            raise ContainerError(f"mount source {host} does not exist")
+        volumes[str(Path(host).resolve())] = {"bind": path, "mode": mode or "rw"}
+    return {"volumes": volumes} if volumes else {}
+
+
+def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT) -> dict:
+    """Everything ``client.containers.create`` gets for ``spec`` (pure: unit-testable)."""
+    check_run_tag(spec.run_tag)
+    labels = {LABEL_MANAGED: "1", LABEL_RUN_TAG: spec.run_tag}
+    if spec.runner:
+        labels[LABEL_RUNNER] = spec.runner
+    kwargs = {
+        "image": spec.image,
+        "command": list(spec.command) if spec.command else None,
+        "name": spec.name or f"kiln-{spec.run_tag}-{secrets.token_hex(3)}",
+        "labels": labels,
+        "environment": dict(spec.env),
+        "network_mode": spec.network_mode,
+        "detach": True,
+        **device_options(spec.vendor, spec.device_ids, dev_root),
+        **mount_options(spec.mounts),
+    }
+    if spec.shm_size:
+        kwargs["shm_size"] = spec.shm_size
+    return kwargs
+
+
+class _LogPump(threading.Thread):
+    """Copies a container's stdout/stderr to a file until the container ends.
+
+    The SDK turns the socket timeout off for log streams, so this read has no
+    deadline of its own: it ends when the container does, and every container
+    kiln starts ends through :meth:`Container.stop` (SIGKILL after a timeout).
+    A wedged daemon could still hold it; stop() joins it with a deadline and
+    says so rather than hang.
+    """
+
+    def __init__(self, container, path: Path):
+        super().__init__(name=f"logs-{container.name}", daemon=True)
+        self._container = container
+        self._path = path
+
+    def run(self) -> None:
+        with open(self._path, "ab") as out:
+            try:
+                for chunk in self._container.logs(stream=True, follow=True):
+                    out.write(chunk)
+                    out.flush()
+            except (docker.errors.APIError, requests.RequestException) as exc:
+                log.warning("log stream of container %s ended early: %s", self._container.name, exc)
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when there is none)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Container:
+    """A started container: its logs go to ``log_path``; ``stop()`` is idempotent."""
+
+    def __init__(self, container, log_path: Path):
+        self.container = container
+        self.name = container.name
+        self.id = container.id
+        self.log_path = log_path
+        self.exit_code: int | None = None
+        self._pump: _LogPump | None = None
+        self._stopped = False
+
+    def _start_logs(self) -> None:
+        self._pump = _LogPump(self.container, self.log_path)
+        self._pump.start()
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit code once the container has exited within ``timeout`` s, else None."""
+        try:
+            return self.container.wait(timeout=timeout).get("StatusCode")
+        except requests.ConnectionError as exc:
+            if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):
+                return None
+            raise unavailable_from(exc) from None
+        except requests.Timeout:
+            return None
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines the container wrote."""
+        return tail(self.log_path, lines)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout`` s, remove; logs the tail whatever happens. Returns the exit code."""
+        if self._stopped:
+            return self.exit_code
+        self._stopped = True
+        try:
+            try:
+                self.container.stop(timeout=math.ceil(timeout))
+            except docker.errors.NotFound:
+                return None
+            except (docker.errors.APIError, requests.RequestException) as exc:
+                log.warning("stop of container %s failed (%s); killing it", self.name, exc)
+                with contextlib.suppress(docker.errors.APIError):
+                    self.container.kill()
+            self.exit_code = self.wait(KILL_WAIT_S)
+            if self.exit_code is None:
+                raise ContainerError(f"container {self.name} still running {KILL_WAIT_S:.0f} s after SIGKILL")
+            return self.exit_code
+        finally:
+            if self._pump is not None:
+                self._pump.join(LOG_JOIN_S)
+                if self._pump.is_alive():
+                    log.warning("log stream of %s still open %.0f s after exit; leaving it", self.name, LOG_JOIN_S)
+            log.info("container %s exited with %s; last %d log lines (%s):\n%s", self.name, self.exit_code,
+                     LOG_TAIL_LINES, self.log_path, self.tail() or "(no output)")
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError, requests.RequestException):
+                self.container.remove(force=True)
+
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start(client: docker.DockerClient, spec: ContainerSpec, log_path: Path,
+          dev_root: Path = DEV_ROOT) -> Container:
+    """Create and start a container for ``spec``; its logs stream to ``log_path``.
+
+    Never pulls: an image that is not local is a one-line error pointing at
+    ``invoke pull``, so every pull goes through the mirror/backoff path.
+    """
+    kwargs = container_kwargs(spec, dev_root)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        created = client.containers.create(**kwargs)
+    except docker.errors.ImageNotFound:
+        raise ContainerError(f"image {spec.image} is not present locally: run `invoke pull {spec.image}` first") from None
+    except docker.errors.APIError as exc:
+        raise ContainerError(f"cannot create a container from {spec.image}: {exc.explanation or exc}") from None
+    except requests.ConnectionError as exc:
+        raise unavailable_from(exc) from None
+    handle = Container(created, log_path)
+    log.info("starting container %s (%s, %s devices %s, run tag %s, env keys %s)", handle.name, spec.image,
+             spec.vendor, list(spec.device_ids), spec.run_tag, sorted(spec.env))
+    try:
+        created.start()
+    except (docker.errors.APIError, requests.RequestException) as exc:
+        handle.stop()
+        explanation = getattr(exc, "explanation", None) or exc
+        raise ContainerError(f"container {handle.name} did not start: {explanation}") from None
+    handle._start_logs()
+    return handle
+
+
+def _kiln_containers(client: docker.DockerClient, runner: str | None = None) -> list:
+    filters = {"label": [f"{LABEL_MANAGED}=1"] + ([f"{LABEL_RUNNER}={runner}"] if runner else [])}
+    try:
+        found = client.containers.list(all=True, filters=filters)
+    except requests.ConnectionError as exc:
+        raise unavailable_from(exc) from None
+    # Re-check client-side: a container without kiln's label is never touched.
+    return [c for c in found if c.labels.get(LABEL_MANAGED) == "1"
+            and (runner is None or c.labels.get(LABEL_RUNNER) == runner)]
+
+
+def cleanup_stale(client: docker.DockerClient, current_run_tag: str, runner: str | None = None) -> list[str]:
+    """Remove kiln containers of other runs (a crashed job's engine still holding GPUs); returns names.
+
+    Only containers labelled ``kiln.managed=1`` (and, given ``runner``, that
+    runner) whose run tag differs from ``current_run_tag`` are removed.
+    """
+    check_run_tag(current_run_tag)
+    removed = []
+    for c in _kiln_containers(client, runner):
+        tag = c.labels.get(LABEL_RUN_TAG)
+        if tag == current_run_tag:
+            continue
+        log.warning("removing stale kiln container %s (run tag %s, %s)", c.name, tag, c.status)
+        with contextlib.suppress(docker.errors.NotFound):  # a concurrent cleanup got there first
+            c.remove(force=True)
+        removed.append(c.name)
+    return removed
+
+
+def stop_run(client: docker.DockerClient, run_tag: str, timeout: float = STOP_TIMEOUT_S,
+             log_dir: Path | None = None) -> list[str]:
+    """Stop and remove every kiln container of ``run_tag`` (``invoke stop``); returns names."""
+    check_run_tag(run_tag)
+    stopped = []
+    for c in _kiln_containers(client):
+        if c.labels.get(LABEL_RUN_TAG) != run_tag:
+            continue
+        log_path = (log_dir or Path(".kiln/logs")) / f"{c.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if not log_path.exists():
+            with contextlib.suppress(docker.errors.APIError):
+                log_path.write_bytes(c.logs(tail=LOG_TAIL_LINES))
+        Container(c, log_path).stop(timeout)
+        stopped.append(c.name)
+    return stopped
