@@ -1,0 +1,202 @@
+"""Metric-gauge kit (generic ``fwd_occupancy``): is the engine busy while it should be?
+
+Catches scheduler regressions before throughput moves (sglang #25886): while
+one long request decodes, the engine should be forwarding nearly all the time.
+The gauge comes from the backend spec. Two ways to read it:
+
+- ``ratio``: the gauge already is an occupancy fraction (sglang's
+  ``fwd_occupancy``); the statistic is the median of the samples.
+- ``busy``: the gauge is a request count (vLLM's ``num_requests_running``, its
+  honest equivalent); a sample is busy when it reads >= 1 and the statistic is
+  the fraction of busy samples. (The median of 0/1 values only says "more
+  than half", too weak to catch a scheduler that idles 40 % of the time.)
+
+Label sets (DP ranks, engines) are combined per scrape with ``min`` by default
+so one idle rank shows instead of being averaged away; NaN samples are dropped
+and counted; fewer than ``min_samples`` valid samples is a failure, not a pass.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ci.kits.client import KitFailure, ServerLike, client_for
+from ci.kits.decode import supports_ignore_eos
+from ci.kits.metrics import LabelSet, aggregate, label_str, require, scrape
+
+log = logging.getLogger(__name__)
+
+MODES = ("ratio", "busy")
+# Scrape interval: fine enough for >= 20 samples from a few-second request,
+# coarse enough that scraping does not steal the engine's CPU on a 2-core box.
+SAMPLE_INTERVAL_S = 0.2
+# sglang #25886 used a 2048-token request; it is clamped to the model's context.
+LONG_MAX_TOKENS = 2048
+WARMUP_MAX_TOKENS = 4
+# Room left in the context for the prompt (and any chat template tokens).
+PROMPT_MARGIN_TOKENS = 64
+# Read timeout of the long request: 2048 tokens on a slow runner fit well
+# inside; an engine silent for this long is wedged.
+LONG_REQUEST_TIMEOUT_S = 300.0
+# Ceiling for the sampling loop, just past the long request's own timeout, so
+# neither a wedged request nor a never-set event can keep the test alive.
+SAMPLING_DEADLINE_S = LONG_REQUEST_TIMEOUT_S + 30.0
+LONG_PROMPT = "Write a very long story about a lighthouse, a storm and a ship:"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One scrape: seconds since the long request started, and each label set's value."""
+
+    t: float
+    values: dict[LabelSet, float]
+    accept: dict[LabelSet, float] = field(default_factory=dict)
+
+
+@dataclass
+class OccupancyResult:
+    """What the kit measured, for printing and for callers that report it."""
+
+    gauge: str
+    mode: str
+    aggregation: str
+    samples: list[Sample]
+    kept: list[tuple[float, float, LabelSet | None]]  # (t, aggregated value, deciding labels)
+    dropped_nan: int
+    statistic: float
+    long_tokens: int
+    accept_length: float | None = None
+
+    def table(self) -> str:
+        """The sample table printed before any assertion."""
+        kept = {t for t, _, _ in self.kept}
+        lines = [f"{self.gauge} ({self.mode}, {self.aggregation} over label sets), "
+                 f"long request {self.long_tokens} tokens",
+                 f"{'t_s':>7}  {'agg':>7}  per label set"]
+        for s in self.samples:
+            agg = next((v for t, v, _ in self.kept if t == s.t), math.nan)
+            per = "  ".join(f"{label_str(k)}={v:g}" for k, v in sorted(s.values.items()))
+            flag = "" if s.t in kept else "  (dropped: NaN)"
+            lines.append(f"{s.t:7.2f}  {agg:7.3f}  {per}{flag}")
+        lines.append(f"kept {len(self.kept)}, dropped {self.dropped_nan} NaN; "
+                     f"statistic {self.statistic:.3f}")
+        return "\n".join(lines)
+
+
+def _long_tokens(server: ServerLike, requested: int) -> int:
+    """``requested`` clamped to the served model's context (from /v1/models when given)."""
+    with client_for(server) as c:
+        resp = c.get(server.backend.models_path)
+    try:
+        entry = next(m for m in resp.json()["data"] if m.get("id") == server.served_model)
+        max_len = int(entry["max_model_len"])
+    except (ValueError, KeyError, TypeError, StopIteration):
+        return requested  # the engine does not say; trust the caller
+    return max(1, min(requested, max_len - PROMPT_MARGIN_TOKENS))
+
+
+def statistic(values: list[float], mode: str) -> float:
+    """The occupancy figure for ``mode`` over aggregated, NaN-free ``values``."""
+    if mode == "ratio":
+        return statistics.median(values)
+    if mode == "busy":
+        return sum(1 for v in values if v >= 1) / len(values)
+    raise ValueError(f"unknown occupancy mode {mode!r}; known: {', '.join(MODES)}")
+
+
+def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
+                    aggregation: str = "min", mode: str = "ratio", gauge: str | None = None,
+                    interval_s: float = SAMPLE_INTERVAL_S, long_max_tokens: int = LONG_MAX_TOKENS,
+                    accept_length_min: float | None = None) -> OccupancyResult:
+    """Sample ``gauge`` while a long request runs; assert its statistic >= ``threshold``.
+
+    ``accept_length_min``, when given, also requires the backend's speculative
+    accept-length gauge and asserts its median (over the same scrapes) >= it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown occupancy mode {mode!r}; known: {', '.join(MODES)}")
+    aggregate({}, aggregation)  # validates the name before any traffic
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    gauge = gauge or server.backend.gauges.occupancy
+    accept_gauge = server.backend.gauges.spec_accept_length if accept_length_min else None
+    with client_for(server) as c:
+        # Up front, before any load: a missing gauge fails naming the flag, never skips.
+        first = scrape(server, c)
+        require(server, first, [gauge], "occupancy")
+        if accept_length_min is not None:
+            require(server, first, [accept_gauge], "speculative accept-length")
+        c.completion("Hello", max_tokens=WARMUP_MAX_TOKENS, temperature=0)
+        n_long = _long_tokens(server, long_max_tokens)
+        samples, outcome = _sample_during_long_request(server, c, gauge, accept_gauge,
+                                                       n_long, interval_s)
+    samples = list(samples)  # analyse a copy, never the list the sampler filled
+    kept, dropped = [], 0
+    for s in samples:
+        value, decider = aggregate(s.values, aggregation)
+        if math.isnan(value):
+            dropped += 1
+        else:
+            kept.append((s.t, value, decider))
+    stat = statistic([v for _, v, _ in kept], mode) if kept else math.nan
+    result = OccupancyResult(gauge, mode, aggregation, samples, kept, dropped, stat, n_long)
+    if accept_gauge:
+        accepts = [aggregate(s.accept, aggregation)[0] for s in samples]
+        accepts = [a for a in accepts if not math.isnan(a)]
+        result.accept_length = statistics.median(accepts) if accepts else math.nan
+    print(result.table())
+    if "error" in outcome:
+        raise KitFailure(f"the long request failed while sampling {gauge}: {outcome['error']}")
+    if len(kept) < min_samples:
+        raise KitFailure(f"only {len(kept)} valid samples of {gauge} ({dropped} NaN dropped, "
+                         f"{len(samples)} scraped); need >= {min_samples}")
+    if stat < threshold:
+        worst = min(kept, key=lambda k: k[1])[2]
+        where = f"; lowest label set {label_str(worst)}" if worst else ""
+        raise KitFailure(f"occupancy {stat:.3f} < threshold {threshold:g} ({mode} of {gauge}, "
+                         f"{aggregation} over label sets, {len(kept)} samples{where})")
+    if accept_gauge and not result.accept_length >= accept_length_min:
+        raise KitFailure(f"speculative accept length {result.accept_length:.3f} < "
+                         f"{accept_length_min:g} ({accept_gauge}, median of {len(samples)} scrapes)")
+    return result
+
+
+def _sample_during_long_request(server: ServerLike, c, gauge: str, accept_gauge: str | None,
+                                n_long: int, interval_s: float) -> tuple[list[Sample], dict]:
+    """Run the long request in a thread; scrape on an Event.wait interval until it ends."""
+    done = threading.Event()
+    outcome: dict = {}
+    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+
+    def long_request() -> None:
+        try:
+            with client_for(server, timeout_s=LONG_REQUEST_TIMEOUT_S) as lc:
+                resp = lc.completion(LONG_PROMPT, max_tokens=n_long, temperature=0, **extra)
+            outcome["usage"] = resp.get("usage")
+        except Exception as exc:  # reported by the main thread, with the samples
+            outcome["error"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=long_request, name="kiln-occupancy-long", daemon=True)
+    start = time.monotonic()
+    worker.start()
+    samples: list[Sample] = []
+    try:
+        while not done.is_set():
+            if time.monotonic() - start > SAMPLING_DEADLINE_S:
+                raise KitFailure(f"long request still running after {SAMPLING_DEADLINE_S:.0f} s")
+            snap = scrape(server, c)
+            # A gauge that vanishes mid-run is as bad as one never exposed.
+            require(server, snap, [gauge], "occupancy")
+            samples.append(Sample(time.monotonic() - start, dict(snap[gauge]),
+                                  dict(snap.get(accept_gauge, {})) if accept_gauge else {}))
+            done.wait(interval_s)
+    finally:
+        # Bounded by the request's own read timeout (LONG_REQUEST_TIMEOUT_S).
+        worker.join()
+    return samples, outcome

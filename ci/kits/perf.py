@@ -1,0 +1,153 @@
+"""Performance-budget kit: output tok/s, TTFT and latency p50/p95 under concurrency.
+
+Measures with streaming requests (TTFT = first chunk carrying text), always
+prints and reports the figures, and asserts the profile's bounds only where
+the profile enforces them (``Profile.enforce_perf``): a 2-core shared CPU
+runner measures noise, a dedicated GPU runner measures the engine. A failed
+request is always a failure -- figures from a partial run mean nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ci.kits.api import check_usage
+from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
+from ci.kits.decode import supports_ignore_eos
+from ci.kits.stress import run_concurrent
+from ci.thresholds import PerfBudget
+
+log = logging.getLogger(__name__)
+
+WARMUP_MAX_TOKENS = 8
+
+
+@dataclass
+class PerfResult:
+    """What one run measured, and which bounds it broke."""
+
+    requests: int
+    concurrency: int
+    max_tokens: int
+    output_tokens: int
+    wall_s: float
+    ttft_s: list[float]
+    latency_s: list[float]
+    enforced: bool
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def output_tok_s(self) -> float:
+        """Output tokens per second over the whole run (all requests together)."""
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    def figures(self) -> dict[str, float]:
+        """The measured figures by name, in the order bounds are checked."""
+        return {
+            "output_tok_s": self.output_tok_s,
+            "ttft_p50_s": percentile(self.ttft_s, 50), "ttft_p95_s": percentile(self.ttft_s, 95),
+            "latency_p50_s": percentile(self.latency_s, 50),
+            "latency_p95_s": percentile(self.latency_s, 95),
+        }
+
+    def table(self) -> str:
+        """Plain-text table for the test output."""
+        lines = [f"perf: {self.requests} streaming requests, concurrency {self.concurrency}, "
+                 f"{self.max_tokens} tokens each, {self.wall_s:.2f} s wall "
+                 f"({'enforced' if self.enforced else 'report only'})"]
+        lines += [f"  {name:<14} {value:10.3f}" for name, value in self.figures().items()]
+        lines += [f"  VIOLATION {v}" for v in self.violations]
+        return "\n".join(lines)
+
+    def markdown(self, title: str) -> str:
+        """A GitHub job-summary section."""
+        rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in self.figures().items())
+        status = ("within budget" if not self.violations else "; ".join(self.violations))
+        mode = "enforced" if self.enforced else "report only"
+        return (f"### {title}\n\n{self.requests} requests x {self.max_tokens} tokens, "
+                f"concurrency {self.concurrency} ({mode}): {status}\n\n"
+                f"| figure | value |\n|---|---|\n{rows}\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile by linear interpolation between closest ranks (NaN when empty)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def violations(result: PerfResult, budget: PerfBudget) -> list[str]:
+    """Every bound of ``budget`` that ``result`` breaks, one line each."""
+    f = result.figures()
+    out = []
+    if not f["output_tok_s"] >= budget.min_output_tok_s.value:
+        out.append(f"output {f['output_tok_s']:.1f} tok/s < {budget.min_output_tok_s.value:g}")
+    for name, bound in (("ttft_p50_s", budget.max_ttft_p50_s), ("ttft_p95_s", budget.max_ttft_p95_s),
+                        ("latency_p50_s", budget.max_latency_p50_s),
+                        ("latency_p95_s", budget.max_latency_p95_s)):
+        if not f[name] <= bound.value:
+            out.append(f"{name} {f[name]:.3f} > {bound.value:g}")
+    return out
+
+
+def measure(server: ServerLike, *, requests: int, concurrency: int, max_tokens: int,
+            enforced: bool = False) -> PerfResult:
+    """Run ``requests`` streaming completions, ``concurrency`` at a time; collect figures."""
+    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    with client_for(server) as c:
+        # The first request pays one-off costs (compilation, allocator growth).
+        c.completion("warm up", max_tokens=WARMUP_MAX_TOKENS, temperature=0)
+    ttft: dict[int, float] = {}
+    latency: dict[int, float] = {}
+
+    def one(c: EngineClient, i: int) -> int:
+        res = c.stream_completion(f"Perf request {i}: tell a long story about ships",
+                                  max_tokens=max_tokens, temperature=0,
+                                  stream_options={"include_usage": True}, **extra)
+        if not res.done:
+            raise KitFailure(f"stream {i} ended without [DONE]")
+        if res.ttft_s is None:
+            raise KitFailure(f"stream {i} carried no text")
+        ttft[i], latency[i] = res.ttft_s, res.latency_s
+        return check_usage(res.usage(), where=f"stream {i}",
+                           max_tokens=max_tokens)["completion_tokens"]
+
+    start = time.monotonic()
+    outcomes = run_concurrent(server, one, requests=requests, concurrency=concurrency)
+    wall = time.monotonic() - start
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        raise KitFailure(f"perf run: {len(failed)}/{requests} requests failed; first: "
+                         f"{failed[0].error}")
+    return PerfResult(requests, concurrency, max_tokens,
+                      sum(o.completion_tokens for o in outcomes), wall,
+                      [ttft[i] for i in sorted(ttft)], [latency[i] for i in sorted(latency)],
+                      enforced)
+
+
+def check_perf(server: ServerLike, budget: PerfBudget, *, enforce: bool,
+               summary_path: str | Path | None = None, title: str = "perf") -> PerfResult:
+    """Measure under ``budget``'s load; report always; assert the bounds only if ``enforce``.
+
+    ``summary_path`` (e.g. ``$GITHUB_STEP_SUMMARY``) gets a markdown section appended.
+    """
+    result = measure(server, requests=budget.requests, concurrency=budget.concurrency,
+                     max_tokens=budget.max_tokens, enforced=enforce)
+    result.violations = violations(result, budget)
+    print(result.table())
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(result.markdown(title) + "\n")
+    if result.violations:
+        if enforce:
+            raise KitFailure(f"performance budget broken: {result.violations[0]}"
+                             + "".join(f"\n  {v}" for v in result.violations[1:]))
+        log.warning("performance outside budget (report only): %s", "; ".join(result.violations))
+    return result

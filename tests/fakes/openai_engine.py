@@ -1,0 +1,417 @@
+"""A fake OpenAI-compatible engine, in-process, for testing the kits themselves.
+
+It serves /health, /v1/models, /v1/completions, /v1/chat/completions (with SSE
+streaming) and /metrics on 127.0.0.1 port 0, from a ThreadingHTTPServer in a
+daemon thread. It is well-behaved by default; each field of :class:`Knobs`
+makes it misbehave in one way a kit must catch (metrics off, a gauge missing,
+NaN samples, one bad rank, nondeterministic tokens, a stream without [DONE],
+usage that lies, 5xx on bad input, ...). Knobs may be changed while it runs.
+
+Tokens are whitespace-delimited words (" t123"), so counts are easy to check.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from ci.backends.spec import BackendSpec, Gauges
+
+MODEL = "fake-model"
+# serve_forever checks for shutdown this often; the default 0.5 s would add
+# half a second to every test that closes a fake.
+SHUTDOWN_POLL_S = 0.01
+VOCAB = 5000
+# Per-token logprobs of the fake's scoring: the preferred ending scores much
+# better than the others, so its accuracy is exactly the knob's value.
+_GOOD_LOGPROB = -0.5
+_BAD_LOGPROB = -9.0
+_CONTEXT_LOGPROB = -2.0
+
+_PREFIX = "fake:"
+FAKE_GAUGES = Gauges(
+    running=_PREFIX + "num_requests_running",
+    waiting=_PREFIX + "num_requests_waiting",
+    generation_tokens=_PREFIX + "generation_tokens_total",
+    prompt_tokens=_PREFIX + "prompt_tokens_total",
+    occupancy=_PREFIX + "fwd_occupancy",
+    kv_usage=_PREFIX + "kv_cache_usage_perc",
+    spec_accept_length=_PREFIX + "spec_accept_length",
+)
+
+
+def _no_argv(model: str, port: int, tp: int, args) -> list[str]:
+    raise RuntimeError("the fake engine runs in-process; it is never launched")
+
+
+# sglang-like: a ratio occupancy gauge and a flag that turns metrics on.
+FAKE_BACKEND = BackendSpec(name="fake", argv=_no_argv, metrics_prefix=_PREFIX,
+                           gauges=FAKE_GAUGES, metrics_flag="--enable-metrics")
+# vLLM-like: no occupancy gauge of its own, the running count stands in.
+FAKE_VLLM_LIKE = BackendSpec(
+    name="fake-vllm-like", argv=_no_argv, metrics_prefix=_PREFIX,
+    gauges=Gauges(**{**FAKE_GAUGES.__dict__, "occupancy": FAKE_GAUGES.running,
+                     "spec_accept_length": None}))
+
+
+@dataclass
+class Knobs:
+    """How the fake misbehaves; the defaults are a well-behaved engine."""
+
+    metrics_enabled: bool = True
+    missing_metrics: frozenset[str] = frozenset()  # series names left out of /metrics
+    nan_gauges: bool = False  # every gauge sample reads NaN
+    ranks: int = 1  # label sets engine="0".."ranks-1"
+    bad_rank: int | None = None  # this rank's running/occupancy gauges stay 0
+    occupancy: float = 0.99  # fwd_occupancy while a request runs
+    spec_accept_length: float | None = None
+    deterministic: bool = True
+    token_delay_s: float = 0.0  # sleep per generated token (to make requests last)
+    stream_done: bool = True  # end streams with data: [DONE]
+    malformed_chunk: bool = False  # put one non-JSON data line in each stream
+    usage_skew: int = 0  # added to reported completion_tokens
+    bad_request_status: int | None = None  # status for invalid requests (None: 400)
+    counter_skew: int = 0  # added to the generation counter per request
+    stuck_running: bool = False  # running gauge never returns to 0
+    extra_tokens: int = 0  # generate max_tokens + extra, still "length"
+    batch_differs: bool = False  # a prompt list decodes differently from singles
+    fail_every: int = 0  # every k-th generation request answers 500
+    mc_skill: float | None = None  # fraction of accuracy items the fake gets right
+    max_model_len: int = 1024
+    logprobs_nan: bool = False  # prompt logprobs come back NaN
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0
+    requests: int = 0
+    generation_total: float = 0.0
+    prompt_total: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+
+def tokenize(text: str) -> list[str]:
+    """The fake's tokenizer: each word with its leading whitespace is one token."""
+    return re.findall(r"\s*\S+", text)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class FakeEngine:
+    """The fake server; also a ``server``-like object the kits accept."""
+
+    served_model = MODEL
+
+    def __init__(self, knobs: Knobs | None = None, *, backend: BackendSpec = FAKE_BACKEND,
+                 args: tuple[str, ...] = ()):
+        self.knobs = knobs or Knobs()
+        self.backend = backend
+        self.args = args
+        self.state = _State()
+        self._mc = self._load_mc()
+        engine = self
+
+        class Handler(_Handler):
+            fake = engine
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": SHUTDOWN_POLL_S},
+                                        name="fake-engine", daemon=True)
+        self._thread.start()
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> "FakeEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log_tail(self, n: int = 50) -> str:
+        """Last ``n`` request lines, like a real server's log tail."""
+        with self.state.lock:
+            return "\n".join(self.state.log[-n:])
+
+    # -- accuracy oracle ----------------------------------------------------
+    def _load_mc(self) -> dict[str, tuple[str, bool]]:
+        """context -> (gold ending, whether the fake 'knows' this item)."""
+        from ci.kits.accuracy import load_dataset
+
+        items = load_dataset()
+        known = round((self.knobs.mc_skill or 0.0) * len(items))
+        return {it.context: (it.endings[it.label], i < known) for i, it in enumerate(items)}
+
+    def prompt_logprobs(self, prompt: str) -> list[float | None]:
+        """Per-token logprobs of ``prompt`` (first token None, as engines report)."""
+        toks = tokenize(prompt)
+        values: list[float | None] = [_CONTEXT_LOGPROB] * len(toks)
+        for context, (gold, known) in self._mc.items():
+            if prompt.startswith(context) and len(prompt) > len(context):
+                ending = prompt[len(context):].strip()
+                is_gold = ending == gold
+                per_tok = _GOOD_LOGPROB if is_gold == known else _BAD_LOGPROB
+                # A per-ending jitter so the non-preferred endings never tie.
+                per_tok -= (zlib.crc32(ending.encode()) % 97) / 1000.0
+                n_ctx = len(tokenize(context))
+                values[n_ctx:] = [per_tok] * (len(toks) - n_ctx)
+                break
+        if self.knobs.logprobs_nan:
+            values = [math.nan] * len(toks)
+        if values:
+            values[0] = None
+        return values
+
+    # -- generation ---------------------------------------------------------
+    def generate(self, prompt: str, max_tokens: int, salt: str = "") -> list[str]:
+        """The tokens the fake 'decodes' for ``prompt``, sleeping per token if asked."""
+        n = max(0, max_tokens + self.knobs.extra_tokens)
+        if self.knobs.deterministic:
+            rng = random.Random(zlib.crc32((salt + prompt).encode()))
+        else:
+            rng = random.Random()
+        out = []
+        for _ in range(n):
+            if self.knobs.token_delay_s:
+                time.sleep(self.knobs.token_delay_s)
+            out.append(f" t{rng.randrange(VOCAB)}")
+        return out
+
+    def metrics_text(self) -> str:
+        """The Prometheus exposition the fake serves right now."""
+        k, st = self.knobs, self.state
+        with st.lock:
+            active, gen, prompt = st.active, st.generation_total, st.prompt_total
+        busy = active > 0 or k.stuck_running
+        running = max(active, 1 if k.stuck_running else 0)
+        series: dict[str, tuple[str, list[tuple[int, float]]]] = {}
+        ranks = range(max(1, k.ranks))
+
+        def per_rank(value: float) -> list[tuple[int, float]]:
+            return [(r, 0.0 if r == k.bad_rank else value) for r in ranks]
+
+        series[FAKE_GAUGES.running] = ("gauge", per_rank(float(running)))
+        series[FAKE_GAUGES.waiting] = ("gauge", [(r, 0.0) for r in ranks])
+        series[FAKE_GAUGES.occupancy] = ("gauge", per_rank(k.occupancy if busy else 0.0))
+        series[FAKE_GAUGES.kv_usage] = ("gauge", per_rank(0.01 * running))
+        if k.spec_accept_length is not None:
+            series[FAKE_GAUGES.spec_accept_length] = ("gauge", per_rank(k.spec_accept_length))
+        series[FAKE_GAUGES.generation_tokens] = ("counter", [(0, gen)])
+        series[FAKE_GAUGES.prompt_tokens] = ("counter", [(0, prompt)])
+        lines = []
+        for name, (kind, values) in series.items():
+            if name in k.missing_metrics:
+                continue
+            lines += [f"# HELP {name} fake {kind}", f"# TYPE {name} {kind}"]
+            for rank, value in values:
+                if k.nan_gauges and kind == "gauge":
+                    value = math.nan
+                text = "NaN" if math.isnan(value) else repr(float(value))
+                lines.append(f'{name}{{engine="{rank}",model_name="{MODEL}"}} {text}')
+        return "\n".join(lines) + "\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeEngine
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        with self.fake.state.lock:
+            self.fake.state.log.append(fmt % args)
+
+    # -- plumbing -----------------------------------------------------------
+    def _send_json(self, status: int, obj: Any) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": {"message": message, "code": status}})
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        fake = self.fake
+        if self.path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [
+                {"id": MODEL, "object": "model", "max_model_len": fake.knobs.max_model_len}]})
+        elif self.path == "/metrics" and fake.knobs.metrics_enabled:
+            body = fake.metrics_text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        fake = self.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise _BadRequest(400, "body is not JSON") from None
+            if not isinstance(body, dict):
+                raise _BadRequest(400, "body must be an object")
+            if self.path == "/v1/completions":
+                prompts = body.get("prompt")
+                if isinstance(prompts, str):
+                    prompts = [prompts]
+                if not isinstance(prompts, list) or not prompts or not all(
+                        isinstance(p, str) and p for p in prompts):
+                    raise _BadRequest(400, "prompt must be a non-empty string or list of strings")
+                chat = False
+            elif self.path == "/v1/chat/completions":
+                msgs = body.get("messages")
+                if not isinstance(msgs, list) or not msgs or not all(
+                        isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+                    raise _BadRequest(400, "messages must be a non-empty list of {role, content}")
+                prompts = ["".join(" " + m["content"] for m in msgs)]
+                chat = True
+            else:
+                raise _BadRequest(404, f"no route {self.path}")
+            params = self._validate(body)
+        except _BadRequest as exc:
+            status = exc.status if exc.status == 404 else (fake.knobs.bad_request_status or 400)
+            self._error(status, str(exc))
+            return
+        with fake.state.lock:
+            fake.state.requests += 1
+            nth = fake.state.requests
+        if fake.knobs.fail_every and nth % fake.knobs.fail_every == 0:
+            self._error(500, "injected failure")
+            return
+        with fake.state.lock:
+            fake.state.active += 1
+        try:
+            if body.get("stream"):
+                self._stream(prompts[0], params, chat, body)
+            else:
+                self._complete(prompts, params, chat, body)
+        finally:
+            with fake.state.lock:
+                fake.state.active -= 1
+
+    def _validate(self, body: dict) -> dict:
+        model = body.get("model", MODEL)
+        if model != MODEL:
+            raise _BadRequest(404, f"model {model!r} does not exist")
+        max_tokens = body.get("max_tokens", 16)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise _BadRequest(400, "max_tokens must be a non-negative integer")
+        if max_tokens == 0 and not body.get("echo"):
+            raise _BadRequest(400, "max_tokens must be at least 1")
+        temperature = body.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise _BadRequest(400, "temperature must be >= 0")
+        return {"max_tokens": max_tokens, "logprobs": body.get("logprobs"),
+                "echo": bool(body.get("echo"))}
+
+    def _count(self, prompt_tokens: int, completion_tokens: int) -> None:
+        st = self.fake.state
+        with st.lock:
+            st.prompt_total += prompt_tokens
+            st.generation_total += completion_tokens + self.fake.knobs.counter_skew
+
+    def _choice(self, index: int, prompt: str, toks: list[str], params: dict, chat: bool) -> dict:
+        finish = "length"
+        if chat:
+            return {"index": index, "message": {"role": "assistant", "content": "".join(toks)},
+                    "finish_reason": finish}
+        text = "".join(toks)
+        logprobs = None
+        if params["logprobs"] is not None:
+            all_toks, values = list(toks), [-1.0] * len(toks)
+            if params["echo"]:
+                all_toks = tokenize(prompt) + all_toks
+                values = self.fake.prompt_logprobs(prompt) + values
+                text = prompt + text
+            offsets, pos = [], 0
+            for t in all_toks:
+                offsets.append(pos)
+                pos += len(t)
+            logprobs = {"tokens": all_toks, "token_logprobs": values, "text_offset": offsets,
+                        "top_logprobs": [None if v is None else {t: v}
+                                         for t, v in zip(all_toks, values)]}
+        elif params["echo"]:
+            text = prompt + text
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _complete(self, prompts: list[str], params: dict, chat: bool, body: dict) -> None:
+        fake = self.fake
+        choices, n_prompt, n_gen = [], 0, 0
+        batch_salt = "batch" if fake.knobs.batch_differs and len(prompts) > 1 else ""
+        for i, prompt in enumerate(prompts):
+            toks = fake.generate(prompt, params["max_tokens"], salt=batch_salt)
+            choices.append(self._choice(i, prompt, toks, params, chat))
+            n_prompt += len(tokenize(prompt))
+            n_gen += len(toks)
+        self._count(n_prompt, n_gen)
+        reported = n_gen + fake.knobs.usage_skew
+        self._send_json(200, {
+            "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": MODEL, "choices": choices,
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": reported,
+                      "total_tokens": n_prompt + reported}})
+
+    def _stream(self, prompt: str, params: dict, chat: bool, body: dict) -> None:
+        fake = self.fake
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+
+        def event(obj: Any) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        toks = fake.generate(prompt, params["max_tokens"])
+        for i, tok in enumerate(toks):
+            last = i == len(toks) - 1
+            choice: dict[str, Any] = ({"index": 0, "delta": {"content": tok}} if chat
+                                      else {"index": 0, "text": tok})
+            choice["finish_reason"] = "length" if last else None
+            event({"id": "cmpl-fake", "object": obj, "model": MODEL, "choices": [choice]})
+            if fake.knobs.malformed_chunk and i == 0:
+                event("{not json")
+        n_prompt = len(tokenize(prompt))
+        self._count(n_prompt, len(toks))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            reported = len(toks) + fake.knobs.usage_skew
+            event({"id": "cmpl-fake", "object": obj, "model": MODEL, "choices": [],
+                   "usage": {"prompt_tokens": n_prompt, "completion_tokens": reported,
+                             "total_tokens": n_prompt + reported}})
+        if fake.knobs.stream_done:
+            event("[DONE]")
+
+
+def fake_engine(backend: BackendSpec = FAKE_BACKEND, args: tuple[str, ...] = (),
+                **knobs: Any) -> FakeEngine:
+    """A running FakeEngine with the given knobs; use it as a context manager."""
+    return FakeEngine(Knobs(**knobs), backend=backend, args=args)
