@@ -26,13 +26,19 @@ from ci import alloc, gpu  # noqa: E402
 
 # A torch subprocess imports torch and initialises CUDA: ~3-10 s; 120 s means hung.
 TORCH_TIMEOUT_S = 120.0
+# torch.cuda.device_count() applies torch's own parse of CUDA_VISIBLE_DEVICES
+# (through NVML); _cuda_getDeviceCount is the CUDA runtime's count. They differ.
 PROBE = ("import json, torch\n"
          "n = torch.cuda.device_count()\n"
+         "try:\n"
+         "    rt = torch._C._cuda_getDeviceCount()\n"
+         "except Exception as e:\n"
+         "    rt = type(e).__name__\n"
          "try:\n"
          "    torch.zeros(1, device='cuda'); alloc = 'ok'\n"
          "except Exception as e:\n"
          "    alloc = type(e).__name__ + ': ' + str(e).splitlines()[0][:100]\n"
-         "print(json.dumps({'count': n, 'alloc': alloc}))\n")
+         "print(json.dumps({'count': n, 'runtime': rt, 'alloc': alloc}))\n")
 
 
 def torch_view(value: str | None) -> dict:
@@ -42,7 +48,7 @@ def torch_view(value: str | None) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                          timeout=TORCH_TIMEOUT_S)
     if out.returncode != 0:
-        return {"count": None, "alloc": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"}
+        return {"count": None, "runtime": None, "alloc": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,17 +83,19 @@ def main() -> int:
         assert d.uuids == smi_uuids, f"{d.source} UUIDs {d.uuids} != nvidia-smi -L {smi_uuids}"
     u = smi_uuids[0]
     values = [None, "", "-1", "0", "0,-1", "0,1", "1,0", "0,abc", "0,0", "0, 0", " 0", "0 ", "00", "+0",
-              "0x0", "0x1", "-0", u, u[:8], "GPU-", u.upper(), "gpu-" + u[4:], "MIG-", f"0,{u}"]
+              "0x0", "0x1", "-0", "0,00", u, u[:8], "GPU-", u.upper(), "gpu-" + u[4:], "MIG-", f"0,{u}",
+              f"{u[:8]},0", f"{u[:8]},{u}", f"{u[:8]},{u[:8]}", f" {u[:8]}", f"{u[:8]} "]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         torch_rows = list(pool.map(torch_view, values))
     rows, bad = [], 0
-    print(f"\n{'CUDA_VISIBLE_DEVICES':<48} {'torch':>5} {'alloc':<28} {'nvml':>6} {'smi':>6}  ok")
+    print(f"\n{'CUDA_VISIBLE_DEVICES':<48} {'torch':>5} {'rt':>5} {'alloc':<28} {'nvml':>6} {'smi':>6}  ok")
     for value, t in zip(values, torch_rows):
         k_nvml, k_smi = kiln_view(value, gpu.IMPORT), kiln_view(value, None)
         ok = agrees(t, k_nvml) and agrees(t, k_smi)
         bad += not ok
         rows.append({"value": value, "torch": t, "kiln_nvml": k_nvml, "kiln_smi": k_smi, "ok": ok})
-        print(f"{'unset' if value is None else repr(value):<48} {str(t['count']):>5} {t['alloc'][:28]:<28} "
+        print(f"{'unset' if value is None else repr(value):<48} {str(t['count']):>5} {str(t['runtime'])[:5]:>5} "
+              f"{t['alloc'][:28]:<28} "
               f"{k_nvml:>6} {k_smi:>6}  {'yes' if ok else 'NO'}")
     topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True)
     print(f"\nnvidia-smi topo -m (rc {topo.returncode}), repr:\n{topo.stdout!r}")

@@ -79,52 +79,52 @@ class Discovery:
 
 def visible_indices(spec: str | None, uuids: Sequence[str], *,
                     mig: Mapping[str, int] | None = None) -> list[int]:
-    """Physical indices CUDA would expose for CUDA_VISIBLE_DEVICES=``spec``, in its order.
+    """Physical indices a CUDA process sees for CUDA_VISIBLE_DEVICES=``spec``, in its numbering order.
 
     ``uuids`` are the physical devices' UUIDs in index order (its length is the
     device count); ``mig`` optionally maps MIG instance UUIDs to their parent
-    GPU's index. Rules, as seen on a real H200 (MISSION.md): unset -> all;
-    empty -> none; entries are integers (strtol-like, surrounding spaces
-    tolerated) or unique prefixes of ``GPU-``/``MIG-`` UUIDs; the first invalid,
-    out-of-range, ambiguous or negative entry ends the list; a device listed
-    twice raises ValueError (CUDA itself then fails to start). The same rules
-    serve HIP_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
+    GPU's index. A device counts as visible only when torch counts it *and*
+    CUDA can allocate on it (they differ on "GPU-" and on upper-case UUIDs;
+    docs/gpu-verification.md has the H200 table). Rules:
+
+    - unset -> all; empty -> none.
+    - The first entry fixes the list's kind: ``GPU-``/``MIG-`` UUID prefixes
+      when the value starts with one, else integers (strtol-like: "00", "+0",
+      "0x0" read as 0; surrounding spaces tolerated).
+    - The first entry that is invalid, negative, out of range, an ambiguous or
+      empty UUID prefix, or of the other kind ends the list ("0,-1,1" -> [0]).
+    - A device listed twice raises ValueError (CUDA then fails to start).
+
+    The same rules serve HIP_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
     """
     if spec is None:
         return list(range(len(uuids)))
+    kind = next((k for k in ("GPU-", "MIG-") if spec.startswith(k)), None)
+    if kind == "GPU-":
+        pool = {u: i for i, u in enumerate(uuids)}
+    elif kind == "MIG-":
+        pool = dict(mig or {})
     out: list[int] = []
     seen: dict[object, str] = {}
-    for raw in spec.split(","):
-        resolved = _resolve_entry(raw.strip(), uuids, mig or {})
-        if resolved is None:
-            break
-        key, index = resolved
+    for entry in spec.split(","):
+        if kind is None:
+            m = _LEADING_INT.match(entry)
+            if not m or not 0 <= int(m.group(1)) < len(uuids):
+                break
+            key = index = int(m.group(1))
+        else:
+            # No stripping here: torch matches UUID entries verbatim, so " GPU-x" ends the list.
+            hits = [u for u in pool if u.startswith(entry)] if entry.startswith(kind) and entry != kind else []
+            if len(hits) != 1:
+                break
+            key, index = hits[0], pool[hits[0]]
         if key in seen:
             raise ValueError(f"visible-devices value {spec!r} names one device twice "
-                             f"({seen[key]!r} and {raw.strip()!r}); CUDA refuses to start with it")
-        seen[key] = raw.strip()
+                             f"({seen[key]!r} and {entry!r}); CUDA refuses to start with it")
+        seen[key] = entry
         if index not in out:  # two MIG instances of one GPU are one physical device
             out.append(index)
     return out
-
-
-def _resolve_entry(entry: str, uuids: Sequence[str], mig: Mapping[str, int]):
-    """(identity, physical index) for one entry, or None when it ends the list."""
-    if entry.startswith(("GPU-", "MIG-")):
-        is_gpu = entry.startswith("GPU-")
-        pool = {u: i for i, u in enumerate(uuids)} if is_gpu else dict(mig)
-        if len(entry) == 4:  # "GPU-": an empty prefix is invalid (0 devices on the H200)
-            return None
-        hits = [u for u in pool if u.startswith(entry)]
-        if len(hits) != 1:
-            return None
-        # A GPU named by UUID is the same device as its index: "0,GPU-<uuid of 0>" is a duplicate.
-        return (("gpu", pool[hits[0]]) if is_gpu else ("mig", hits[0])), pool[hits[0]]
-    m = _LEADING_INT.match(entry)
-    if not m:
-        return None
-    index = int(m.group(1))
-    return (("gpu", index), index) if 0 <= index < len(uuids) else None
 
 
 def visible_for(vendor: str, env: Mapping[str, str], uuids: Sequence[str]) -> list[int]:

@@ -45,7 +45,14 @@ CASES = [
     ("0,-1,1", TWO, [0]),             # -1 ends the list; the 1 after it is ignored
     ("1,0", TWO, [1, 0]),             # CUDA numbering follows the list's order
     ("1", TWO, [1]),
-    (f"{U1},0", TWO, [1, 0]),         # UUIDs and indices mix
+    (f"{U1},1", TWO, [1]),            # an entry of the other kind ends a UUID list ...
+    (f"0,{U1}", TWO, [0]),            # ... and an index list
+    (f"0,{U0}", ONE, [0]),            # H200: 1 device (not a duplicate error)
+    (U0.upper(), ONE, []),            # H200: torch counts 0 (CUDA itself would allocate)
+    ("gpu-" + U0[4:], ONE, []),       # H200
+    (" GPU-3d93", ONE, []),           # UUID entries are matched verbatim
+    ("0x1", ONE, [0]),                # H200: strtol reads "0"
+    ("-0", ONE, [0]),                 # H200
     ("GPU-3d9", TWINS, []),           # ambiguous prefix is invalid
     ("1,GPU-3d9", TWINS, [1]),        # ... and ends the list where it stands
     ("GPU-3d9f", TWINS, [1]),         # a longer prefix disambiguates
@@ -62,7 +69,7 @@ def test_visible_indices_table(spec, uuids, expected):
     assert visible_indices(spec, uuids, mig=MIG) == expected
 
 
-@pytest.mark.parametrize("spec", ["0,0", "0, 0", f"0,{U0}", f"GPU-3d93,{U0}", "1,0,1"])
+@pytest.mark.parametrize("spec", ["0,0", "0, 0", "0,00", f"GPU-3d93,{U0}", "1,0,1", f"{U1},{U1}"])
 def test_duplicate_device_raises(spec):
     with pytest.raises(ValueError, match="twice"):
         visible_indices(spec, TWO)
