@@ -42,6 +42,8 @@ LABEL_RUNNER = "kiln.runner"
 RUN_TAG_ENV = "KILN_RUN_TAG"
 VENDORS = ("nvidia", "amd", "cpu")
 DEV_ROOT = Path("/dev")
+# Container logs land here unless the caller names a file (.kiln/ is gitignored).
+DEFAULT_LOG_DIR = Path(".kiln/logs")
 # Engines release GPU memory and flush logs on SIGTERM; vLLM/sglang need up to
 # ~20 s with many workers. After this docker sends SIGKILL.
 STOP_TIMEOUT_S = 30.0
@@ -104,6 +106,17 @@ def run_tag_from_env(env: Mapping[str, str] | None = None) -> str:
     if env.get("GITHUB_RUN_ID"):
         return check_run_tag(f"gh-{env['GITHUB_RUN_ID']}-{env.get('GITHUB_RUN_ATTEMPT', '1')}")
     return "local"
+
+
+def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
+    """``["A=B", ...]`` from the command line as a dict; a malformed item is a one-line error."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ContainerError(f"bad {what} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
 
 
 def _render_node(device_id: str, dev_root: Path) -> Path:
@@ -270,8 +283,15 @@ class Container:
             if self.exit_code is None:
                 raise ContainerError(f"container {self.name} still running {KILL_WAIT_S:.0f} s after SIGKILL")
             return self.exit_code
+        except requests.ConnectionError as exc:
+            raise unavailable_from(exc) from None
         finally:
-            if self._pump is not None:
+            if self._pump is None:
+                # Attached from another process (`invoke stop`): the daemon kept the logs.
+                with contextlib.suppress(docker.errors.APIError, requests.RequestException, OSError):
+                    self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                    self.log_path.write_bytes(self.container.logs())
+            else:
                 self._pump.join(LOG_JOIN_S)
                 if self._pump.is_alive():
                     log.warning("log stream of %s still open %.0f s after exit; leaving it", self.name, LOG_JOIN_S)
@@ -287,14 +307,16 @@ class Container:
         self.stop()
 
 
-def start(client: docker.DockerClient, spec: ContainerSpec, log_path: Path,
-          dev_root: Path = DEV_ROOT) -> Container:
-    """Create and start a container for ``spec``; its logs stream to ``log_path``.
+def start(client: docker.DockerClient, spec: ContainerSpec, log_path: Path | None = None,
+          dev_root: Path = DEV_ROOT, log_dir: Path = DEFAULT_LOG_DIR) -> Container:
+    """Create and start a container for ``spec``; its logs stream to ``log_path``
+    (default ``<log_dir>/<container name>.log``).
 
     Never pulls: an image that is not local is a one-line error pointing at
     ``invoke pull``, so every pull goes through the mirror/backoff path.
     """
     kwargs = container_kwargs(spec, dev_root)
+    log_path = log_path or log_dir / f"{kwargs['name']}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         created = client.containers.create(**kwargs)
@@ -348,18 +370,16 @@ def cleanup_stale(client: docker.DockerClient, current_run_tag: str, runner: str
 
 
 def stop_run(client: docker.DockerClient, run_tag: str, timeout: float = STOP_TIMEOUT_S,
-             log_dir: Path | None = None) -> list[str]:
-    """Stop and remove every kiln container of ``run_tag`` (``invoke stop``); returns names."""
+             log_dir: Path = DEFAULT_LOG_DIR) -> list[str]:
+    """Stop and remove every kiln container of ``run_tag`` (``invoke stop``); returns names.
+
+    Each container's full log is saved to ``<log_dir>/<name>.log`` and its tail logged.
+    """
     check_run_tag(run_tag)
     stopped = []
     for c in _kiln_containers(client):
         if c.labels.get(LABEL_RUN_TAG) != run_tag:
             continue
-        log_path = (log_dir or Path(".kiln/logs")) / f"{c.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if not log_path.exists():
-            with contextlib.suppress(docker.errors.APIError):
-                log_path.write_bytes(c.logs(tail=LOG_TAIL_LINES))
-        Container(c, log_path).stop(timeout)
+        Container(c, log_dir / f"{c.name}.log").stop(timeout)
         stopped.append(c.name)
     return stopped

@@ -142,7 +142,7 @@ def parse_ref(image: str) -> ImageRef:
             path = f"library/{path}"
     if not _PATH_RE.match(path):
         raise BadReference(f"bad repository name {path!r} in image reference {image!r} (lowercase, digits, . _ - /)")
-    if tag is None and digest is None:
+    if tag is None and not digest:
         tag = "latest"
     return ImageRef(registry, path, tag, digest or None)
 

@@ -182,6 +182,7 @@ def test_stop_run_stops_every_container_of_that_run_only(docker_env, docker_clie
     other = containers.start(docker_client, spec(docker_env, "run-y", "/bin/sleep", "300"), tmp_path / "c.log")
     started += [a, b, other]
     wait_for_text(a.log_path, "a-out")
+    # stop_run attaches as `invoke stop` would, from another process: no log pump of its own.
     stopped = containers.stop_run(docker_client, "run-x", timeout=SHORT_STOP_S, log_dir=tmp_path / "stop-logs")
     assert sorted(stopped) == sorted([a.name, b.name])
     assert not exists(docker_client, a.name) and not exists(docker_client, b.name)
