@@ -155,14 +155,26 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
         raise KitFailure(f"only {len(kept)} valid samples of {gauge} ({dropped} NaN dropped, "
                          f"{len(samples)} scraped); need >= {min_samples}")
     if stat < threshold:
-        worst = min(kept, key=lambda k: k[1])[2]
-        where = f"; lowest label set {label_str(worst)}" if worst else ""
+        worst = _worst_label_set(samples, mode)
+        where = f"; lowest label set {label_str(worst[0])} at {worst[1]:.3f}" if worst else ""
         raise KitFailure(f"occupancy {stat:.3f} < threshold {threshold:g} ({mode} of {gauge}, "
                          f"{aggregation} over label sets, {len(kept)} samples{where})")
     if accept_gauge and not result.accept_length >= accept_length_min:
         raise KitFailure(f"speculative accept length {result.accept_length:.3f} < "
                          f"{accept_length_min:g} ({accept_gauge}, median of {len(samples)} scrapes)")
     return result
+
+
+def _worst_label_set(samples: list[Sample], mode: str) -> tuple[LabelSet, float] | None:
+    """The label set with the lowest statistic of its own, to name in a failure."""
+    per: dict[LabelSet, list[float]] = {}
+    for s in samples:
+        for key, value in s.values.items():
+            if not math.isnan(value):
+                per.setdefault(key, []).append(value)
+    if len(per) < 2:
+        return None  # one label set: the aggregate already is its figure
+    return min(((k, statistic(v, mode)) for k, v in per.items()), key=lambda kv: kv[1])
 
 
 def _sample_during_long_request(server: ServerLike, c, gauge: str, accept_gauge: str | None,

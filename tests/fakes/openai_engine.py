@@ -85,7 +85,7 @@ class Knobs:
     fail_every: int = 0  # every k-th generation request answers 500
     mc_skill: float | None = None  # fraction of accuracy items the fake gets right
     max_model_len: int = 1024
-    logprobs_nan: bool = False  # prompt logprobs come back NaN
+    prompt_logprob: float | None = None  # every prompt logprob reads this (NaN, 0.0, ...)
 
 
 @dataclass
@@ -174,8 +174,8 @@ class FakeEngine:
                 n_ctx = len(tokenize(context))
                 values[n_ctx:] = [per_tok] * (len(toks) - n_ctx)
                 break
-        if self.knobs.logprobs_nan:
-            values = [math.nan] * len(toks)
+        if self.knobs.prompt_logprob is not None:
+            values = [self.knobs.prompt_logprob] * len(toks)
         if values:
             values[0] = None
         return values

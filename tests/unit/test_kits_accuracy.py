@@ -1,0 +1,85 @@
+"""Accuracy-floor kit: the dataset, the ending alignment, and pass/fail against the fake."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+
+from ci.kits import accuracy
+from ci.kits.client import KitFailure
+from tests.fakes.openai_engine import fake_engine
+
+
+def test_shipped_dataset_is_balanced_and_well_formed():
+    items = accuracy.load_dataset()
+    assert 40 <= len(items) <= 100
+    assert len({it.id for it in items}) == len(items)
+    counts = collections.Counter(it.label for it in items)
+    # Balanced gold positions: always-pick-position-k scores exactly chance.
+    assert set(counts.values()) == {len(items) // accuracy.N_ENDINGS}
+
+
+@pytest.mark.parametrize("row, cause", [
+    ('{"id": 1, "context": "c", "endings": ["a", "b", "c"], "label": 0}', "needs 4 non-empty endings"),
+    ('{"id": 1, "context": "c", "endings": ["a", "b", "c", "d"], "label": 4}', "label 4 is not 0..3"),
+    ('{"id": 1, "endings": ["a", "b", "c", "d"], "label": 0}', "not an item with id/context"),
+    ("not json", "not an item"),
+])
+def test_bad_dataset_line_names_file_and_line(tmp_path, row, cause):
+    path = tmp_path / "set.jsonl"
+    good = json.dumps({"id": "x", "context": "c", "endings": list("abcd"), "label": 1})
+    path.write_text(good + "\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"set.jsonl:2: {cause}"):
+        accuracy.load_dataset(path)
+
+
+def test_ending_alignment_counts_from_the_end_so_a_bos_token_does_not_shift_it():
+    # "<s>" is echoed as a token but is not in the prompt text.
+    logprobs = {"tokens": ["<s>", "The", " cat", " sat", " down", "."],
+                "token_logprobs": [None, -1.0, -2.0, -3.0, -4.0, -5.0]}
+    assert accuracy.ending_logprob(logprobs, "sat down.", "", "x") == -12.0
+    # A generated token after the prompt is excluded too.
+    logprobs = {"tokens": ["<s>", "The", " cat", " sat", " zz"],
+                "token_logprobs": [None, -1.0, -2.0, -3.0, -7.0]}
+    assert accuracy.ending_logprob(logprobs, "sat", " zz", "x") == -3.0
+
+
+def test_ending_token_without_a_logprob_fails():
+    logprobs = {"tokens": ["a", " b"], "token_logprobs": [None, None]}
+    with pytest.raises(KitFailure, match="no log-probability for ending token ' b'"):
+        accuracy.ending_logprob(logprobs, "b", "", "item 7")
+
+
+def test_floor_below_the_models_score_passes(capsys):
+    with fake_engine(mc_skill=0.5) as srv:
+        result = accuracy.check_accuracy_floor(srv, floor=0.4)
+    assert result.acc_norm == pytest.approx(0.5) and result.n == 60
+    assert "60 items: acc 0.500, acc_norm 0.500" in capsys.readouterr().out
+
+
+def test_floor_above_the_models_score_fails():
+    with fake_engine(mc_skill=0.5) as srv:
+        with pytest.raises(KitFailure, match=r"^accuracy acc_norm 0.500 < floor 0.6 over 60 items "
+                                             r"of mc_tiny.jsonl"):
+            accuracy.check_accuracy_floor(srv, floor=0.6)
+
+
+def test_nan_logprobs_fail_naming_the_item():
+    with fake_engine(mc_skill=0.5, prompt_logprob=math.nan) as srv:
+        with pytest.raises(KitFailure, match=r"^item mc-000 ending 0: no log-probability"):
+            accuracy.check_accuracy_floor(srv, floor=0.1, limit=4)
+
+
+def test_uninformative_logprobs_fail_even_above_a_chance_floor():
+    # An engine answering 0.0 for every token: all endings tie, and "pick the
+    # first" would score chance on balanced data -- above a chance-level floor.
+    with fake_engine(prompt_logprob=0.0) as srv:
+        with pytest.raises(KitFailure, match=r"^8/8 items have tied best endings: the engine's logprobs carry no information"):
+            accuracy.check_accuracy_floor(srv, floor=0.0, limit=8)
+
+
+def test_unknown_metric_is_rejected():
+    with pytest.raises(ValueError, match="unknown accuracy metric 'f1'"):
+        accuracy.check_accuracy_floor(object(), floor=0.1, metric="f1")

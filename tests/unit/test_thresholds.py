@@ -1,0 +1,76 @@
+"""The per-profile threshold table: complete, and every loosened bound says why."""
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+import pytest
+
+from ci import thresholds
+from ci.kits.metrics import AGGREGATIONS
+from ci.kits.occupancy import MODES
+from ci.runners import PROFILES
+from ci.thresholds import Bound
+
+
+def test_every_profile_has_thresholds_and_nothing_else_does():
+    assert set(thresholds.THRESHOLDS) == set(PROFILES)
+    for name in PROFILES:
+        assert thresholds.for_profile(name).profile == name
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_loosened_bound_carries_its_reason(name):
+    profile = PROFILES[name]
+    th = thresholds.for_profile(name)
+    for path, bound, ref in thresholds.loosened(th, thresholds.reference_for(profile)):
+        assert bound.reason.strip(), (f"{name}: {path} = {bound.value} is looser than the "
+                                      f"reference {ref} but gives no reason")
+
+
+def test_the_check_itself_catches_a_loosened_bound_without_reason():
+    ref = thresholds.VLLM_REFERENCE
+    silent = dataclasses.replace(ref, perf=dataclasses.replace(ref.perf, max_ttft_p95_s=Bound(9.0)))
+    assert [(p, r) for p, _, r in thresholds.loosened(silent, ref)] == [("perf.max_ttft_p95_s", 0.5)]
+    # Tighter is not loosened; lower is looser for minimums.
+    tighter = dataclasses.replace(ref, perf=dataclasses.replace(ref.perf, max_ttft_p95_s=Bound(0.1)))
+    assert thresholds.loosened(tighter, ref) == []
+    lower = dataclasses.replace(ref, occupancy=dataclasses.replace(ref.occupancy, threshold=Bound(0.5)))
+    assert [p for p, _, _ in thresholds.loosened(lower, ref)] == ["occupancy.threshold"]
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_rows_are_usable_by_the_kits(name):
+    profile, th = PROFILES[name], thresholds.for_profile(name)
+    occ = th.occupancy
+    assert occ.mode in MODES and occ.aggregation in AGGREGATIONS
+    # vLLM has no occupancy gauge (busy mode over its running count); sglang does.
+    assert occ.mode == ("ratio" if profile.backend == "sglang" else "busy")
+    assert 0 < occ.threshold.value <= 1 and occ.min_samples.value >= 5
+    assert th.enforce_perf is profile.enforce_perf
+    # The default model's floor exists and is a probability.
+    assert 0 <= th.accuracy_floor(profile.default_model).value < 1
+    p = th.perf
+    assert p.requests >= p.concurrency >= 1 and p.max_tokens >= 1
+    assert p.max_ttft_p50_s.value <= p.max_ttft_p95_s.value
+    assert p.max_latency_p50_s.value <= p.max_latency_p95_s.value
+
+
+def test_every_accuracy_floor_says_how_it_was_set():
+    for name, th in thresholds.THRESHOLDS.items():
+        for model, bound in th.accuracy_floors.items():
+            assert bound.reason.strip(), f"{name}: floor for {model} has no reason"
+
+
+def test_unknown_profile_and_model_errors_name_the_known_ones():
+    with pytest.raises(ValueError, match=r"no thresholds for profile 'tpu-9'; known: cpu, "):
+        thresholds.for_profile("tpu-9")
+    with pytest.raises(ValueError, match=r"no accuracy floor for model 'gpt-9' on profile 'cpu'; "
+                                         r".*known: tiny-llama"):
+        thresholds.for_profile("cpu").accuracy_floor("gpt-9")
+
+
+def test_table_is_read_only():
+    assert isinstance(thresholds.THRESHOLDS, MappingProxyType)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        thresholds.for_profile("cpu").perf.requests = 1
