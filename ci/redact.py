@@ -57,7 +57,7 @@ _TOKEN_SHAPES = (
     re.compile(r"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
     re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
     re.compile(r"(?i)(?<=\bbearer )[A-Za-z0-9._~+/=-]{16,}"),
-    re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]+(?=@)"),
+    re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]{3,}(?=@)"),
 )
 
 _ANSI = re.compile(
@@ -67,6 +67,7 @@ _ANSI = re.compile(
     | \x1b[PX^_][^\x1b\n]*(?:\x1b\\)?        # DCS / SOS / PM / APC strings
     | \x1b[ -/]*[0-~]                        # two-byte and charset escapes
     | \x9b[0-?]*[ -/]*[@-~]                  # 8-bit CSI
+    | \#x1B\[[0-?]*[ -/]*[@-~]             # CSI as pytest's JUnit writer escapes it
     """,
     re.VERBOSE,
 )
@@ -113,6 +114,10 @@ def secret_values(env: Mapping[str, str] | None = None, extra: Iterable[str] = (
         elif is_secret_name(name) and len(value) >= MIN_SECRET_LEN:
             found.add(value)
     found.update(v for v in extra if v and len(v) >= MIN_EXTRA_SECRET_LEN)
+    # A log tail can start inside a multi-line secret (a PEM key): each of its
+    # lines must be caught on its own.
+    found.update(ln.strip() for v in list(found) if "\n" in v for ln in v.splitlines()
+                 if len(ln.strip()) >= MIN_SECRET_LEN)
     variants = {quote(v, safe="") for v in found} | {quote(v) for v in found}
     return tuple(sorted(found | variants, key=lambda v: (-len(v), v)))
 
@@ -121,7 +126,9 @@ class Redactor:
     """Replaces known secret values and well-known token shapes with ``***``."""
 
     def __init__(self, secrets: Iterable[str] = ()):
-        values = sorted({s for s in secrets if s}, key=lambda v: (-len(v), v))
+        # Values shorter than REDACTED are dropped so redaction never lengthens
+        # text: the report measures its size before redacting.
+        values = sorted({s for s in secrets if len(s) >= len(REDACTED)}, key=lambda v: (-len(v), v))
         self._count = len(values)
         self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
 
@@ -230,10 +237,15 @@ def sanitize_lines(text: str, redactor: Redactor, max_lines: int = MAX_SECTION_L
     Redaction runs on whole lines before they are shortened, so a cut can never
     leave half a secret behind.
     """
-    lines = sanitize(text, redactor).split("\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return tuple(_cap_line(line) for line in lines[-max_lines:]) if max_lines > 0 else ()
+    if max_lines <= 0:
+        return ()
+    # Sanitising keeps the line count (no escape spans a newline), so only the
+    # lines that will be shown need the work: a 100k-line traceback costs 300.
+    raw = text.split("\n")
+    if raw and not raw[-1]:
+        raw.pop()
+    lines = sanitize("\n".join(raw[-max_lines:]), redactor).split("\n") if raw else []
+    return tuple(_cap_line(line) for line in lines)
 
 
 def read_log_tail(path: str | Path, redactor: Redactor, max_lines: int = MAX_SECTION_LINES,

@@ -198,8 +198,8 @@ def verdict(run: RunResult | None, session: str, profile: Any = None) -> str:
             f"{hardware} · engine {code_span(engine)}")
 
 
-def _pytest_output(case: CaseResult, redactor: Redactor) -> Tail:
-    lines = sanitize_lines(case.details, redactor)
+def _pytest_output(case: CaseResult, redactor: Redactor, cap: int) -> Tail:
+    lines = sanitize_lines(case.details, redactor, cap)
     return Tail(lines, f"last {len(lines)} lines")
 
 
@@ -218,20 +218,19 @@ class _Failure:
     cause: str
     server: ServerInfo | None
     repro: str
-    output: Tail
+    server_state: str = ""
 
 
-def _failure_md(item: _Failure, cap: int, logs: Mapping[str, Tail], shown_logs: set[str]) -> str:
+def _failure_md(item: _Failure, cap: int, output: Tail, logs: Mapping[str, Tail], shown_logs: set[str]) -> str:
     parts = [f"#### {'❌' if item.case.outcome == FAILED else '💥'} {code_span(item.case.nodeid)}",
              f"**Cause** ({item.case.outcome}): {code_span(item.cause)}"]
     srv = item.server
     if srv is not None:
-        state = f"launch failed: {srv.error}" if srv.launch_failed else (srv.error or "ready")
         gpus = ",".join(map(str, srv.devices)) or "none"
-        parts.append(f"**Server** {code_span(srv.key)} on GPUs {gpus}: {code_span(state)}")
+        parts.append(f"**Server** {code_span(srv.key)} on GPUs {gpus}: {code_span(item.server_state)}")
     parts += ["Reproduce:", fence(item.repro, "sh")]
-    if item.output.lines:
-        parts.append(_details("pytest output", item.output, cap))
+    if item.case.details.strip():
+        parts.append(_details("pytest output", output, cap))
     if srv is not None and srv.log_path:
         if srv.log_path in shown_logs:
             parts.append(f"<sub>server log: shown above for {html_text(srv.key)}</sub>")
@@ -320,40 +319,55 @@ def render_report(run: RunResult | None, session: str, *, profile: Any = None,
         repro = repro_command(session, case.nodeid, env, redactor)
         if srv is not None and srv.warm_dependent and srv.launch_failed:
             repro = f"{WARMUP_HINT}\n{repro}"
-        failures.append(_Failure(case, one_line_cause(case, redactor), srv, repro,
-                                 _pytest_output(case, redactor)))
+        state = "" if srv is None else (
+            f"launch failed: {srv.error}" if srv.launch_failed else (srv.error or "ready"))
+        failures.append(_Failure(case, one_line_cause(case, redactor), srv, repro, sanitize(state, redactor)))
     logs = {s.log_path: read_log_tail(s.log_path, redactor) for s in servers if s.log_path}
     covered = {f.server.key for f in failures if f.server is not None}
     orphans = [s for s in servers if s.error and s.key not in covered]
     head = [verdict(run, session, profile)] + [f"> {code_span(sanitize(n, redactor))}" for n in notes]
-    tail = [skipped_md(cases, redactor), timeline_md(servers, session)]
+    tail = [p for p in (skipped_md(cases, redactor), timeline_md(servers, session)) if p]
+    outputs: dict[tuple[int, int], Tail] = {}  # sanitised lazily: most never fit
 
-    def compose(cap: int, shown: int) -> str:
+    def output(index: int, cap: int) -> Tail:
+        if (index, cap) not in outputs:
+            outputs[index, cap] = _pytest_output(failures[index].case, redactor, cap)
+        return outputs[index, cap]
+
+    def compose(cap: int, shown: int) -> str | None:
+        """The report with logs cut to ``cap`` lines and ``shown`` failures; None if too big."""
         shown_logs: set[str] = set()
         body = list(head)
-        if failures:
-            body.append(f"### Failures ({len(failures)})")
-            body += [_failure_md(f, cap, logs, shown_logs) for f in failures[:shown]]
-            if shown < len(failures):
-                body.append(f"… {len(failures) - shown} more failures not shown (report size cap); "
-                            f"the JUnit file lists them all.")
+        # Redaction only shortens text (REDACTED is no longer than any secret),
+        # so measuring before it is safe, and stopping early saves the work.
+        size = sum(len(p) + 2 for p in head + tail)
+        parts = [f"### Failures ({len(failures)})"] if failures else []
+        for index in range(shown):
+            if size > max_chars:
+                return None
+            parts.append(_failure_md(failures[index], cap, output(index, cap), logs, shown_logs))
+            size += len(parts[-1]) + 2
+        if shown < len(failures):
+            parts.append(f"… {len(failures) - shown} more failures not shown (report size cap); "
+                         f"the JUnit file lists them all.")
         for srv in orphans:
-            body.append(f"#### 💥 server {code_span(srv.key)}: {code_span(sanitize(srv.error or '', redactor))}")
+            parts.append(f"#### 💥 server {code_span(srv.key)}: {code_span(sanitize(srv.error or '', redactor))}")
             if srv.log_path and srv.log_path not in shown_logs:
                 shown_logs.add(srv.log_path)
-                body.append(_details(f"server log {srv.key}", logs[srv.log_path], cap))
-        return redactor.redact("\n\n".join(p for p in body + tail if p) + "\n")
+                parts.append(_details(f"server log {srv.key}", logs[srv.log_path], cap))
+        text = "\n\n".join(body + parts + tail) + "\n"
+        return redactor.redact(text) if len(text) <= max_chars else None
 
     for cap in LOG_LINE_STEPS:
         text = compose(cap, len(failures))
-        if len(text) <= max_chars:
+        if text is not None:
             return text
     low, high = 0, len(failures)  # the most failures that still fit, logs omitted
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if len(compose(0, mid)) <= max_chars else (low, mid - 1)
+        low, high = (mid, high) if compose(0, mid) is not None else (low, mid - 1)
     text = compose(0, low)
-    if len(text) > max_chars:  # only reachable with a tiny max_chars: keep the verdict
+    if text is None:  # only reachable with a tiny max_chars: keep the verdict
         log.warning("report over %d chars even without logs; keeping the verdict only", max_chars)
         text = redactor.redact(head[0])[:max_chars]
     return text
