@@ -42,9 +42,9 @@ POLL_INTERVAL_S = 0.02
 # 2-minute waits per test group that vLLM #41166 removed.
 RELEASE_TIMEOUT_S = 60.0
 # Slack over the pre-launch baseline: driver bookkeeping on a device moves by
-# a few MiB when other contexts come and go. It is far below one CUDA context
-# (~500 MiB on Hopper), so even a leaked process that holds nothing but a
-# context still fails the check.
+# a few MiB when other contexts come and go. It is well below one CUDA context
+# (~600 MiB measured on an H200, docs/gpu-verification.md), so even a leaked
+# process that holds nothing but a context still fails the check.
 HEADROOM_BYTES = 256 * 1024 ** 2
 # Another kiln process on the runner holds the ledger lock only for a
 # read-modify-write of a small JSON file; 10 s means that process is stuck.

@@ -8,10 +8,11 @@ import pytest
 from ci.alloc import IdleServer, NoCapacity, Plan, Topology, choose, parse_topo, plan
 
 # `nvidia-smi topo -m` on an 8x H100 SXM box (NVSwitch: every pair NV18), two
-# NUMA nodes, two NICs. The header row is underlined with ANSI escapes and the
-# rows carry a double tab before "GPU NUMA ID", as nvidia-smi prints them.
+# NUMA nodes, two NICs, written in the layout captured on the H200 below: the
+# header underlined with ANSI escapes after its leading tab, and a double tab
+# before "GPU NUMA ID".
 TOPO_8X_NVSWITCH = (
-    "\x1b[4m\tGPU0\tGPU1\tGPU2\tGPU3\tGPU4\tGPU5\tGPU6\tGPU7\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
+    "\t\x1b[4mGPU0\tGPU1\tGPU2\tGPU3\tGPU4\tGPU5\tGPU6\tGPU7\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"
     "GPU0\t X \tNV18\tNV18\tNV18\tNV18\tNV18\tNV18\tNV18\tPXB\tSYS\t0-55,112-167\t0\t\tN/A\n"
     "GPU1\tNV18\t X \tNV18\tNV18\tNV18\tNV18\tNV18\tNV18\tPXB\tSYS\t0-55,112-167\t0\t\tN/A\n"
     "GPU2\tNV18\tNV18\t X \tNV18\tNV18\tNV18\tNV18\tNV18\tNODE\tSYS\t0-55,112-167\t0\t\tN/A\n"
@@ -62,6 +63,18 @@ TOPO_4X_PCIE = (
 )
 
 TOPO_1X = "\tGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\nGPU0\t X \t0-15\t0\t\tN/A\n\nLegend:\n"
+# Captured verbatim on the one-GPU H200 machine (bench/gpu_visible.py, driver 580.159.04):
+# note the escape codes sit *after* the leading tab there.
+TOPO_H200_CAPTURED = (
+    "\t\x1b[4mGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\nGPU0\t X \t0-15\t0\t\tN/A\n\nLegend:\n\n"
+    "  X    = Self\n"
+    "  SYS  = Connection traversing PCIe as well as the SMP interconnect between NUMA nodes (e.g., QPI/UPI)\n"
+    "  NODE = Connection traversing PCIe as well as the interconnect between PCIe Host Bridges within a NUMA node\n"
+    "  PHB  = Connection traversing PCIe as well as a PCIe Host Bridge (typically the CPU)\n"
+    "  PXB  = Connection traversing multiple PCIe bridges (without traversing the PCIe Host Bridge)\n"
+    "  PIX  = Connection traversing at most a single PCIe bridge\n"
+    "  NV#  = Connection traversing a bonded set of # NVLinks\n"
+)
 
 
 def test_parse_nvswitch_box():
@@ -76,6 +89,10 @@ def test_parse_bridged_pairs():
     topo = parse_topo(TOPO_4X_BRIDGED)
     assert topo.nvlinked(1, 2) and topo.nvlinked(0, 3)
     assert not topo.nvlinked(0, 1) and topo.links[frozenset((0, 1))] == "PHB"
+
+
+def test_parse_captured_h200_output():
+    assert parse_topo(TOPO_H200_CAPTURED) == Topology({}, {0: 0})
 
 
 def test_parse_single_gpu_and_na_numa():
