@@ -315,8 +315,11 @@ def discover(env: Mapping[str, str] | None = None, *, nvml: Any = IMPORT, amdsmi
 
 def describe(d: Discovery) -> str:
     """A few human lines: what was found, how, and what is visible."""
-    head = f"{len(d.devices)} {d.vendor} GPU(s) via {d.source}"
-    lines = [head + (f" (driver {d.driver})" if d.driver else "")]
+    if d.source == "none":
+        head = "0 GPUs: no GPU tool answered and no GPU driver is loaded"
+    else:
+        head = f"{len(d.devices)} {d.vendor} GPU(s) via {d.source}" + (f" (driver {d.driver})" if d.driver else "")
+    lines = [head]
     for dev in d.devices:
         mark = f"visible as #{d.visible.index(dev.index)}" if dev.index in d.visible else "hidden"
         lines.append(f"  [{dev.index}] {dev.name}  {dev.uuid}  {dev.memory_total / 2**30:.1f} GiB  {mark}")

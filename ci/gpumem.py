@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +52,14 @@ HEADROOM_BYTES = 256 * 1024 ** 2
 LEDGER_LOCK_TIMEOUT_S = 10.0
 LEDGER_FILE = "gpu-release-ledger.json"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+# The ledger is per runner, not per checkout: two jobs in two workspaces share
+# the GPUs, so the default lives in the system temp dir (like ci.ports' locks).
+STATE_DIR_ENV = "KILN_STATE_DIR"
+
+
+def ledger_dir() -> Path:
+    """Where the runner-wide ReleaseLedger lives: $KILN_STATE_DIR or <tmp>/kiln-state."""
+    return Path(os.environ.get(STATE_DIR_ENV) or Path(tempfile.gettempdir()) / "kiln-state")
 
 
 @dataclass(frozen=True)

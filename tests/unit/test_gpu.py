@@ -168,6 +168,7 @@ def test_no_tools_no_driver_is_zero_gpus(bindir, tmp_path):
     d = discover(env_with(bindir), nvml=FakeNvml(init_error=NVML_ERROR_LIBRARY_NOT_FOUND),
                  amdsmi=None, root=tmp_path)
     assert (d.vendor, d.source, d.devices, d.visible) == ("none", "none", (), ())
+    assert gpu.describe(d).startswith("0 GPUs: no GPU tool answered and no GPU driver is loaded\n")
     assert any("Library Not Found" in n for n in d.notes)
     assert any("nvidia-smi not on PATH" in n for n in d.notes)
 

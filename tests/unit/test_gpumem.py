@@ -10,8 +10,8 @@ import pytest
 from ci.gpu import TelemetryError
 from ci.gpu_telemetry import NvmlTelemetry
 from ci.gpumem import (
-    GIB, HEADROOM_BYTES, DeviceHeld, DeviceMemoryGuard, Held, ReleaseError, ReleaseLedger, lowest, take_baselines,
-    wait_released,
+    GIB, HEADROOM_BYTES, DeviceHeld, DeviceMemoryGuard, Held, ReleaseError, ReleaseLedger, ledger_dir, lowest,
+    take_baselines, wait_released,
 )
 from tests.fakes.nvml import FakeGpu, FakeNvml
 
@@ -219,6 +219,13 @@ def test_persisted_ledger_is_seen_by_a_later_process(tmp_path):
     assert data["boot_id"] == "boot-1" and data["held"][0]["device"] == 2
     later.clear()
     first.check_launchable([2])  # cleared for every process
+
+
+def test_ledger_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_STATE_DIR", str(tmp_path / "state"))
+    assert ledger_dir() == tmp_path / "state"
+    monkeypatch.delenv("KILN_STATE_DIR")
+    assert ledger_dir().name == "kiln-state"
 
 
 def test_ledger_from_another_boot_is_dropped(tmp_path):
