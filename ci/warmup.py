@@ -1,0 +1,489 @@
+"""JIT warmup: launch every server the e2e tests declare once, so the suite's first launches are warm.
+
+CUDA graphs die with their process; compile caches on disk (Triton, Inductor,
+vLLM's AOT artefacts, DeepGEMM, FlashInfer) survive it. sglang #24253 went from
+45 min cold to under 5 min warm this way. What kiln does differently:
+
+- Specs come from the e2e tests' own ``@pytest.mark.model`` declarations
+  (``pytest --collect-only --kiln-collect-keys``), and launch args are built
+  the way the pytest plugin builds them, so warmup args cannot drift from test
+  args (sglang kept a separate FALLBACK_ARGS dict).
+- One marker per spec, keyed by ci.warmup_key (CUDA, driver and DeepGEMM
+  included). Written atomically under a lock; a torn or foreign marker reads as
+  absent. A warm spec launches no process at all.
+- Each cold spec runs the real server (ci.server.Server) with the cache env
+  from ci.caches, sends one short completion, and stops. Its own tagged tree;
+  a timeout ends in SIGTERM then SIGKILL of every tagged process (never
+  ``pkill``); a watchdog ends it early on a crash signature in the log.
+- Independent specs run at once on disjoint GPUs (one at a time on CPU).
+  Failures are reported, non-fatal unless ``strict``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import filelock
+import requests
+
+from ci import alloc, caches, runners, warmup_key
+from ci.backends import BackendSpec, get_backend
+from ci.crashwatch import CrashWatch
+from ci.server import Server
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER_FORMAT = 1
+# The one request each warmup sends: short, so warmup compiles the serving
+# path (prefill + a few decode steps) without turning into a benchmark.
+WARMUP_PROMPT = "Hello, warmup."
+WARMUP_MAX_TOKENS = 4
+# The first request can trigger lazy JIT the launch did not (sglang's DeepGEMM
+# without precompile: "typically 10-20 mins"); 20 min covers that without
+# letting a wedged server eat the whole job.
+REQUEST_TIMEOUT_S = 1200.0
+REQUEST_CONNECT_TIMEOUT_S = 5.0
+# Progress line cadence: often enough that a 40-minute cold compile visibly
+# lives in CI logs, rarely enough not to bury the engine's own lines.
+PROGRESS_INTERVAL_S = 15.0
+# Marker writes take milliseconds; a lock held this long belongs to a hung process.
+MARKER_LOCK_TIMEOUT_S = 60.0
+# pytest --collect-only of the e2e suites only imports modules; two minutes
+# means a hung import, not a slow one.
+COLLECT_TIMEOUT_S = 120.0
+
+
+class WarmupError(RuntimeError):
+    """Bad input, or one spec's warmup failed; the message is one line."""
+
+
+class WarmupFailed(WarmupError):
+    """``strict`` and at least one spec failed; ``results`` holds every spec's outcome."""
+
+    def __init__(self, cause: str, results: Sequence["WarmupResult"]):
+        super().__init__(cause)
+        self.results = list(results)
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    """One server the e2e tests need: the same (model, tp, args) the pool keys servers by."""
+
+    model: str
+    tp: int = 1
+    args: tuple[str, ...] = ()
+    backend: str = ""
+    tests: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
+
+
+@dataclass
+class WarmupResult:
+    """What happened to one spec: ``state`` is "warm" (marker matched), "cold" (ran) or "failed"."""
+
+    spec: WarmupSpec
+    state: str
+    seconds: float
+    marker: Path
+    error: str | None = None
+    log_path: Path | None = None
+    devices: tuple[int, ...] = ()
+
+
+# ---------------------------------------------------------------- specs
+
+def load_specs(path: Path) -> list[WarmupSpec]:
+    """Specs from a ``--kiln-collect-keys`` file ([{model, tp, args, tests}])."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WarmupError(f"cannot read collected keys {path}: {exc}") from None
+    specs = []
+    for row in rows if isinstance(rows, list) else [None]:
+        if not (isinstance(row, dict) and isinstance(row.get("model"), str) and isinstance(row.get("tp"), int)
+                and isinstance(row.get("args", []), list)):
+            raise WarmupError(f"collected keys {path}: not a list of {{model, tp, args}}: {row!r}"[:300])
+        specs.append(WarmupSpec(row["model"], row["tp"], tuple(map(str, row.get("args", []))),
+                                tests=tuple(row.get("tests", []))))
+    return specs
+
+
+def collect_specs(profile: str, tests: str | Path = "tests/e2e", *, python: str = sys.executable) -> list[WarmupSpec]:
+    """Ask pytest which servers the e2e tests declare (the one source of warmup specs)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-collect-") as tmp:
+        out = Path(tmp) / "keys.json"
+        # The repo's config (it loads ci.pytest_plugin) applies wherever the tests live.
+        argv = [python, "-m", "pytest", str(tests), "--collect-only", "-q", "-p", "no:cacheprovider",
+                "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO),
+                "--kiln-profile", profile, "--kiln-collect-keys", str(out)]
+        try:
+            done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=COLLECT_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise WarmupError(f"collecting e2e specs took over {COLLECT_TIMEOUT_S:.0f} s: {shlex.join(argv)}") from None
+        # Exit 5 is "no tests collected": an empty suite, not an error.
+        if done.returncode not in (0, 5) or not out.exists():
+            last = ((done.stdout + done.stderr).strip().splitlines() or ["no output"])[-1]
+            raise WarmupError(f"collecting e2e specs failed (pytest exit {done.returncode}): {last}")
+        return load_specs(out)
+
+
+def select(specs: Sequence[WarmupSpec], models: Sequence[str]) -> list[WarmupSpec]:
+    """Keep the specs of ``models`` (all when empty); a model no test declares is an error."""
+    if not models:
+        return list(specs)
+    declared = sorted({s.model for s in specs})
+    unknown = [m for m in models if m not in declared]
+    if unknown:
+        raise WarmupError(f"--model {', '.join(unknown)}: no e2e test declares it; declared: "
+                          f"{', '.join(declared) or 'none'}")
+    return [s for s in specs if s.model in models]
+
+
+def launch_args(profile: runners.Profile, spec: WarmupSpec) -> tuple[str, tuple[str, ...]]:
+    """(model reference, full launch args) exactly as ci.pytest_plugin's factory builds them."""
+    from ci.pytest_plugin import resolve_model  # noqa: PLC0415  (pulls pytest in; only when planning)
+    model, naming = resolve_model(spec.model)
+    return model, (*profile.server_args, *naming, *spec.args)
+
+
+# ---------------------------------------------------------------- markers
+
+def marker_path(root: Path | None, spec: WarmupSpec) -> Path:
+    """One marker file per spec, inside its engine's cache tree (cleared with it)."""
+    ident = hashlib.sha256(json.dumps([spec.backend, spec.model, spec.tp, list(spec.args)]).encode()).hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.model}-tp{spec.tp}")[-60:]
+    return caches.markers_dir(spec.backend, root) / f"{slug}-{ident[:16]}.json"
+
+
+def read_marker(path: Path, key: str, current: dict[str, str] | None = None) -> dict | None:
+    """The marker if it is a whole kiln marker for ``key``; None (logged) when absent, torn or foreign."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("marker %s unreadable (%s); treating as absent", path, exc)
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        log.warning("marker %s is torn or not JSON (%d bytes); treating as absent", path, len(text))
+        return None
+    if not (isinstance(data, dict) and data.get("format") == MARKER_FORMAT
+            and isinstance(data.get("components"), dict) and isinstance(data.get("key"), str)):
+        log.warning("marker %s is not a kiln warmup marker (format %r); treating as absent", path,
+                    data.get("format") if isinstance(data, dict) else type(data).__name__)
+        return None
+    if data["key"] != key:
+        changed = warmup_key.diff(data["components"], current or {}) if current else []
+        log.warning("marker %s is for another version key; treating as absent%s", path,
+                    f" (changed: {'; '.join(changed)})" if changed else "")
+        return None
+    return data
+
+
+def write_marker(path: Path, record: dict) -> None:
+    """Write ``record`` atomically (temp file + rename) under the markers' lock.
+
+    The rename makes a reader see the old marker or the new one, never half;
+    the lock orders writers and lets each sweep temp files a killed writer left.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path.parent / ".lock"), timeout=MARKER_LOCK_TIMEOUT_S):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+# ---------------------------------------------------------------- running
+
+@dataclass
+class _Job:
+    spec: WarmupSpec
+    model_ref: str
+    args: tuple[str, ...]
+    components: dict[str, str]
+    key: str
+    marker: Path
+    number: str = ""
+    phase: str = "queued"
+    started: float = 0.0
+
+    def enter(self, phase: str, detail: str = "") -> None:
+        self.phase = phase
+        elapsed = time.monotonic() - self.started if self.started else 0.0
+        log.info("warmup %s %s: %s%s (%.0f s)", self.number, self.spec.label, phase, detail, elapsed)
+
+
+@dataclass
+class _Run:
+    backend: BackendSpec
+    profile: runners.Profile
+    root: Path | None
+    log_dir: Path
+    launch_timeout_s: float
+    request_timeout_s: float
+    server_factory: Callable[..., Server]
+    vendor: str
+    live: dict = field(default_factory=dict)  # id(job) -> Server, for cancellation
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _device_env(vendor: str, devices: Sequence[int]) -> dict[str, str]:
+    if vendor == "nvidia":
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    if vendor == "amd":
+        # ROCR picks physical devices; HIP/CUDA_VISIBLE_DEVICES inherited from the
+        # job would re-narrow that set, so they are set to "all of those".
+        logical = ",".join(str(i) for i in range(len(devices)))
+        return {"ROCR_VISIBLE_DEVICES": ",".join(map(str, devices)), "HIP_VISIBLE_DEVICES": logical,
+                "CUDA_VISIBLE_DEVICES": logical}
+    return {}
+
+
+def _request(server: Server, timeout_s: float) -> None:
+    body = {"model": server.served_model, "prompt": WARMUP_PROMPT, "max_tokens": WARMUP_MAX_TOKENS,
+            "temperature": 0}
+    try:
+        resp = requests.post(server.base_url + "/v1/completions", json=body,
+                             timeout=(REQUEST_CONNECT_TIMEOUT_S, timeout_s))
+    except requests.Timeout as exc:
+        raise WarmupError(f"warmup request: no answer within {timeout_s:g} s ({type(exc).__name__})") from exc
+    except requests.RequestException as exc:
+        raise WarmupError(f"warmup request failed: {type(exc).__name__}: {exc}"[:300]) from exc
+    if resp.status_code != 200:
+        raise WarmupError(f"warmup request: HTTP {resp.status_code}: {resp.text[:200]!r}")
+    try:
+        ok = bool(resp.json()["choices"])
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise WarmupError(f"warmup request: answer without choices: {resp.text[:200]!r}")
+
+
+def _warm_one(job: _Job, devices: tuple[int, ...], run: _Run) -> WarmupResult:
+    """Launch, request, stop; never raises (a failure is a result)."""
+    job.started = time.monotonic()
+    server = None
+    try:
+        env = {**caches.engine_cache_env(run.backend.name, run.root), **dict(run.profile.env),
+               **_device_env(run.vendor, devices)}
+        server = run.server_factory(run.backend, job.model_ref, tp=job.spec.tp, args=job.args, env=env,
+                                    log_dir=run.log_dir, launch_timeout_s=run.launch_timeout_s,
+                                    devices=devices, key=job.spec.label)
+        with run.lock:
+            run.live[id(job)] = server
+        job.enter("launching", f" on GPUs {list(devices)}" if devices else "")
+        watch = CrashWatch(server).start()
+        try:
+            try:
+                server.start()
+                job.enter("requesting")
+                _request(server, run.request_timeout_s)
+            finally:
+                watch.stop()  # before the stop: shutdown tracebacks are not crashes
+                job.enter("stopping")
+                server.stop()
+        except Exception as exc:
+            if watch.fired:
+                raise WarmupError(f"crash signature ({watch.fired[0]}) in the server log: {watch.fired[1]}") from exc
+            raise
+        if watch.fired:
+            raise WarmupError(f"crash signature ({watch.fired[0]}) in the server log: {watch.fired[1]}")
+        seconds = time.monotonic() - job.started
+        write_marker(job.marker, {
+            "format": MARKER_FORMAT, "key": job.key, "components": job.components,
+            "spec": {"backend": job.spec.backend, "model": job.spec.model, "tp": job.spec.tp,
+                     "args": list(job.spec.args), "tests": list(job.spec.tests)},
+            "seconds": round(seconds, 2), "host": platform.node(), "log": str(server.log_path),
+            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        job.enter("done", f", marker {job.marker}")
+        return WarmupResult(job.spec, "cold", seconds, job.marker, None, server.log_path, devices)
+    except Exception as exc:
+        # ServerError carries a one-line cause (its str() appends the tail,
+        # which Server has already logged on every path).
+        cause = getattr(exc, "cause", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        log.error("warmup %s %s FAILED: %s", job.number, job.spec.label, cause)
+        return WarmupResult(job.spec, "failed", time.monotonic() - job.started, job.marker, cause,
+                            server.log_path if server is not None else None, devices)
+    finally:
+        with run.lock:
+            run.live.pop(id(job), None)
+
+
+def _report_progress(jobs: Sequence[_Job], done: threading.Event) -> None:
+    while not done.wait(PROGRESS_INTERVAL_S):
+        for job in jobs:
+            if job.phase not in ("queued", "done") and job.started:
+                log.info("warmup %s %s: still %s, %.0f s elapsed", job.number, job.spec.label, job.phase,
+                         time.monotonic() - job.started)
+
+
+def _execute(jobs: list[_Job], run: _Run, visible: Sequence[int]) -> list[WarmupResult]:
+    """Run cold jobs: disjoint GPU sets at once on GPU runners, one at a time on CPU."""
+    results: dict[int, WarmupResult] = {}
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(jobs, done), name="warmup-progress", daemon=True)
+    reporter.start()
+    try:
+        if run.vendor == "cpu":
+            for job in jobs:
+                results[id(job)] = _warm_one(job, (), run)
+        else:
+            _schedule(jobs, run, visible, results)
+    except BaseException:
+        # Cancelled (Ctrl-C, CI's SIGTERM turned KeyboardInterrupt): end every
+        # live tree now so worker threads fail fast and nothing is left behind.
+        with run.lock:
+            live = list(run.live.values())
+        for server in live:
+            with contextlib.suppress(Exception):
+                server.terminate()
+        raise
+    finally:
+        done.set()
+        reporter.join()
+    return [results[id(j)] for j in jobs]
+
+
+def _schedule(jobs: list[_Job], run: _Run, visible: Sequence[int], results: dict) -> None:
+    free = set(visible)
+    pending = list(jobs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(visible)),
+                                               thread_name_prefix="warmup") as pool:
+        running: dict[concurrent.futures.Future, tuple[_Job, tuple[int, ...]]] = {}
+        while pending or running:
+            for job in list(pending):
+                if job.spec.tp > len(visible):
+                    pending.remove(job)
+                    cause = f"needs {job.spec.tp} GPU(s); {len(visible)} visible"
+                    log.error("warmup %s %s FAILED: %s", job.number, job.spec.label, cause)
+                    results[id(job)] = WarmupResult(job.spec, "failed", 0.0, job.marker, cause)
+                    continue
+                devices = alloc.choose(free, job.spec.tp)
+                if devices is not None:
+                    pending.remove(job)
+                    free -= set(devices)
+                    running[pool.submit(_warm_one, job, devices, run)] = (job, devices)
+            if not running:
+                if pending:  # cannot happen: with nothing running every visible GPU is free
+                    raise RuntimeError(f"warmup scheduler stuck with {len(pending)} spec(s) pending")
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in finished:
+                job, devices = running.pop(fut)
+                free |= set(devices)
+                results[id(job)] = fut.result()
+
+
+def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend: BackendSpec | str | None = None,
+               root: Path | None = None, cold: bool = False, strict: bool = False, log_dir: Path | None = None,
+               launch_timeout_s: float | None = None, request_timeout_s: float = REQUEST_TIMEOUT_S,
+               server_factory: Callable[..., Server] = Server, discovery=None,
+               hardware: dict[str, str] | None = None) -> list[WarmupResult]:
+    """Warm every spec whose marker is missing or stale; return one result per spec, in order.
+
+    ``cold`` clears kiln's caches (and so the markers) of the specs' engine
+    first. ``strict`` raises WarmupFailed after all specs ran if any failed.
+    ``server_factory``, ``discovery`` and ``hardware`` are injection points.
+    """
+    backend = get_backend(backend or profile.backend) if not isinstance(backend, BackendSpec) else backend
+    specs = [dataclasses.replace(s, backend=backend.name) for s in specs]
+    if not specs:
+        log.warning("warmup: the e2e tests declare no server; nothing to warm")
+        if strict:
+            raise WarmupFailed("nothing to warm: no e2e test declares a server", [])
+        return []
+    if cold:
+        removed = caches.clear(root, specs)
+        log.info("warmup --cold: cleared %s", ", ".join(map(str, removed)) or "nothing (caches were empty)")
+    vendor = profile.vendor
+    visible: Sequence[int] = ()
+    if vendor != "cpu":
+        if discovery is None:
+            from ci import gpu  # noqa: PLC0415
+            discovery = gpu.discover()
+        visible = discovery.visible
+    if hardware is None:
+        hardware = warmup_key.hardware_facts(vendor, discovery=discovery)
+    distributions = tuple(dict.fromkeys((*backend.distributions, *warmup_key.VERSIONED_DISTRIBUTIONS)))
+    software = warmup_key.probe(warmup_key.engine_python(backend.command("probe", 1)), distributions)
+    launch_env = {**dict(backend.env), **dict(profile.env)}
+    results: dict[int, WarmupResult] = {}
+    jobs: list[_Job] = []
+    for n, spec in enumerate(specs, 1):
+        t0 = time.monotonic()
+        model_ref, args = launch_args(profile, spec)
+        parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=args,
+                                      launch_env=launch_env, engine_distributions=backend.distributions,
+                                      software=software, hardware=hardware)
+        job = _Job(spec, model_ref, args, parts, warmup_key.key_of(parts), marker_path(root, spec),
+                   number=f"[{n}/{len(specs)}]")
+        if read_marker(job.marker, job.key, parts) is not None:
+            log.info("warmup %s %s: warm (marker %s)", job.number, spec.label, job.marker)
+            results[n] = WarmupResult(spec, "warm", time.monotonic() - t0, job.marker)
+        else:
+            jobs.append(job)
+            results[n] = None  # filled below
+    run = _Run(backend, profile, root, log_dir or REPO / "reports" / "logs" / "warmup",
+               launch_timeout_s or profile.launch_timeout_s, request_timeout_s, server_factory, vendor)
+    ran = iter(_execute(jobs, run, visible)) if jobs else iter(())
+    ordered = [results[n] or next(ran) for n in range(1, len(specs) + 1)]
+    failed = [r for r in ordered if r.state == "failed"]
+    if failed and strict:
+        raise WarmupFailed(f"{len(failed)} of {len(ordered)} warmup(s) failed; first: "
+                           f"{failed[0].spec.label}: {failed[0].error}", ordered)
+    return ordered
+
+
+def warmup(profile: str | runners.Profile, *, models: Sequence[str] = (), tests: str | Path = "tests/e2e",
+           **kwargs) -> list[WarmupResult]:
+    """Collect the specs the e2e tests declare for ``profile``, keep ``models``, and warm them."""
+    prof = runners.get_profile(profile) if isinstance(profile, str) else profile
+    specs = select(collect_specs(prof.name, tests), models)
+    return run_warmup(specs, profile=prof, **kwargs)
+
+
+def format_table(results: Sequence[WarmupResult]) -> str:
+    """The table ``invoke warmup`` prints: spec, cold/warm, seconds, marker; then each failure's cause."""
+    rows = [("spec", "state", "seconds", "marker")]
+    rows += [(r.spec.label, r.state.upper() if r.state == "failed" else r.state, f"{r.seconds:.1f}", str(r.marker))
+             for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    lines += [f"FAILED {r.spec.label}: {r.error}" + (f" (log: {r.log_path})" if r.log_path else "")
+              for r in results if r.state == "failed"]
+    return "\n".join(lines)
