@@ -15,14 +15,14 @@ import json
 import logging
 import os
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ci.junit import ERROR, FAILED, PASSED, SKIPPED, XFAILED, CaseResult, JUnitError, RunResult, read_junit
-from ci.redact import (MAX_SECTION_LINES, Redactor, Tail, code_span, fence, html_text, is_secret_name,
-                       read_log_tail, sanitize, sanitize_lines)
+from ci.redact import (MAX_SECTION_LINES, Redactor, Tail, code_span, fence, html_text, read_log_tail,
+                       sanitize, sanitize_lines)
+from ci.repro import WARMUP_HINT, repro_command
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,8 @@ MAX_CAUSE_CHARS = 300
 MAX_SKIP_IDS = 20
 MAX_SKIP_GROUPS = 30
 MAX_TIMELINE_SERVERS = 40
-# Variables a pasted repro may carry: device visibility and kiln's own knobs.
-ENV_ALLOWLIST = frozenset({"CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"})
-ENV_KNOB_PREFIX = "KILN_"
-# Set by the harness itself for each run, so a repro must not pin them.
-ENV_NOT_REPRO = frozenset({"KILN_SESSION", "KILN_SECRET_VARS"})
 SERVER_PROPERTY = "kiln_server"
 ENGINE_PROPERTY = "kiln_engine_version"
-WARMUP_HINT = "invoke warmup --cold &&"
 
 _KNOWN_ISSUE = re.compile(r"known[ _-]?issue|non-?determinis|flaky", re.I)
 _CAPACITY = re.compile(r"\bGPUs?\b|\bcapacity\b|\bavailable\b|\bdevices?\b", re.I)
@@ -107,31 +101,6 @@ def load_servers(path: str | Path) -> tuple[tuple[ServerInfo, ...], str | None]:
             error=item.get("error") if isinstance(item.get("error"), str) else None,
             warm_dependent=bool(item.get("warm_dependent"))))
     return tuple(records), None
-
-
-def shell_quote(arg: str) -> str:
-    """Single-quote ``arg`` for POSIX shells (always, so every repro reads alike)."""
-    return "'" + arg.replace("'", "'\"'\"'") + "'"
-
-
-def env_prefix(env: Mapping[str, str], redactor: Redactor) -> str:
-    """``NAME=value`` pairs a repro needs: allowlisted, not secret, values quoted."""
-    pairs = []
-    for name in sorted(env):
-        value = env[name]
-        wanted = name in ENV_ALLOWLIST or (name.startswith(ENV_KNOB_PREFIX) and name not in ENV_NOT_REPRO)
-        if not wanted or is_secret_name(name) or redactor.redact(value) != value:
-            continue
-        pairs.append(f"{name}={shlex.quote(value)}")
-    return " ".join(pairs)
-
-
-def repro_command(session: str, nodeid: str, env: Mapping[str, str] | None = None,
-                  redactor: Redactor | None = None) -> str:
-    """The shell command that reruns exactly ``nodeid`` in nox session ``session``."""
-    prefix = env_prefix(env or {}, redactor or Redactor())
-    command = f"nox -s {shlex.quote(session)} -- {shell_quote(nodeid)}"
-    return f"{prefix} {command}" if prefix else command
 
 
 def one_line_cause(case: CaseResult, redactor: Redactor) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import junit, report
+from ci import junit, repro, report
 from ci.redact import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
@@ -154,6 +155,8 @@ HOSTILE_LOG = (f"INFO loading weights\nDEBUG env HF_TOKEN={SECRET}\n"
 
 def test_launch_failure_hostile_log_and_token(tmp_path, monkeypatch):
     servers = _write_servers(tmp_path, "e2e-h100-2", [_server_record(tmp_path, HOSTILE_LOG)])
+    for name in [n for n in os.environ if n.startswith("KILN_") or n.endswith("_VISIBLE_DEVICES")]:
+        monkeypatch.delenv(name)  # the exact repro below must not pick up this machine's knobs
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     md = report.build_report(FIXTURES / "launch_failure.xml", "e2e-h100-2", servers_path=servers)
@@ -303,7 +306,7 @@ def test_env_prefix_allowlist_and_secrets():
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "HIP_VISIBLE_DEVICES": "2", "KILN_WARMUP_DIR": "/cache dir",
            "KILN_API_TOKEN": "tok-" + "x" * 30, "KILN_REGISTRY": "https://bot:p4ssw0rd99@mirror.local",
            "KILN_SESSION": "e2e-h100-4", "HOME": "/root", "HF_TOKEN": SECRET, "KILN_NOTE": SECRET}
-    command = report.repro_command("e2e-h100-4", "tests/e2e/t.py::test_a[x y]", env, Redactor.from_env(env))
+    command = repro.repro_command("e2e-h100-4", "tests/e2e/t.py::test_a[x y]", env, Redactor.from_env(env))
     assert command == ("CUDA_VISIBLE_DEVICES=0,1 HIP_VISIBLE_DEVICES=2 KILN_WARMUP_DIR='/cache dir' "
                        "nox -s e2e-h100-4 -- 'tests/e2e/t.py::test_a[x y]'")
 
@@ -311,7 +314,7 @@ def test_env_prefix_allowlist_and_secrets():
 def test_shell_quote_round_trips_through_shlex():
     import shlex
     for arg in ["a b", "it's", "$(rm -rf ~)", "`x`", "[1]", "\"q\"", "back\\slash", "new\nline"]:
-        assert shlex.split(report.shell_quote(arg)) == [arg]
+        assert shlex.split(repro.shell_quote(arg)) == [arg]
 
 
 @pytest.mark.parametrize("classname,name,file,expected", [
