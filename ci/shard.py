@@ -22,9 +22,9 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
-from ci.junit import SKIPPED, XFAILED, JUnitError, read_junit
+from ci.junit import SKIPPED, XFAILED, CaseResult, JUnitError, read_junit
 
 log = logging.getLogger(__name__)
 
@@ -97,37 +97,32 @@ def split_shard_arg(posargs: Sequence[str]) -> tuple[Shard | None, list[str]]:
     return shard, rest
 
 
+def _history(paths: Iterable[str | Path], root: Path | None) -> Iterator[CaseResult]:
+    # History is a hint, not an input the run depends on: a missing or broken
+    # file is a warning, never a failed session.
+    for path in paths:
+        try:
+            yield from read_junit(path, root).cases
+        except JUnitError as exc:
+            log.warning("ignoring shard history: %s", exc)
+
+
 def estimates_from_junit(paths: Iterable[str | Path], root: Path | None = None) -> dict[str, float]:
     """Mean duration per node id over the JUnit files at ``paths``.
 
     Skipped and xfailed cases are left out: their near-zero time says nothing
-    about a run where they execute. Missing or broken files are skipped with a
-    warning, since history is a hint, not an input the run depends on.
+    about a run where they execute.
     """
     seen: dict[str, list[float]] = defaultdict(list)
-    for path in paths:
-        try:
-            run = read_junit(path, root)
-        except JUnitError as exc:
-            log.warning("no estimates from %s", exc)
-            continue
-        for case in run.cases:
-            if case.outcome not in (SKIPPED, XFAILED):
-                seen[case.nodeid].append(case.duration)
+    for case in _history(paths, root):
+        if case.outcome not in (SKIPPED, XFAILED):
+            seen[case.nodeid].append(case.duration)
     return {nodeid: sum(ts) / len(ts) for nodeid, ts in seen.items()}
 
 
 def groups_from_junit(paths: Iterable[str | Path], root: Path | None = None) -> dict[str, str]:
     """Node id -> server key, from the ``kiln_server`` property of earlier runs."""
-    groups: dict[str, str] = {}
-    for path in paths:
-        try:
-            run = read_junit(path, root)
-        except JUnitError as exc:
-            log.warning("no server groups from %s", exc)
-            continue
-        groups.update((c.nodeid, c.prop(SERVER_PROPERTY)) for c in run.cases if c.prop(SERVER_PROPERTY))
-    return groups
+    return {c.nodeid: c.prop(SERVER_PROPERTY) for c in _history(paths, root) if c.prop(SERVER_PROPERTY)}
 
 
 def groups_from_keys(path: str | Path) -> dict[str, str]:
