@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ci import alloc
 from ci.server import Server, ServerError, stop_many
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class _Entry:
     last_used: float = field(default_factory=time.monotonic)
 
 
-Factory = Callable[[ServerKey], Server]
+# Builds (does not start) the server for a key on the given physical devices.
+Factory = Callable[[ServerKey, tuple[int, ...]], Server]
 
 
 class ServerPool:
@@ -52,14 +54,20 @@ class ServerPool:
 
     ``max_live`` bounds how many servers run at once (CPU runners have RAM for
     a few tiny engines, not one per key); when full, the least recently used
-    idle server is stopped first.
+    idle server is stopped first. With ``gpus`` (physical indices visible to
+    this run) each server gets a disjoint set of ``key.tp`` devices, placed
+    by ci.alloc (NVLink/NUMA-aware); when short, idle servers are evicted
+    least recently used first.
     """
 
-    def __init__(self, factory: Factory, *, max_live: int = 2):
+    def __init__(self, factory: Factory, *, max_live: int = 2, gpus: Sequence[int] = (),
+                 topology: alloc.Topology | None = None):
         if max_live < 1:
             raise ValueError(f"max_live must be >= 1, got {max_live}")
         self._factory = factory
         self._max_live = max_live
+        self._gpus = tuple(gpus)
+        self._topology = topology
         self._live: dict[ServerKey, _Entry] = {}
         self._failed: dict[ServerKey, ServerError] = {}
         self._retired: list[Server] = []
@@ -82,7 +90,7 @@ class ServerPool:
                 entry = None
             if entry is None:
                 self._make_room()
-                server = self._factory(key)
+                server = self._factory(key, self._place(key))
                 self.launches += 1
                 try:
                     server.start()
@@ -110,6 +118,22 @@ class ServerPool:
                         server.record.tests.append(nodeid)
                     return
         log.warning("release of a server the pool does not hold: %s", server.key)
+
+    def _place(self, key: ServerKey) -> tuple[int, ...]:
+        """Devices for a new server of ``key``; evicts idle servers when short."""
+        if not self._gpus:
+            return ()
+        taken = {d for e in self._live.values() for d in e.server.devices}
+        idle = [alloc.IdleServer(k, e.server.devices, e.last_used)
+                for k, e in self._live.items() if not e.busy]
+        try:
+            plan = alloc.plan(set(self._gpus) - taken, key.tp, idle=idle, topology=self._topology)
+        except alloc.NoCapacity as exc:
+            raise PoolError(f"cannot place {key}: {exc}") from None
+        for victim in plan.evict:
+            log.info("evicting idle %s to free GPUs for %s", victim, key)
+            self._retire(victim)
+        return plan.devices
 
     def _make_room(self) -> None:
         while len(self._live) >= self._max_live:

@@ -182,6 +182,14 @@ class ProcessTree:
         while True:
             self._reap_root()
             left = self.members()
+            # An exiting process's environ can no longer be read, so the tag
+            # scan drops it early; the root is also waited for by pid, or
+            # stop() returns while it still holds device memory.
+            if self.popen.returncode is None and all(p.pid != self.pid for p in left):
+                try:
+                    left.append(psutil.Process(self.pid))
+                except psutil.NoSuchProcess:
+                    pass
             if not left or time.monotonic() >= deadline:
                 return left
             # Waiting on known members is cheap; rescanning catches late forks.
@@ -191,13 +199,3 @@ class ProcessTree:
         # The root is our child: until it is reaped it is a zombie that still
         # holds its pid, so poll() (which reaps) runs on every pass.
         self.popen.poll()
-
-
-def wait_exit(tree: ProcessTree, deadline: float) -> int | None:
-    """Poll the root until it exits or ``deadline`` (monotonic) passes."""
-    while time.monotonic() < deadline:
-        code = tree.poll()
-        if code is not None:
-            return code
-        time.sleep(POLL_INTERVAL_S)
-    return tree.poll()

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ci import runners
+from ci import alloc, gpu, gpu_smi, gpumem, runners
 from ci.backends import get_backend
+from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
 from ci.server import Server
 
@@ -34,6 +35,7 @@ REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
 LOCAL_MODELS = ("tiny-llama",)
 _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
+_DISCOVERY = pytest.StashKey[gpu.Discovery]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,20 +73,98 @@ def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     return name, ()
 
 
-def _factory(config: pytest.Config):
+def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     profile = profile_of(config)
     backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
     log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
 
-    def make(key: ServerKey) -> Server:
+    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
         model, naming = resolve_model(key.model)
         return Server(
             backend, model, tp=key.tp, args=(*profile.server_args, *naming, *key.args),
             env=dict(profile.env), log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
-            key=str(key),
+            key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
         )
 
     return make
+
+
+def _discovery(config: pytest.Config) -> gpu.Discovery | None:
+    """GPU discovery for this run, once; None on CPU profiles (no GPU is used there)."""
+    if profile_of(config).vendor == "cpu":
+        return None
+    found = config.stash.get(_DISCOVERY, None)
+    if found is None:
+        try:
+            found = gpu.discover()
+        except gpu.GpuDiscoveryError as exc:
+            # Never "0 GPUs, everything skipped, green": a broken tool is an error.
+            raise pytest.UsageError(f"kiln: GPU discovery failed: {exc}") from None
+        config.stash[_DISCOVERY] = found
+    return found
+
+
+def gpu_need(item: pytest.Item, key: ServerKey) -> int:
+    """GPUs a test needs: its model's tp, or more when ``@pytest.mark.gpus(n)`` says so."""
+    marker = item.get_closest_marker("gpus")
+    n = marker.args[0] if marker and marker.args else 0
+    if not isinstance(n, int) or n < 0:
+        raise pytest.UsageError(f"{item.nodeid}: gpus marker needs a non-negative int, got {n!r}")
+    return max(n, key.tp)
+
+
+def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available: int) -> str | None:
+    """Why ``item`` cannot run on this machine, or None when it fits."""
+    key = server_key(item, profile)
+    need = gpu_need(item, key)
+    if profile.vendor == "cpu":
+        marker = item.get_closest_marker("gpus")
+        if marker and marker.args and marker.args[0] > 0:
+            return f"capacity: needs {marker.args[0]} GPU(s); the cpu profile has none"
+        if key.tp > 1:
+            return f"capacity: {key.model} tp={key.tp} needs {key.tp} GPUs; the cpu profile serves tp=1"
+        return None
+    if need > available:
+        return (f"capacity: {key.model} tp={key.tp} needs {need} GPU(s), "
+                f"{available} available on this runner")
+    return None
+
+
+def _wants_engine(item: pytest.Item) -> bool:
+    return "server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("gpus") is not None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    e2e = [item for item in items if _wants_engine(item)]
+    if not e2e:
+        return
+    profile = profile_of(config)
+    found = _discovery(config)
+    available = len(found.visible) if found else 0
+    skipped = 0
+    for item in e2e:
+        reason = capacity_skip_reason(item, profile, available)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            skipped += 1
+    if skipped == len(e2e):
+        # sglang #24222: a 0-GPU runner skipped everything and went green.
+        raise pytest.UsageError(
+            f"kiln: all {len(e2e)} e2e tests were skipped for capacity on profile {profile.name} "
+            f"({available} GPU(s) available) — this run would test nothing. "
+            f"First reason: {capacity_skip_reason(e2e[0], profile, available)}")
+
+
+def _topology(found: gpu.Discovery) -> alloc.Topology | None:
+    """NVLink/NUMA layout from ``nvidia-smi topo -m``; None (consecutive devices) when unknown."""
+    if found.vendor != "nvidia" or len(found.visible) < 2:
+        return None
+    try:
+        return alloc.parse_topo(gpu_smi.run_tool(["nvidia-smi", "topo", "-m"]))
+    except (gpu_smi.SmiError, ValueError, OSError) as exc:
+        log.warning("no GPU topology (%s): tp>1 servers get consecutive devices", exc)
+        return None
 
 
 def _on_sigterm(signum, frame):
@@ -100,7 +180,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     profile = profile_of(session.config)
     keys: dict[str, dict] = {}
     for item in session.items:
-        if "server" in getattr(item, "fixturenames", ()):
+        if "server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("skip"):
             key = server_key(item, profile)
             keys.setdefault(str(key), {"model": key.model, "tp": key.tp, "args": list(key.args),
                                        "tests": []})["tests"].append(item.nodeid)
@@ -111,7 +191,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     profile = profile_of(config)
-    config.stash[_POOL_KEY] = ServerPool(_factory(config), max_live=profile.max_live_servers)
+    found = _discovery(config)
+    memory, topology, visible = None, None, ()
+    if found is not None:
+        telemetry = telemetry_for(found)
+        memory = gpumem.DeviceMemoryGuard(telemetry, gpumem.ReleaseLedger(gpumem.ledger_dir()))
+        topology = _topology(found)
+        visible = found.visible
+    config.stash[_POOL_KEY] = ServerPool(_factory(config, memory), max_live=profile.max_live_servers,
+                                         gpus=visible, topology=topology)
     try:
         config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (embedded runs): leave signals alone

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 
 import requests
 
-from ci import ports, procs
+from ci import gpu, ports, procs
 from ci.backends import BackendSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class MemoryGuard(Protocol):
 
     def before_launch(self, devices: Sequence[int]) -> None: ...
 
-    def wait_released(self, devices: Sequence[int]) -> None: ...
+    def wait_released(self, devices: Sequence[int], owner: str = "") -> object: ...
 
 
 def read_tail(path: Path, lines: int = DEFAULT_TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
@@ -127,6 +127,7 @@ class Server:
         log_dir: Path,
         launch_timeout_s: float = DEFAULT_LAUNCH_TIMEOUT_S,
         devices: Sequence[int] = (),
+        vendor: str | None = None,
         memory: MemoryGuard | None = None,
         key: str | None = None,
         tail_lines: int = DEFAULT_TAIL_LINES,
@@ -143,6 +144,7 @@ class Server:
         self.requested_port = port
         self.launch_timeout_s = launch_timeout_s
         self.devices = tuple(devices)
+        self.vendor = vendor
         self.memory = memory
         self.key = key or f"{model}|tp={tp}|{shlex.join(self.args)}"
         self.tail_lines = tail_lines
@@ -213,6 +215,10 @@ class Server:
         env = dict(os.environ)
         env.update(dict(self.backend.env))
         env.update(self.extra_env)
+        if self.vendor in ("nvidia", "amd"):
+            # Applied last, to the merged env: an inherited HIP/ROCR/CUDA
+            # variable must not widen the set the pool allocated.
+            env = gpu.child_env(env, self.vendor, self.devices)
         self.record.launched = time.time()
         self.tree = procs.ProcessTree.spawn(self.command, log_path=self.log_path, env=env)
         log.info("launched %s (pid %d, port %d): %s", self.key, self.tree.pid, self.port,
@@ -306,7 +312,7 @@ class Server:
             return
         self._finished = True
         if self.memory is not None and self.devices and self.tree is not None:
-            self.memory.wait_released(self.devices)
+            self.memory.wait_released(self.devices, owner=self.key)
         self.record.memory_free = time.time()
 
     def stop(self) -> None:

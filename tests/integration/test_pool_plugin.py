@@ -33,7 +33,7 @@ def _fault_backend(mode: str = "ok") -> str:
 
 
 def _pool(tmp_path: Path, mode_of=lambda key: "ok", max_live: int = 2) -> ServerPool:
-    def make(key: ServerKey) -> Server:
+    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
         backend = generic(_fault_backend(mode_of(key))[len("generic:"):])
         return Server(backend, key.model, args=key.args, log_dir=tmp_path, launch_timeout_s=5,
                       grace_s=1, key=str(key))
@@ -173,3 +173,45 @@ def test_sigterm_mid_test_still_stops_every_server(tmp_path):
     out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
     assert child.returncode != 0
     assert all(procs.tagged(t) == [] for t in tags), out
+
+
+CAPACITY_FILE = textwrap.dedent('''
+    import pytest
+
+    @pytest.mark.model("fake", tp=2)
+    def test_needs_two(server):
+        pass
+
+    @pytest.mark.gpus(1)
+    def test_needs_a_gpu():
+        pass
+
+    def test_plain(server):
+        pass
+''')
+
+
+def _run_capacity(tmp_path: Path, profile: str) -> subprocess.CompletedProcess:
+    (tmp_path / "test_cap.py").write_text(CAPACITY_FILE)
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_cap.py"), "-p", "ci.pytest_plugin",
+            "-p", "no:cacheprovider", f"--rootdir={tmp_path}", f"--kiln-profile={profile}",
+            f"--kiln-backend={_fault_backend()}", f"--kiln-reports={tmp_path / 'reports'}", "-rs"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "-1"}
+    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT_S)
+
+
+def test_capacity_skips_carry_model_tp_needed_and_available(tmp_path):
+    out = _run_capacity(tmp_path, "cpu")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed, 2 skipped" in out.stdout
+    assert "capacity: fake tp=2 needs 2 GPUs; the cpu profile serves tp=1" in out.stdout
+    assert "capacity: needs 1 GPU(s); the cpu profile has none" in out.stdout
+
+
+def test_all_skipped_for_capacity_fails_loudly_instead_of_green(tmp_path):
+    # No GPU here (and CUDA_VISIBLE_DEVICES=-1): every test of a GPU profile skips.
+    out = _run_capacity(tmp_path, "h100-1")
+    assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
+    assert "all 3 e2e tests were skipped for capacity on profile h100-1" in out.stderr
+    assert "0 GPU(s) available" in out.stderr
