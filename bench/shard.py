@@ -65,7 +65,7 @@ def server_est(rng: random.Random) -> dict[str, float]:
     return server_suite(rng)[0]
 
 
-SUITES = {"api-200": api_suite, "heavy-tail": heavy_tail, "servers-240": server_est, "few-long": few_long}
+SUITES = (("api-200", api_suite), ("heavy-tail", heavy_tail), ("servers-240", server_est), ("few-long", few_long))
 
 
 def ratio(bins: list[list[str]], est: dict[str, float], n: int) -> float:
@@ -87,7 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     print(f"{'suite':<13} {'n':>2} {'tests':>5} {'total s':>8} {'LPT':>6} {'round-robin':>11}")
-    for name, make in SUITES.items():
+    for name, make in SUITES:
         est = make(random.Random(args.seed))
         ids = list(est)
         for n in SHARDS:

@@ -242,6 +242,8 @@ def parse_collected(output: str) -> list[str]:
 def select_for_session(session, targets: Sequence[str], shard: Shard, reports_dir: Path) -> list[str]:
     """Collect ``targets`` in a nox session and return pytest args running only ``shard``.
 
+    ``targets`` are the posargs (paths, node ids, options); the options are kept.
+
     The shard's node ids go to ``reports/shard-<session>-<i>of<n>.txt`` and
     pytest reads them with ``@file`` (pytest >= 8.2): no argv limit, no quoting.
     An empty shard (more shards than tests) skips the session, saying why.
@@ -268,4 +270,13 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     total = sum(estimates.get(t, fallback) for t in nodeids)
     session.log(f"shard {shard}: {len(chosen)} of {len(nodeids)} tests, ~{mine:.0f}s of ~{total:.0f}s "
                 f"({len(history)} earlier JUnit files for estimates)")
-    return [f"@{listing}"]
+    return [*pytest_options(targets), f"@{listing}"]
+
+
+def pytest_options(args: Sequence[str]) -> list[str]:
+    """``args`` without its test paths and node ids (they would re-add every test).
+
+    Options and their values stay (``-x``, ``-k chat``): re-applied to the
+    shard's own list they select the same tests again.
+    """
+    return [a for a in args if a.startswith("-") or not Path(a.split("::", 1)[0]).exists()]

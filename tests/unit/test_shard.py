@@ -171,11 +171,13 @@ class FakeSession:
 def test_select_for_session_writes_an_argsfile(tmp_path):
     ids = [f"tests/e2e/t.py::test_{i}[x y]" for i in range(6)]
     session = FakeSession("e2e-h100-4", ids)
-    args = shard.select_for_session(session, ["tests/e2e"], Shard(2, 3), tmp_path)
-    assert args == [f"@{tmp_path / 'shard-e2e-h100-4-2of3.txt'}"]
+    args = shard.select_for_session(session, ["tests/e2e", "-x", "-k", "chat or models"], Shard(2, 3), tmp_path)
+    # Paths would re-add every test; options (and their values) are kept.
+    assert args == ["-x", "-k", "chat or models", f"@{tmp_path / 'shard-e2e-h100-4-2of3.txt'}"]
     chosen = (tmp_path / "shard-e2e-h100-4-2of3.txt").read_text().splitlines()
     assert chosen == shard.select(ids, {}, Shard(2, 3), {ids[0]: "k", ids[1]: "k"})
     assert "--kiln-profile=h100-4" in session.calls[0] and "tests/e2e" in session.calls[0]
+    assert session.calls[0][-3:] == ("-x", "-k", "chat or models")
     assert "shard 2/3" in session.logs[0]
     with pytest.raises(RuntimeError, match="skipped: shard 3/3 has no tests"):
         shard.select_for_session(FakeSession("e2e-cpu", ids[:1]), ["tests/e2e"], Shard(3, 3), tmp_path)
