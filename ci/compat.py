@@ -190,7 +190,7 @@ class FlagProbe:
             proc = subprocess.run(self.help_argv, capture_output=True, text=True, env=env,
                                   timeout=self.timeout_s, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{self.engine} --help did not finish in {self.timeout_s:.0f} s") from None
+            raise RuntimeError(f"{self.engine} --help did not finish in {self.timeout_s:g} s") from None
         except OSError as exc:
             raise RuntimeError(f"cannot run {self.engine} --help: {exc}") from None
         flags = parse_help_flags(proc.stdout + "\n" + proc.stderr)

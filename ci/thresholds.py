@@ -159,9 +159,11 @@ _CPU = Thresholds(
         threshold=Bound(0.8, _CPU_WHY + ": scrapes share the two cores with the engine, "
                         "and the first/last scrape can straddle the request's start/end"),
         min_samples=Bound(5), mode="busy",
-        # ~900 tokens (the tiny model's 1024 context, clamped) last 2-20 s on 2
-        # cores; 0.1 s scrapes give 20+ samples without hogging a core.
-        long_max_tokens=900, interval_s=0.1),
+        # The tiny model decodes ~500 tok/s on an idle 2-core box, so the long
+        # request (2048 clamped to the context: ~1984 tokens) lasts ~4 s there and
+        # up to ~40 s on a loaded one; at 1984 tokens a 0.05 s interval still
+        # gives dozens of samples (900 tokens at 0.1 s once gave a single one).
+        long_max_tokens=2048, interval_s=0.05),
     accuracy_floors=MappingProxyType({
         _TINY: Bound(0.1, "random-weight tiny model: chance is 0.25, and 0.25 - 2.5 sd over 60 "
                           "items is ~0.11 (seed 0 measured 0.383 acc_norm); the floor catches "
