@@ -32,6 +32,7 @@ MAX_REPORT_CHARS = 60_000
 # When the report is too big, logs shrink step by step before any failure is
 # dropped: the repro commands matter more than the log lines.
 LOG_LINE_STEPS = (MAX_SECTION_LINES, 120, 40, 10, 0)
+# A cause is one line in a list; longer than this it is a log excerpt, which has its own section.
 MAX_CAUSE_CHARS = 300
 # Beyond these the lists stop being read; the counts still say how many.
 MAX_SKIP_IDS = 20

@@ -129,6 +129,18 @@ def test_all_skipped_is_not_green_and_groups_reasons():
     assert "- `tests/e2e/test_tp.py::test_tp4[a]`" in md
 
 
+@pytest.mark.parametrize("message,outcome,category", [
+    ("capacity: Qwen/Qwen2.5-0.5B-Instruct tp=1 needs 1 GPU(s), 0 available on this runner", "skipped", "capacity"),
+    ("capacity: needs 2 GPU(s); the cpu profile has none", "skipped", "capacity"),
+    ("known issue on mi300-8: kernel-level nondeterminism in top-k", "skipped", "known issue"),
+    ("needs a newer engine", "skipped", "other"),
+    ("sampler not implemented", "xfailed", "expected failure (xfail)"),
+])
+def test_skip_categories_match_the_plugins_reasons(message, outcome, category):
+    # The reasons as ci/pytest_plugin.py and ci/known_issues.py word them.
+    assert report.skip_category(junit.CaseResult("t.py::t", outcome, 0.0, message)) == category
+
+
 def _server_record(tmp_path: Path, log_text: str | bytes, **overrides) -> dict:
     log_file = tmp_path / "logs" / "qwen.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
