@@ -135,7 +135,8 @@ def parse_ref(image: str) -> ImageRef:
     first, sep, remainder = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
         registry, path = first, remainder
-        _check_host_port(registry, image, port_required=False)
+        if not _is_address(registry, port_required=False):
+            raise BadReference(f"bad registry address {registry!r} in image reference {image!r}")
     else:
         registry, path = "docker.io", name
         if "/" not in path:
@@ -147,11 +148,10 @@ def parse_ref(image: str) -> ImageRef:
     return ImageRef(registry, path, tag, digest or None)
 
 
-def _check_host_port(address: str, context: str, *, port_required: bool) -> None:
+def _is_address(address: str, *, port_required: bool) -> bool:
     match = _ADDRESS_RE.match(address)
     port = match.group("port") if match else None
-    if not match or (port_required and not port) or (port and not 1 <= int(port) <= 65535):
-        raise BadReference(f"bad registry address {address!r} in {context!r}: expected HOST:PORT")
+    return bool(match) and not (port_required and not port) and not (port and not 1 <= int(port) <= 65535)
 
 
 def mirrors_from_env(extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
@@ -163,7 +163,8 @@ def mirrors_from_env(extra: Sequence[str] = (), env: Mapping[str, str] | None = 
         item = item.strip()
         if not item:
             continue
-        _check_host_port(item, f"mirror {item}", port_required=True)
+        if not _is_address(item, port_required=True):
+            raise BadReference(f"bad mirror {item!r}: expected HOST:PORT")
         if item not in found:
             found.append(item)
     return found
@@ -276,7 +277,11 @@ def probe(address: str, policy: PullPolicy) -> _AttemptFailed | None:
     https). Refused or silent hosts are 'unreachable': not worth a retry.
     """
     try:
-        resp = requests.get(f"http://{address}/v2/", timeout=(policy.probe_connect_s, policy.probe_read_s),
+        with requests.Session() as http:
+            # Probe the mirror itself: through an HTTP_PROXY from the environment
+            # a dead mirror would look alive (the proxy answers for it).
+            http.trust_env = False
+            resp = http.get(f"http://{address}/v2/", timeout=(policy.probe_connect_s, policy.probe_read_s),
                             allow_redirects=False)
     except requests.ConnectionError as exc:
         if isinstance(exc, requests.ConnectTimeout):
@@ -338,7 +343,11 @@ def _finish(client: docker.DockerClient, ref: ImageRef, got: ImageRef) -> tuple[
         image = client.images.get(pulled)
         repo_digests = image.attrs.get("RepoDigests") or []
         if ref.digest:
-            check_digest(repo_digests, ref.digest)
+            try:
+                check_digest(repo_digests, ref.digest)
+            except DigestMismatch:
+                client.images.remove(image.id, force=True)  # never leave a wrong image behind
+                raise
         if ref.tag and (got.registry != ref.registry or ref.digest):
             image.tag(ref.repository, tag=ref.tag)
         if got.registry != ref.registry and ref.tag and not ref.digest:

@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def _terminate(proc: subprocess.Popen, name: str) -> None:
-    """SIGTERM our child (and its own process group), SIGKILL after STOP_GRACE_S."""
+    """SIGTERM our child, SIGKILL after STOP_GRACE_S; then any descendant it left behind."""
     if proc.poll() is not None:
         return
     try:

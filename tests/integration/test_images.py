@@ -6,14 +6,16 @@ and registry logs tell which registry actually served the manifest.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ci import images
-from tests.integration.docker_env import BlackHole, FlakyProxy, RefusedPort
+from ci import docker_client, images
+from tests.integration.docker_env import BlackHole, DockerDaemon, FlakyProxy, RefusedPort
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 
@@ -222,3 +224,19 @@ def test_credentials_are_never_sent_to_a_mirror(docker_env, docker_client, no_te
     assert proxy.requests, "mirror was not used"
     assert not proxy.auth_headers, f"mirror received Authorization headers: {proxy.auth_headers}"
 
+
+
+def test_daemon_that_dies_mid_run_is_one_clear_line(docker_env):
+    # A second private daemon, so the session's one keeps serving other tests.
+    root = Path(tempfile.mkdtemp(prefix="kiln-dk-"))  # short: unix socket paths max 108 bytes
+    daemon = DockerDaemon(root).start()
+    try:
+        client = docker_client.connect(daemon.base_url, timeout=5)
+        daemon.stop()
+        with pytest.raises(docker_client.DockerUnavailable) as err:
+            images.pull(docker_env.canonical, client=client, mirrors=[docker_env.mirror.address], policy=FAST)
+        assert "stopped answering" in str(err.value) and "\n" not in str(err.value)
+        client.close()
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)

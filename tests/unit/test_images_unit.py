@@ -158,6 +158,20 @@ def test_probe_refused_port_is_unreachable_at_once():
     assert time.monotonic() - t0 < 0.5
 
 
+def test_probe_ignores_proxy_settings(monkeypatch):
+    # Through a proxy a dead mirror looks alive (the proxy answers for it).
+    with socket.socket() as proxy, socket.socket() as dead:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(4)  # a proxy that never answers: if used, the probe would time out
+        dead.bind(("127.0.0.1", 0))
+        for var in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(var, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        failure = images.probe(f"127.0.0.1:{dead.getsockname()[1]}", FAST_PROBE)
+    assert failure.kind == "unreachable" and "refused" in str(failure)
+
+
 def test_probe_silent_server_is_cut_by_the_read_timeout():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
