@@ -19,7 +19,6 @@ import math
 import os
 import re
 import secrets
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path

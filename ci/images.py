@@ -18,10 +18,9 @@ import json
 import logging
 import os
 import random
-import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import docker
@@ -31,6 +30,8 @@ import requests
 import urllib3.exceptions
 
 from ci.docker_client import DockerError, unavailable_from
+# BadReference, ImageRef and parse_ref are part of this module's API too: callers need only ci.images.
+from ci.imageref import BadReference, ImageRef, is_address, parse_ref  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,9 @@ ATTEMPT_DEADLINE_S = 3600.0
 # Connecting to the local daemon socket is instant; longer means no daemon.
 DAEMON_CONNECT_TIMEOUT_S = 10.0
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
-_ADDRESS_RE = re.compile(r"^(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?$")
 _NOT_FOUND = ("manifest unknown", "not found", "does not exist", "name unknown")
 _AUTH = ("unauthorized", "authentication required", "no basic auth credentials",
          "401 unauthorized", "access to the resource is denied", "incorrect username or password")
-
-
-class BadReference(DockerError, ValueError):
-    """An image reference, mirror address or credential setting that cannot be used."""
 
 
 class PullError(DockerError):
@@ -92,68 +84,6 @@ class DigestMismatch(PullError):
     """The pulled image does not carry the digest the reference pinned."""
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    """A parsed image reference: ``registry/path[:tag][@digest]``."""
-
-    registry: str
-    path: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def repository(self) -> str:
-        return f"{self.registry}/{self.path}"
-
-    @property
-    def reference(self) -> str:
-        """What to ask the registry for: the digest when pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def on(self, registry: str) -> "ImageRef":
-        """The same repository path, tag and digest on another registry (a mirror)."""
-        return replace(self, registry=registry)
-
-    def __str__(self) -> str:
-        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
-
-
-def parse_ref(image: str) -> ImageRef:
-    """Parse an image reference the way docker does (``ubuntu`` -> ``docker.io/library/ubuntu:latest``)."""
-    text = image.strip()
-    if not text:
-        raise BadReference("empty image reference")
-    rest, _, digest = text.partition("@")
-    if digest and not _DIGEST_RE.match(digest):
-        raise BadReference(f"bad digest in image reference {image!r}: expected sha256:<64 hex>")
-    name, tag = rest, None
-    colon = rest.rfind(":")
-    if colon > rest.rfind("/"):
-        name, tag = rest[:colon], rest[colon + 1:]
-        if not _TAG_RE.match(tag):
-            raise BadReference(f"bad tag {tag!r} in image reference {image!r}")
-    first, sep, remainder = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        registry, path = first, remainder
-        if not _is_address(registry, port_required=False):
-            raise BadReference(f"bad registry address {registry!r} in image reference {image!r}")
-    else:
-        registry, path = "docker.io", name
-        if "/" not in path:
-            path = f"library/{path}"
-    if not _PATH_RE.match(path):
-        raise BadReference(f"bad repository name {path!r} in image reference {image!r} (lowercase, digits, . _ - /)")
-    if tag is None and not digest:
-        tag = "latest"
-    return ImageRef(registry, path, tag, digest or None)
-
-
-def _is_address(address: str, *, port_required: bool) -> bool:
-    match = _ADDRESS_RE.match(address)
-    port = match.group("port") if match else None
-    return bool(match) and not (port_required and not port) and not (port and not 1 <= int(port) <= 65535)
-
-
 def mirrors_from_env(extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
                      var: str = MIRRORS_ENV) -> list[str]:
     """Mirror addresses: explicit ones first, then ``$KILN_REGISTRY_MIRRORS`` (comma list); deduplicated."""
@@ -163,7 +93,7 @@ def mirrors_from_env(extra: Sequence[str] = (), env: Mapping[str, str] | None = 
         item = item.strip()
         if not item:
             continue
-        if not _is_address(item, port_required=True):
+        if not is_address(item, port_required=True):
             raise BadReference(f"bad mirror {item!r}: expected HOST:PORT")
         if item not in found:
             found.append(item)
