@@ -26,7 +26,8 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ _VLLM = (("VLLM_CACHE_ROOT", "vllm"),)
 # the same directory here.
 _SGLANG = (("SGLANG_CACHE_DIR", "sglang"), ("SGLANG_DG_CACHE_DIR", "deep_gemm"))
 
-ENGINE_CACHES: dict[str, tuple[tuple[str, str], ...]] = {
+ENGINE_CACHES: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
     "vllm": _COMMON + _VLLM + _FLASHINFER + _DEEPGEMM,
     "vllm-cpu": _COMMON + _VLLM,
     "sglang": _COMMON + _SGLANG + _DEEPGEMM + _FLASHINFER,
-}
+})
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 

@@ -245,7 +245,7 @@ def test_a(server): pass
 @pytest.mark.model("m1", args=["--max-num-seqs", "8"])
 def test_b(server): pass
 
-@pytest.mark.model("m2", tp=2)
+@pytest.mark.model("m2", args="--seed 2")
 def test_c(server): pass
 
 def test_default_model(server): pass
@@ -260,11 +260,13 @@ def test_specs_come_from_the_tests_own_declarations(tmp_path):
     (tmp_path / "e2e" / "test_decl.py").write_text(E2E_TESTS)
     specs = collect_specs("cpu", tmp_path / "e2e")
     assert [(s.model, s.tp, s.args) for s in specs] == [
-        ("m1", 1, ("--max-num-seqs", "8")), ("m2", 2, ()), (CPU.default_model, 1, ())]
+        ("m1", 1, ("--max-num-seqs", "8")), ("m2", 1, ("--seed", "2")), (CPU.default_model, 1, ())]
     assert len(specs[0].tests) == 2  # one spec, both tests
     assert select(specs, ["m2"]) == [specs[1]]
     with pytest.raises(WarmupError, match=r"--model nope: no e2e test declares it; declared: m1, m2, tiny-llama"):
         select(specs, ["nope"])
+    (tmp_path / "keys.json").write_text('[{"model": "m3", "tp": 4, "args": ["-x"], "tests": ["t::a"]}]')
+    assert load_specs(tmp_path / "keys.json") == [WarmupSpec("m3", 4, ("-x",))]
     (tmp_path / "bad.json").write_text('[{"model": 1}]')
     with pytest.raises(WarmupError, match="not a list of"):
         load_specs(tmp_path / "bad.json")
