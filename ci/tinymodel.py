@@ -1,0 +1,418 @@
+"""The tiny Llama-architecture model the CPU e2e profile serves.
+
+No model hub is reachable on CI, so kiln writes its own model: seeded random
+weights (safetensors), a Llama config, and a byte-level BPE tokenizer trained
+here on a corpus generated here, with a chat template. The result is a
+directory that ``transformers.AutoTokenizer`` and vLLM load like any hub model.
+
+The directory is built once per cache and reused: a manifest records a key
+(the hash of this file's source plus the seed, so any change to the generator
+rebuilds) and the sha256 of every file, so a torn or tampered build is rebuilt
+rather than served. Builds go to a temporary directory beside the target and
+are renamed into place under a file lock, so concurrent builders never see or
+leave half a model.
+
+numpy, safetensors and tokenizers are imported only when a build is needed
+(the e2e environment has them as vLLM dependencies); reuse needs none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import filelock
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "tiny-llama"
+MANIFEST_NAME = "kiln-manifest.json"
+# Bump when the manifest layout itself changes (the source hash covers the rest).
+MANIFEST_FORMAT = 1
+# A build takes about a second; a holder stuck this long is hung, and waiting
+# on it forever would turn one wedged job into a hung CI run.
+LOCK_TIMEOUT_S = 300.0
+# Chunk size for hashing files; the weights are a few MB.
+_HASH_CHUNK = 1 << 20
+
+# --- model shape ---------------------------------------------------------------
+# head_dim 64: vLLM's CPU attention accepts {32, 64, 80, ...} and rejects 16.
+# 2 query heads sharing 1 KV head exercises grouped-query attention like real
+# Llamas do. Untied lm_head: tied to random embeddings, the input token's own
+# logit (|e|^2) wins and greedy decoding repeats the last prompt token forever
+# (" is is is ..."), whatever attention computes: a KV-cache bug would go unseen.
+HIDDEN_SIZE = 128
+INTERMEDIATE_SIZE = 384
+NUM_LAYERS = 2
+NUM_HEADS = 2
+NUM_KV_HEADS = 1
+HEAD_DIM = 64
+VOCAB_SIZE = 4096
+MAX_POSITION_EMBEDDINGS = 2048
+RMS_NORM_EPS = 1e-5
+ROPE_THETA = 10000.0
+# Weights are stored as float32: numpy has no bfloat16, and vLLM's `--dtype
+# auto` downcasts float32 checkpoints to the platform's preferred dtype
+# (bfloat16 on x86 CPUs) at load, so nothing is lost by not writing bf16.
+TORCH_DTYPE = "float32"
+
+# --- initialisation --------------------------------------------------------------
+# Projections use std 1/sqrt(fan_in) so attention and MLP outputs are as large
+# as the residual stream (the output depends on context, not just the last
+# token). Logits get a std of LOGIT_STD: peaked enough that greedy decoding is
+# not flipped by bf16 rounding differences between a batched and a single run,
+# flat enough that temperature-1 sampling still varies.
+EMBED_STD = 1.0
+LOGIT_STD = 6.0
+
+# --- tokenizer -------------------------------------------------------------------
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS)  # ids 0..5 in this order
+# Role markers around each turn; an unknown role is a request error (4xx), not
+# a silently mangled prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CORPUS_SENTENCES = 20000
+# Common English words (plus a few of kiln's own nouns) the corpus is made of.
+_WORDS = """
+the of and to in is it that for was on are with as be at by this have from or one had not but what
+all were when we there can an your which their said if do will each about how up out them then she
+many some so these would other into has more her two like him see time could no make than first
+been its who now people my made over did down only way find use may water long little very after
+words called just where most know get through back much go good new write our me man too any day
+same right look think also around another came come work three word must because does part even
+place well such here take why things help put years different away again off went old number great
+tell men say small every found still capital france paris hello server model token request engine
+test kernel memory cache batch stream metric latency queue worker thread process port health ready
+start stop build image runner
+""".split()
+_LCG_MUL = 6364136223846793005  # Knuth's MMIX LCG: stable on every platform and
+_LCG_INC = 1442695040888963407  # Python version, unlike random.Random's helpers.
+
+
+def default_cache_dir() -> Path:
+    """``$KILN_CACHE_DIR``, else ``<repo>/.kiln/cache`` (gitignored)."""
+    env = os.environ.get("KILN_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".kiln" / "cache"
+
+
+def model_dir(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """Where :func:`ensure_tiny_model` puts the model for ``seed`` (nothing is built)."""
+    _check_seed(seed)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = MODEL_NAME if seed == 0 else f"{MODEL_NAME}-seed{seed}"
+    return root / "models" / name
+
+
+def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """Return the directory of the tiny model, building it first if needed.
+
+    ``cache_dir`` is kiln's cache root (default :func:`default_cache_dir`); the
+    model lives in ``<cache_dir>/models/tiny-llama`` (``-seed<N>`` for other
+    seeds). A complete directory whose manifest matches this generator is
+    returned untouched; anything else is rebuilt atomically under a lock.
+    The same seed always yields byte-identical weights.
+    """
+    target = model_dir(cache_dir, seed=seed)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"kiln cache path {parent} is not a directory") from None
+    key = _generator_key(seed)
+    lock = filelock.FileLock(str(parent / f".{target.name}.lock"), timeout=LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            if _is_complete(target, key):
+                log.info("reusing tiny model at %s", target)
+                return target
+            _sweep_leftovers(parent, target.name)
+            log.info("building tiny model (seed %d) at %s", seed, target)
+            _build_atomically(target, key, seed)
+    except filelock.Timeout:
+        raise RuntimeError(
+            f"another builder held {lock.lock_file} for over {LOCK_TIMEOUT_S:.0f}s; "
+            "is a stale build process hung?") from None
+    return target
+
+
+def _check_seed(seed: int) -> None:
+    # numpy's RandomState takes seeds in [0, 2**32).
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def _generator_key(seed: int) -> str:
+    # Every parameter is a constant in this file, so hashing the source makes
+    # any change to the generator rebuild (a hand-bumped version gets forgotten).
+    # Library versions are left out on purpose: a new tokenizers release still
+    # reads the cached files, and rebuilding under a reader would pull the
+    # model out from under a running server.
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"\0seed={seed}\0format={MANIFEST_FORMAT}".encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_complete(target: Path, key: str) -> bool:
+    """True when ``target`` holds a finished build of this generator, every file intact."""
+    try:
+        manifest = json.loads((target / MANIFEST_NAME).read_text())
+        files = manifest["files"]
+        if manifest.get("key") != key or not files:
+            return False
+        for name, digest in files.items():
+            if _sha256(target / name) != digest:
+                log.warning("tiny model file %s does not match its manifest; rebuilding", name)
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # missing/torn manifest or file: a partial build
+    return True
+
+
+def _sweep_leftovers(parent: Path, name: str) -> None:
+    # Temp dirs of builders that died mid-build. Only lock holders create them
+    # and we hold the lock, so none of these is in use.
+    for stale in parent.glob(f".{name}.*-*"):
+        if stale.is_dir():
+            log.info("removing leftover %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build_atomically(target: Path, key: str, seed: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        files = _write_model(tmp, seed)
+        manifest = {"format": MANIFEST_FORMAT, "key": key, "seed": seed,
+                    "files": {n: _sha256(tmp / n) for n in sorted(files)}}
+        # The manifest is written last: its presence marks a finished build.
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        # mkdtemp makes 0700 and safetensors writes 0600; other users of a
+        # shared cache must be able to read the model.
+        tmp.chmod(0o755)
+        for name in files:
+            (tmp / name).chmod(0o644)
+        old = None
+        if target.exists() or target.is_symlink():
+            # A directory cannot be renamed over a non-empty one: move the torn
+            # or outdated build aside first, then drop it.
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_model(dest: Path, seed: int) -> list[str]:
+    """Write every model file into ``dest``; return their names."""
+    try:
+        import numpy as np
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise RuntimeError(
+            f"building the tiny model needs numpy and safetensors ({e.name} is missing); "
+            "pip install numpy safetensors tokenizers") from None
+    tok = _train_tokenizer()
+    vocab = tok.get_vocab_size()
+    if vocab != VOCAB_SIZE:
+        # The model's vocab must equal the tokenizer's: an id the tokenizer
+        # cannot decode would crash the engine's detokenizer mid-request.
+        raise RuntimeError(f"tokenizer training gave {vocab} tokens, expected {VOCAB_SIZE}")
+    tok.save(str(dest / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    _write_json(dest / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "model_max_length": MAX_POSITION_EMBEDDINGS,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    _write_json(dest / "special_tokens_map.json", {
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "additional_special_tokens": list(ROLE_TOKENS),
+    })
+    _write_json(dest / "config.json", _config(ids))
+    _write_json(dest / "generation_config.json", {
+        # No sampling fields on purpose: vLLM turns generation_config values
+        # into request defaults, and the kits must see the API's defaults.
+        "bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD],
+    })
+    silent = [i for i in range(vocab) if not _emittable(tok, i)]
+    tensors = _weights(np, seed, silent)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return ["config.json", "generation_config.json", "model.safetensors",
+            "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _config(ids: dict[str, int]) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": HIDDEN_SIZE,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "num_key_value_heads": NUM_KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "rms_norm_eps": RMS_NORM_EPS,
+        # transformers 5 reads rope_parameters and dtype; 4.x (older engine
+        # images) reads rope_theta and torch_dtype. Both spellings are written.
+        "rope_theta": ROPE_THETA,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "torch_dtype": TORCH_DTYPE,
+        "dtype": TORCH_DTYPE,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOS],
+        "pad_token_id": ids[PAD],
+    }
+
+
+def _emittable(tok, token_id: int) -> bool:
+    """Whether the model may generate this token: printable text only."""
+    if tok.id_to_token(token_id) in SPECIAL_TOKENS:
+        return False
+    text = tok.decode([token_id], skip_special_tokens=False)
+    # Lone bytes >= 0x80 decode to U+FFFD: a partial UTF-8 sequence that
+    # streams as empty deltas; control bytes make unreadable log lines.
+    return (bool(text) and "\ufffd" not in text
+            and all(c.isprintable() or c == "\n" for c in text))
+
+
+def _weights(np, seed: int, silent: Sequence[int]) -> dict:
+    # RandomState, not default_rng: its stream is frozen by numpy's
+    # compatibility policy, so a seed gives the same bytes on every numpy.
+    rng = np.random.RandomState(seed)
+
+    def normal(shape: tuple[int, ...], std: float):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def proj(out_f: int, in_f: int):
+        return normal((out_f, in_f), in_f ** -0.5)
+
+    ones = np.ones(HIDDEN_SIZE, dtype=np.float32)
+    t = {"model.embed_tokens.weight": normal((VOCAB_SIZE, HIDDEN_SIZE), EMBED_STD)}
+    for i in range(NUM_LAYERS):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = ones.copy()
+        t[p + "self_attn.q_proj.weight"] = proj(NUM_HEADS * HEAD_DIM, HIDDEN_SIZE)
+        t[p + "self_attn.k_proj.weight"] = proj(NUM_KV_HEADS * HEAD_DIM, HIDDEN_SIZE)
+        t[p + "self_attn.v_proj.weight"] = proj(NUM_KV_HEADS * HEAD_DIM, HIDDEN_SIZE)
+        t[p + "self_attn.o_proj.weight"] = proj(HIDDEN_SIZE, NUM_HEADS * HEAD_DIM)
+        t[p + "post_attention_layernorm.weight"] = ones.copy()
+        t[p + "mlp.gate_proj.weight"] = proj(INTERMEDIATE_SIZE, HIDDEN_SIZE)
+        t[p + "mlp.up_proj.weight"] = proj(INTERMEDIATE_SIZE, HIDDEN_SIZE)
+        t[p + "mlp.down_proj.weight"] = proj(HIDDEN_SIZE, INTERMEDIATE_SIZE)
+    t["model.norm.weight"] = ones.copy()
+    # The final norm makes each hidden component ~1, so a row std of
+    # LOGIT_STD/sqrt(hidden) gives logits of std LOGIT_STD.
+    head = normal((VOCAB_SIZE, HIDDEN_SIZE), LOGIT_STD / HIDDEN_SIZE ** 0.5)
+    # Zero rows give those tokens logit 0 while the top logit sits near
+    # +3.5 * LOGIT_STD: the model never emits EOS or role markers on its own
+    # (max_tokens alone decides lengths) nor byte fragments (text stays clean).
+    head[list(silent)] = 0.0
+    t["lm_head.weight"] = head
+    return t
+
+
+def _corpus() -> Iterator[str]:
+    """Deterministic English-like sentences with numbers: the tokenizer's training text."""
+    x = 0x6B696C6E  # "kiln"
+    for i in range(CORPUS_SENTENCES):
+        x = (x * _LCG_MUL + _LCG_INC) % 2**64
+        words = []
+        for _ in range(4 + (x >> 33) % 9):
+            x = (x * _LCG_MUL + _LCG_INC) % 2**64
+            r = x >> 33
+            if r % 11 == 0:
+                words.append(str(r % 10000))
+            else:
+                # Squaring a uniform skews towards the list's head: a rough
+                # Zipf, so frequent words become single tokens first.
+                u = (r % 100000) / 100000
+                words.append(_WORDS[int(u * u * len(_WORDS))])
+        s = " ".join(words)
+        yield s[0].upper() + s[1:] + ".?!,"[i % 4]
+
+
+def _train_tokenizer():
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    except ImportError:
+        raise RuntimeError("building the tiny model needs tokenizers; pip install tokenizers") from None
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        # All 256 bytes are in the vocab, so any input text encodes (no <unk>).
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer, length=CORPUS_SENTENCES)
+    # Llama-style: a plain encode starts with BOS; chat prompts get theirs from
+    # the template and are encoded without special tokens by the engine.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: build (or reuse) the tiny model and print its directory."""
+    parser = argparse.ArgumentParser(prog="python -m ci.tinymodel", description=main.__doc__)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="kiln cache root (default: $KILN_CACHE_DIR or <repo>/.kiln/cache)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = ensure_tiny_model(args.cache_dir, seed=args.seed)
+    except (ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    # Deliberate CLI output: the path alone on stdout, for `$(python -m ci.tinymodel)`.
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
