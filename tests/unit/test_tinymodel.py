@@ -176,7 +176,8 @@ def test_autotokenizer_loads_it(built):
     assert tok.decode(ids, skip_special_tokens=True) == "Hello, my name is kiln."
 
 
-def test_cli_prints_the_path(tmp_path, capsys):
+def test_cli_prints_the_path(built, tmp_path, capsys):
+    _copy(built, tmp_path)  # the CLI's job is the path; building is tested above
     assert tinymodel.main(["--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out == f"{tmp_path / 'models' / 'tiny-llama'}\n"
