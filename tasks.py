@@ -137,3 +137,14 @@ def stop(c, run_tag=None, timeout=None):
     except docker_client.DockerError as exc:
         raise Exit(f"stop: {exc}", code=1) from None
     print(f"stopped {len(names)} container(s) of run {tag}" + (f": {', '.join(names)}" if names else ""))
+
+
+@task(help={"cache_dir": "kiln cache root (default $KILN_CACHE_DIR or .kiln/cache)", "seed": "weight seed"})
+def tinymodel(c, cache_dir=None, seed=0):
+    """Build (or reuse) the tiny Llama model the cpu profile serves, and print its directory."""
+    from ci import tinymodel as tm
+
+    try:
+        print(tm.ensure_tiny_model(Path(cache_dir) if cache_dir else None, seed=int(seed)))
+    except ValueError as exc:
+        raise Exit(f"tinymodel: {exc}") from None
