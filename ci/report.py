@@ -196,8 +196,8 @@ def _failure_md(item: _Failure, cap: int, output: Tail, logs: Mapping[str, Tail]
              f"**Cause** ({item.case.outcome}): {code_span(item.cause)}"]
     srv = item.server
     if srv is not None:
-        gpus = ",".join(map(str, srv.devices)) or "none"
-        parts.append(f"**Server** {code_span(srv.key)} on GPUs {gpus}: {code_span(item.server_state)}")
+        where = f"on GPUs {','.join(map(str, srv.devices))}" if srv.devices else "without GPUs"
+        parts.append(f"**Server** {code_span(srv.key)} {where}: {code_span(item.server_state)}")
     parts += ["Reproduce:", fence(item.repro, "sh")]
     if item.case.details.strip():
         parts.append(_details("pytest output", output, cap))
@@ -244,7 +244,7 @@ def _mermaid_name(text: str) -> str:
 
 def timeline_md(servers: Sequence[ServerInfo], session: str) -> str:
     """A Mermaid gantt: each server's launch → ready → tests → stop → memory free."""
-    rows = [s for s in servers if s.launched is not None][:MAX_TIMELINE_SERVERS]
+    rows = sorted((s for s in servers if s.launched is not None), key=lambda s: s.launched)[:MAX_TIMELINE_SERVERS]
     if not rows:
         return ""
     lines = ["gantt", f"    title Servers of {_mermaid_name(session)}", "    dateFormat x",

@@ -182,7 +182,7 @@ def test_launch_failure_hostile_log_and_token(tmp_path, monkeypatch):
     assert ("invoke warmup --cold &&\nCUDA_VISIBLE_DEVICES=0,1 nox -s e2e-h100-2 -- "
             "'tests/e2e/test_api.py::test_completions'") in md
     assert 'failed on setup with "ServerError: server exited with code 1 before ready"' in md
-    assert "launch failed: server exited with code 1 before ready" in md
+    assert "on GPUs 0,1: `launch failed: server exited with code 1 before ready`" in md
     # Both tests used that server; its log is shown once, then referred to.
     assert md.count("DEBUG env HF_TOKEN=***") == 1
     assert "server log: shown above" in md
