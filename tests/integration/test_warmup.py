@@ -97,7 +97,8 @@ def test_cold_then_warm_launches_nothing_the_second_time(tmp_path, monkeypatch, 
     results = warm(SPECS, backend, tmp_path, second)
     assert [r.state for r in results] == ["warm", "warm"]
     assert second.servers == [] and spawned == [], f"warm path launched {spawned}"
-    assert time.monotonic() - t0 < 1.0
+    # Reading two markers: well under a second on an idle runner; generous for a loaded one.
+    assert time.monotonic() - t0 < 3.0
     assert "model-a|tp=1|--x 1" in format_table(results) and "warm" in format_table(results)
 
 
