@@ -10,6 +10,12 @@ The gauge comes from the backend spec. Two ways to read it:
   honest equivalent); a sample is busy when it reads >= 1 and the statistic is
   the fraction of busy samples. (The median of 0/1 values only says "more
   than half", too weak to catch a scheduler that idles 40 % of the time.)
+  Samples before the first busy reading and after the last are set aside:
+  vLLM publishes the gauge with engine outputs, so it reads 0 until prefill
+  is done and stays 0 while the HTTP response is sent -- publication lag, not
+  idleness (3 of 17 samples on the 2-core CPU profile). An engine that idles
+  *during* the request still shows as zeros inside the span; one that never
+  reads busy keeps every sample and scores 0.
 
 Label sets (DP ranks, engines) are combined per scrape with ``min`` by default
 so one idle rank shows instead of being averaged away; NaN samples are dropped
@@ -70,19 +76,24 @@ class OccupancyResult:
     statistic: float
     long_tokens: int
     accept_length: float | None = None
+    outside_span: int = 0  # busy mode: samples before the first / after the last busy one
 
     def table(self) -> str:
         """The sample table printed before any assertion."""
         kept = {t for t, _, _ in self.kept}
+        valid = {s.t for s in self.samples
+                 if not math.isnan(aggregate(s.values, self.aggregation)[0])}
         lines = [f"{self.gauge} ({self.mode}, {self.aggregation} over label sets), "
                  f"long request {self.long_tokens} tokens",
                  f"{'t_s':>7}  {'agg':>7}  per label set"]
         for s in self.samples:
-            agg = next((v for t, v, _ in self.kept if t == s.t), math.nan)
+            agg = aggregate(s.values, self.aggregation)[0]
             per = "  ".join(f"{label_str(k)}={v:g}" for k, v in sorted(s.values.items()))
-            flag = "" if s.t in kept else "  (dropped: NaN)"
+            flag = ("" if s.t in kept else "  (dropped: NaN)" if s.t not in valid
+                    else "  (outside the busy span)")
             lines.append(f"{s.t:7.2f}  {agg:7.3f}  {per}{flag}")
-        lines.append(f"kept {len(self.kept)}, dropped {self.dropped_nan} NaN; "
+        lines.append(f"kept {len(self.kept)}, dropped {self.dropped_nan} NaN, "
+                     f"{self.outside_span} outside the busy span; "
                      f"statistic {self.statistic:.3f}")
         return "\n".join(lines)
 
@@ -142,8 +153,10 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
             dropped += 1
         else:
             kept.append((s.t, value, decider))
+    kept, outside = _busy_span(kept) if mode == "busy" else (kept, 0)
     stat = statistic([v for _, v, _ in kept], mode) if kept else math.nan
-    result = OccupancyResult(gauge, mode, aggregation, samples, kept, dropped, stat, n_long)
+    result = OccupancyResult(gauge, mode, aggregation, samples, kept, dropped, stat, n_long,
+                             outside_span=outside)
     if accept_gauge:
         accepts = [aggregate(s.accept, aggregation)[0] for s in samples]
         accepts = [a for a in accepts if not math.isnan(a)]
@@ -153,7 +166,8 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
         raise KitFailure(f"the long request failed while sampling {gauge}: {outcome['error']}")
     if len(kept) < min_samples:
         raise KitFailure(f"only {len(kept)} valid samples of {gauge} ({dropped} NaN dropped, "
-                         f"{len(samples)} scraped); need >= {min_samples}")
+                         f"{outside} outside the busy span, {len(samples)} scraped); "
+                         f"need >= {min_samples}")
     if stat < threshold:
         worst = _worst_label_set(samples, mode)
         where = f"; lowest label set {label_str(worst[0])} at {worst[1]:.3f}" if worst else ""
@@ -163,6 +177,15 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
         raise KitFailure(f"speculative accept length {result.accept_length:.3f} < "
                          f"{accept_length_min:g} ({accept_gauge}, median of {len(samples)} scrapes)")
     return result
+
+
+def _busy_span(kept: list[tuple[float, float, LabelSet | None]]):
+    """Busy mode: the samples from the first busy reading to the last (see the docstring)."""
+    busy = [i for i, (_, v, _) in enumerate(kept) if v >= 1]
+    if not busy:
+        return kept, 0
+    span = kept[busy[0]:busy[-1] + 1]
+    return span, len(kept) - len(span)
 
 
 def _worst_label_set(samples: list[Sample], mode: str) -> tuple[LabelSet, float] | None:

@@ -28,6 +28,9 @@ MODEL = "fake-model"
 # serve_forever checks for shutdown this often; the default 0.5 s would add
 # half a second to every test that closes a fake.
 SHUTDOWN_POLL_S = 0.01
+# busy_duty's cycle: short against the kits' scrape intervals, so scrapes land
+# at effectively random phases.
+DUTY_PERIOD_S = 0.007
 VOCAB = 5000
 # Per-token logprobs of the fake's scoring: the preferred ending scores much
 # better than the others, so its accuracy is exactly the knob's value.
@@ -86,12 +89,15 @@ class Knobs:
     mc_skill: float | None = None  # fraction of accuracy items the fake gets right
     max_model_len: int = 1024
     prompt_logprob: float | None = None  # every prompt logprob reads this (NaN, 0.0, ...)
+    publish_lag_s: float = 0.0  # gauges read idle until a request has run this long
+    busy_duty: float = 1.0  # while running, gauges read busy this fraction of each cycle
 
 
 @dataclass
 class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
+    busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
     generation_total: float = 0.0
     prompt_total: float = 0.0
@@ -200,6 +206,11 @@ class FakeEngine:
         k, st = self.knobs, self.state
         with st.lock:
             active, gen, prompt = st.active, st.generation_total, st.prompt_total
+            since = st.busy_since
+        now = time.monotonic()
+        if active and (now - since < k.publish_lag_s
+                       or (now % DUTY_PERIOD_S) / DUTY_PERIOD_S >= k.busy_duty):
+            active = 0  # the engine is (or reports itself) idle right now
         busy = active > 0 or k.stuck_running
         running = max(active, 1 if k.stuck_running else 0)
         series: dict[str, tuple[str, list[tuple[int, float]]]] = {}
@@ -307,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "injected failure")
             return
         with fake.state.lock:
+            if fake.state.active == 0:
+                fake.state.busy_since = time.monotonic()
             fake.state.active += 1
         try:
             if body.get("stream"):

@@ -27,6 +27,28 @@ def test_busy_mode_reads_a_running_count_as_occupancy():
     assert result.gauge == FAKE_GAUGES.running and result.statistic >= 0.8
 
 
+def test_busy_mode_sets_aside_publication_lag_at_the_edges(capsys):
+    # The gauge reads 0 for the first 50 ms of the request (vLLM publishes it
+    # with the first output): those samples are not idleness.
+    with fake_engine(backend=FAKE_VLLM_LIKE, publish_lag_s=0.05, **SLOW) as srv:
+        result = occupancy.check_occupancy(srv, threshold=0.95, min_samples=3, mode="busy", **FAST)
+    assert result.statistic == 1.0 and result.outside_span >= 2
+    assert "(outside the busy span)" in capsys.readouterr().out
+
+
+def test_busy_mode_catches_an_engine_idling_during_the_request():
+    with fake_engine(backend=FAKE_VLLM_LIKE, busy_duty=0.3, **SLOW) as srv:
+        with pytest.raises(KitFailure, match=r"^occupancy 0\.\d+ < threshold 0.8 \(busy of "
+                                             r"fake:num_requests_running"):
+            occupancy.check_occupancy(srv, threshold=0.8, min_samples=3, mode="busy", **FAST)
+
+
+def test_busy_mode_gauge_that_never_reads_busy_scores_zero():
+    with fake_engine(backend=FAKE_VLLM_LIKE, bad_rank=0, **SLOW) as srv:
+        with pytest.raises(KitFailure, match=r"^occupancy 0.000 < threshold 0.8 \(busy"):
+            occupancy.check_occupancy(srv, threshold=0.8, min_samples=3, mode="busy", **FAST)
+
+
 def test_threshold_above_reality_fails():
     with fake_engine(occupancy=0.9, **SLOW) as srv:
         with pytest.raises(KitFailure, match=r"^occupancy 0.900 < threshold 0.97 \(ratio of "
@@ -51,7 +73,7 @@ def test_metrics_disabled_fails_never_skips():
 def test_nan_only_samples_fail_for_too_few_valid_samples(capsys):
     with fake_engine(nan_gauges=True, **SLOW) as srv:
         with pytest.raises(KitFailure, match=r"^only 0 valid samples of fake:fwd_occupancy "
-                                             r"\(\d+ NaN dropped, \d+ scraped\); need >= 3"):
+                                             r"\(\d+ NaN dropped, 0 outside the busy span, \d+ scraped\); need >= 3"):
             occupancy.check_occupancy(srv, threshold=0.5, min_samples=3, **FAST)
     assert "(dropped: NaN)" in capsys.readouterr().out
 
