@@ -122,17 +122,22 @@ def statistic(values: list[float], mode: str) -> float:
 def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
                     aggregation: str = "min", mode: str = "ratio", gauge: str | None = None,
                     interval_s: float = SAMPLE_INTERVAL_S, long_max_tokens: int = LONG_MAX_TOKENS,
-                    accept_length_min: float | None = None) -> OccupancyResult:
+                    accept_length_min: float | None = None,
+                    long_requests: int = 1) -> OccupancyResult:
     """Sample ``gauge`` while a long request runs; assert its statistic >= ``threshold``.
 
     ``accept_length_min``, when given, also requires the backend's speculative
     accept-length gauge and asserts its median (over the same scrapes) >= it.
+    ``long_requests`` runs that many long requests at once: with data
+    parallelism, one per rank, so an idle rank under ``min`` means a bad rank
+    rather than a rank that was simply given no work.
     """
     if mode not in MODES:
         raise ValueError(f"unknown occupancy mode {mode!r}; known: {', '.join(MODES)}")
     aggregate({}, aggregation)  # validates the name before any traffic
-    if min_samples < 1:
-        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    if min_samples < 1 or long_requests < 1:
+        raise ValueError(f"min_samples and long_requests must be >= 1, got {min_samples}, "
+                         f"{long_requests}")
     gauge = gauge or server.backend.gauges.occupancy
     accept_gauge = server.backend.gauges.spec_accept_length if accept_length_min else None
     with client_for(server) as c:
@@ -143,8 +148,8 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
             require(server, first, [accept_gauge], "speculative accept-length")
         c.completion("Hello", max_tokens=WARMUP_MAX_TOKENS, temperature=0)
         n_long = _long_tokens(server, long_max_tokens)
-        samples, outcome = _sample_during_long_request(server, c, gauge, accept_gauge,
-                                                       n_long, interval_s)
+        samples, outcome = _sample_during_long_requests(server, c, gauge, accept_gauge,
+                                                        n_long, interval_s, long_requests)
     samples = list(samples)  # analyse a copy, never the list the sampler filled
     kept, dropped = [], 0
     for s in samples:
@@ -200,26 +205,33 @@ def _worst_label_set(samples: list[Sample], mode: str) -> tuple[LabelSet, float]
     return min(((k, statistic(v, mode)) for k, v in per.items()), key=lambda kv: kv[1])
 
 
-def _sample_during_long_request(server: ServerLike, c, gauge: str, accept_gauge: str | None,
-                                n_long: int, interval_s: float) -> tuple[list[Sample], dict]:
-    """Run the long request in a thread; scrape on an Event.wait interval until it ends."""
+def _sample_during_long_requests(server: ServerLike, c, gauge: str, accept_gauge: str | None,
+                                 n_long: int, interval_s: float,
+                                 n_requests: int) -> tuple[list[Sample], dict]:
+    """Run the long request(s) in threads; scrape on an Event.wait interval until all end."""
     done = threading.Event()
-    outcome: dict = {}
+    lock = threading.Lock()
+    outcome: dict = {"remaining": n_requests}
     extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
 
     def long_request() -> None:
         try:
             with client_for(server, timeout_s=LONG_REQUEST_TIMEOUT_S) as lc:
-                resp = lc.completion(LONG_PROMPT, max_tokens=n_long, temperature=0, **extra)
-            outcome["usage"] = resp.get("usage")
+                lc.completion(LONG_PROMPT, max_tokens=n_long, temperature=0, **extra)
         except Exception as exc:  # reported by the main thread, with the samples
-            outcome["error"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            with lock:
+                outcome.setdefault("error", str(exc).splitlines()[0] if str(exc) else repr(exc))
         finally:
-            done.set()
+            with lock:
+                outcome["remaining"] -= 1
+                if outcome["remaining"] == 0:
+                    done.set()
 
-    worker = threading.Thread(target=long_request, name="kiln-occupancy-long", daemon=True)
+    workers = [threading.Thread(target=long_request, name=f"kiln-occupancy-long-{i}", daemon=True)
+               for i in range(n_requests)]
     start = time.monotonic()
-    worker.start()
+    for w in workers:
+        w.start()
     samples: list[Sample] = []
     try:
         while not done.is_set():
@@ -232,6 +244,7 @@ def _sample_during_long_request(server: ServerLike, c, gauge: str, accept_gauge:
                                   dict(snap.get(accept_gauge, {})) if accept_gauge else {}))
             done.wait(interval_s)
     finally:
-        # Bounded by the request's own read timeout (LONG_REQUEST_TIMEOUT_S).
-        worker.join()
+        # Bounded by each request's own read timeout (LONG_REQUEST_TIMEOUT_S).
+        for w in workers:
+            w.join()
     return samples, outcome

@@ -141,3 +141,12 @@ def test_bad_arguments_are_rejected_before_any_traffic():
 def test_busy_statistic_is_the_fraction_of_busy_samples():
     assert occupancy.statistic([1, 1, 0, 2], "busy") == 0.75
     assert occupancy.statistic([0.9, 0.1, 0.95], "ratio") == 0.9
+
+
+def test_several_long_requests_run_at_once_and_are_all_awaited():
+    with fake_engine(**SLOW) as srv:
+        result = occupancy.check_occupancy(srv, threshold=0.97, min_samples=3, long_requests=3,
+                                           **FAST)
+        # warmup + 3 long requests, all finished before the kit returned.
+        assert srv.state.requests == 4 and srv.state.active == 0
+    assert result.statistic == pytest.approx(0.99)
