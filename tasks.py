@@ -148,3 +148,54 @@ def tinymodel(c, cache_dir=None, seed=0):
         print(tm.ensure_tiny_model(Path(cache_dir) if cache_dir else None, seed=int(seed)))
     except ValueError as exc:
         raise Exit(f"tinymodel: {exc}") from None
+
+
+@task(help={"session": "nox session, e.g. e2e-h100-4 or tests",
+            "junit": "JUnit XML (default: reports/junit-<session>.xml)",
+            "servers": "server records (default: servers-<session>.json beside the JUnit)",
+            "out": "write the Markdown here instead of printing it"})
+def report(c, session, junit=None, servers=None, out=None):
+    """Render a run's Markdown report (verdict, repro commands, logs); appended to $GITHUB_STEP_SUMMARY when set."""
+    from ci import report as reporting
+
+    md = reporting.build_report(junit or ROOT / "reports" / f"junit-{session}.xml", session,
+                                servers_path=servers, root=ROOT)
+    summary = reporting.append_step_summary(md)
+    if out:
+        Path(out).write_text(md, encoding="utf-8")
+        print(f"report written to {out}" + (f" and appended to {summary}" if summary else ""))
+    else:
+        print(md, end="")
+
+
+@task(help={"session": "nox session, e.g. e2e-h100-4 or tests",
+            "junit": "JUnit XML (default: reports/junit-<session>.xml)",
+            "servers": "server records (default: beside the JUnit)",
+            "pr": "pull request number (default: from $GITHUB_EVENT_PATH)",
+            "repo": "owner/name (default: $GITHUB_REPOSITORY)",
+            "update_only": "edit an existing sticky comment, never open one (green runs)"})
+def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_only=False):
+    """Create or update this session's sticky PR comment; token from $GITHUB_TOKEN (never printed)."""
+    from ci import github
+    from ci import report as reporting
+
+    md = reporting.build_report(junit or ROOT / "reports" / f"junit-{session}.xml", session,
+                                servers_path=servers, root=ROOT)
+    try:
+        outcome, cid = github.post_report(md, session, pr=int(pr) if pr else None, repo=repo,
+                                          create=not update_only)
+    except (github.GitHubError, ValueError) as exc:
+        raise Exit(f"comment: {exc}") from None
+    print(f"sticky comment for {session}: {outcome}" + (f" (id {cid})" if cid else ""))
+
+
+@task(help={"event": "GitHub event: pull_request, schedule or workflow_dispatch",
+            "input": "the runner pool a workflow_dispatch asked for (mi300, mi325)"})
+def route(c, event, input=None):
+    """Print pool=, matrix=, count= for $GITHUB_OUTPUT (pull_request -> MI300, schedule -> MI325)."""
+    from ci import routing
+
+    try:
+        print(routing.format_outputs(routing.outputs(event, input)), end="")
+    except routing.RoutingError as exc:
+        raise Exit(f"route: {exc}", code=2) from None
