@@ -6,7 +6,8 @@
 
 The e2e sessions are generated from the runner table (ci/runners.py): each is
 a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``) are taken out
-of the posargs before pytest sees them.
+of the posargs before pytest sees them; ``--kiln-warmup [--kiln-cold]`` runs the
+JIT warmup in the session's venv instead of the tests (what `invoke warmup` calls).
 """
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ def _install_e2e(session: nox.Session, profile: runners.Profile) -> None:
         session.install("-r", "requirements/e2e-gpu.txt")
 
 
+# Harness flags for the warmup mode of an e2e session, with the ci.warmup
+# option each one becomes; stripped before anything reaches pytest.
+WARMUP_FLAGS = {"--kiln-warmup": None, "--kiln-cold": "--cold", "--kiln-strict": "--strict"}
+
+
+def _split_warmup_flags(posargs: list[str]) -> tuple[list[str] | None, list[str]]:
+    """(ci.warmup args, rest) when ``--kiln-warmup`` is present, else (None, posargs)."""
+    if "--kiln-warmup" not in posargs:
+        return None, list(posargs)
+    flags = [WARMUP_FLAGS[a] for a in posargs if a in WARMUP_FLAGS and WARMUP_FLAGS[a]]
+    rest = [a for a in posargs if a not in WARMUP_FLAGS]
+    models = [f"--model={m}" for m in rest]  # what is left names models to warm
+    return flags + models, []
+
+
 def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     from ci import shard as sharding  # noqa: PLC0415  (only e2e sessions shard)
 
@@ -52,7 +68,13 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     session.run("python", "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity")
     if profile.default_model == "tiny-llama":
         session.run("python", "-m", "ci.tinymodel")
-    shard_spec, posargs = sharding.split_shard_arg(session.posargs)
+    warm_flags, posargs = _split_warmup_flags(session.posargs)
+    if warm_flags is not None:
+        # `invoke warmup` / the chain's warmup step: same venv, so the same engine.
+        session.run("python", "-m", "ci.warmup", "--profile", profile.name, *warm_flags,
+                    env={"PYTHONUNBUFFERED": "1"})
+        return
+    shard_spec, posargs = sharding.split_shard_arg(posargs)
     junit = REPORTS / f"junit-{profile.session}.xml"
     targets = posargs or ["tests/e2e"]
     if shard_spec is not None:

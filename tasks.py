@@ -199,3 +199,75 @@ def route(c, event, input=None):
         print(routing.format_outputs(routing.outputs(event, input)), end="")
     except routing.RoutingError as exc:
         raise Exit(f"route: {exc}", code=2) from None
+
+
+@task(iterable=["model"], help={
+    "profile": "runner profile (ci/runners.py) whose e2e declarations say what to warm (default cpu)",
+    "cold": "ignore markers and clear kiln's caches for the selected specs first",
+    "strict": "fail when any warmup fails (default: report and go on)",
+    "model": "warm only this model (repeatable; default: every model the e2e tests declare)",
+    "reuse_venv": "reuse the e2e session's venv as is (nox -R: no install)",
+})
+def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=False):
+    """Warm the engines' JIT caches for the e2e tests' own server declarations; warm specs cost nothing."""
+    from ci import runners
+
+    try:
+        prof = runners.get_profile(profile)
+    except ValueError as exc:
+        raise Exit(f"warmup: {exc}") from None
+    cmd = ["nox", "-s", prof.session] + (["-R"] if reuse_venv else []) + ["--", "--kiln-warmup"]
+    cmd += (["--kiln-cold"] if cold else []) + (["--kiln-strict"] if strict else []) + list(model or ())
+    result = c.run(shlex.join(cmd), warn=True, pty=False)
+    if result.exited != 0:
+        raise Exit(f"warmup failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
+
+
+def _after_double_dash() -> list[str]:
+    # invoke joins the remainder with spaces, losing the quoting of ids like
+    # 'test_chat[two words]'; argv still has it.
+    return sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+
+
+@task(iterable=["mirror", "device"], help={
+    "profile": "runner profile (ci/runners.py), e.g. h100-4 or cpu",
+    "image": "engine image to run in (default: the profile's; pulled unless already local)",
+    "mirror": "registry mirror HOST:PORT tried before the image's registry (repeatable)",
+    "cold": "cold JIT warmup (clear kiln's caches first)",
+    "shard": "run shard i/n of the e2e tests (balanced by earlier JUnit timings)",
+    "dry_run": "print every command the chain would run (credentials redacted) and run none",
+    "device": "GPU ids for the container (default: the first <profile GPUs> visible)",
+    "reuse_venv": "reuse the e2e session's venv as is (nox -R: no install)",
+    "run_tag": "label for this run's container (default $KILN_RUN_TAG, the GitHub run id, or 'local')",
+})
+def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=False, device=None,
+       reuse_venv=False, run_tag=None):
+    """pull -> start -> warmup -> e2e -> report -> stop, in the profile's container (or on the host)."""
+    from ci import chain, runners
+
+    try:
+        prof = runners.get_profile(profile)
+        devices = tuple(device or ())
+        if not devices and prof.vendor == "nvidia":
+            devices = chain.default_devices(prof, _visible_gpus(dry_run))
+        from ci import containers
+        tag = containers.check_run_tag(run_tag) if run_tag else containers.run_tag_from_env()
+    except (ValueError, RuntimeError) as exc:
+        raise Exit(f"ci: {exc}") from None
+    opts = chain.Options(profile=prof, image=image, mirrors=tuple(mirror or ()), cold=cold, shard=shard,
+                         pytest_args=tuple(_after_double_dash()), dry_run=dry_run, reuse_venv=reuse_venv,
+                         workspace=ROOT, run_tag=tag, devices=devices)
+    code = chain.run(opts)
+    if code:
+        raise Exit(code=code)
+
+
+def _visible_gpus(dry_run: bool) -> tuple[int, ...]:
+    from ci import gpu
+
+    try:
+        return gpu.discover().visible
+    except gpu.GpuDiscoveryError as exc:
+        if dry_run:
+            return ()
+        raise Exit(f"ci: GPU discovery failed: {exc}") from None

@@ -78,6 +78,9 @@ class ContainerSpec:
     image: str
     run_tag: str
     command: Sequence[str] | None = None
+    # Engine images (vllm/vllm-openai) set ENTRYPOINT to the server; the chain
+    # overrides it to keep a shell-less container alive for `docker exec`.
+    entrypoint: Sequence[str] | None = None
     vendor: str = "cpu"
     device_ids: Sequence[str] = ()
     shm_size: str | None = None
@@ -187,6 +190,7 @@ def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT) -> dict:
     kwargs = {
         "image": spec.image,
         "command": list(spec.command) if spec.command else None,
+        "entrypoint": list(spec.entrypoint) if spec.entrypoint else None,
         "name": spec.name or f"kiln-{spec.run_tag}-{secrets.token_hex(3)}",
         "labels": labels,
         "environment": dict(spec.env),
