@@ -14,8 +14,16 @@ The gauge comes from the backend spec. Two ways to read it:
   vLLM publishes the gauge with engine outputs, so it reads 0 until prefill
   is done and stays 0 while the HTTP response is sent -- publication lag, not
   idleness (3 of 17 samples on the 2-core CPU profile). An engine that idles
-  *during* the request still shows as zeros inside the span; one that never
-  reads busy keeps every sample and scores 0.
+  *during* the request still shows as zeros inside the span; a round that
+  never reads busy keeps every sample and scores 0 -- unless it has fewer
+  than ``min_samples`` samples: a starved sampler that only saw the request's
+  edges cannot tell lag from idleness, so that round is set aside as
+  inconclusive (and the kit fails if no round is conclusive).
+
+The long request is repeated (up to ``max_rounds``, each round analysed on
+its own) until ``target_samples`` samples are in hand: on a 2-core runner
+the sampler itself can be starved of CPU for a second or more while the
+engine spins, and one short request may then yield only two or three scrapes.
 
 Label sets (DP ranks, engines) are combined per scrape with ``min`` by default
 so one idle rank shows instead of being averaged away; NaN samples are dropped
@@ -52,12 +60,18 @@ LONG_REQUEST_TIMEOUT_S = 300.0
 # neither a wedged request nor a never-set event can keep the test alive.
 SAMPLING_DEADLINE_S = LONG_REQUEST_TIMEOUT_S + 30.0
 LONG_PROMPT = "Write a very long story about a lighthouse, a storm and a ship:"
+# Samples wanted before the figure is trusted: 20 puts one stray reading at 5 %.
+TARGET_SAMPLES = 20
+# Rounds (long requests one after another) allowed to reach TARGET_SAMPLES; a
+# GPU gets there in one, a starved 2-core runner in two or three.
+MAX_ROUNDS = 3
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One scrape: seconds since the long request started, and each label set's value."""
+    """One scrape: its round, seconds since that round's request started, each label set's value."""
 
+    round: int
     t: float
     values: dict[LabelSet, float]
     accept: dict[LabelSet, float] = field(default_factory=dict)
@@ -71,7 +85,7 @@ class OccupancyResult:
     mode: str
     aggregation: str
     samples: list[Sample]
-    kept: list[tuple[float, float, LabelSet | None]]  # (t, aggregated value, deciding labels)
+    kept: list[Sample]  # valid samples inside the span, in order
     dropped_nan: int
     statistic: float
     long_tokens: int
@@ -80,18 +94,16 @@ class OccupancyResult:
 
     def table(self) -> str:
         """The sample table printed before any assertion."""
-        kept = {t for t, _, _ in self.kept}
-        valid = {s.t for s in self.samples
-                 if not math.isnan(aggregate(s.values, self.aggregation)[0])}
+        kept = {(k.round, k.t) for k in self.kept}
         lines = [f"{self.gauge} ({self.mode}, {self.aggregation} over label sets), "
                  f"long request {self.long_tokens} tokens",
-                 f"{'t_s':>7}  {'agg':>7}  per label set"]
+                 f"{'round':>5}  {'t_s':>6}  {'agg':>7}  per label set"]
         for s in self.samples:
             agg = aggregate(s.values, self.aggregation)[0]
             per = "  ".join(f"{label_str(k)}={v:g}" for k, v in sorted(s.values.items()))
-            flag = ("" if s.t in kept else "  (dropped: NaN)" if s.t not in valid
+            flag = ("" if (s.round, s.t) in kept else "  (dropped: NaN)" if math.isnan(agg)
                     else "  (outside the busy span)")
-            lines.append(f"{s.t:7.2f}  {agg:7.3f}  {per}{flag}")
+            lines.append(f"{s.round:>5}  {s.t:6.2f}  {agg:7.3f}  {per}{flag}")
         lines.append(f"kept {len(self.kept)}, dropped {self.dropped_nan} NaN, "
                      f"{self.outside_span} outside the busy span; "
                      f"statistic {self.statistic:.3f}")
@@ -122,8 +134,9 @@ def statistic(values: list[float], mode: str) -> float:
 def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
                     aggregation: str = "min", mode: str = "ratio", gauge: str | None = None,
                     interval_s: float = SAMPLE_INTERVAL_S, long_max_tokens: int = LONG_MAX_TOKENS,
-                    accept_length_min: float | None = None,
-                    long_requests: int = 1) -> OccupancyResult:
+                    accept_length_min: float | None = None, long_requests: int = 1,
+                    target_samples: int = TARGET_SAMPLES,
+                    max_rounds: int = MAX_ROUNDS) -> OccupancyResult:
     """Sample ``gauge`` while a long request runs; assert its statistic >= ``threshold``.
 
     ``accept_length_min``, when given, also requires the backend's speculative
@@ -135,11 +148,15 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
     if mode not in MODES:
         raise ValueError(f"unknown occupancy mode {mode!r}; known: {', '.join(MODES)}")
     aggregate({}, aggregation)  # validates the name before any traffic
-    if min_samples < 1 or long_requests < 1:
-        raise ValueError(f"min_samples and long_requests must be >= 1, got {min_samples}, "
-                         f"{long_requests}")
+    if min(min_samples, long_requests, max_rounds) < 1:
+        raise ValueError(f"min_samples, long_requests and max_rounds must be >= 1, got "
+                         f"{min_samples}, {long_requests}, {max_rounds}")
     gauge = gauge or server.backend.gauges.occupancy
     accept_gauge = server.backend.gauges.spec_accept_length if accept_length_min else None
+    samples: list[Sample] = []
+    kept: list[Sample] = []
+    dropped = outside = 0
+    error = None
     with client_for(server) as c:
         # Up front, before any load: a missing gauge fails naming the flag, never skips.
         first = scrape(server, c)
@@ -148,18 +165,20 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
             require(server, first, [accept_gauge], "speculative accept-length")
         c.completion("Hello", max_tokens=WARMUP_MAX_TOKENS, temperature=0)
         n_long = _long_tokens(server, long_max_tokens)
-        samples, outcome = _sample_during_long_requests(server, c, gauge, accept_gauge,
-                                                        n_long, interval_s, long_requests)
-    samples = list(samples)  # analyse a copy, never the list the sampler filled
-    kept, dropped = [], 0
-    for s in samples:
-        value, decider = aggregate(s.values, aggregation)
-        if math.isnan(value):
-            dropped += 1
-        else:
-            kept.append((s.t, value, decider))
-    kept, outside = _busy_span(kept) if mode == "busy" else (kept, 0)
-    stat = statistic([v for _, v, _ in kept], mode) if kept else math.nan
+        for rnd in range(1, max_rounds + 1):
+            got, error = _sample_round(server, c, rnd, gauge, accept_gauge, n_long, interval_s,
+                                       long_requests)
+            got = list(got)  # analyse a copy, never the list the sampler filled
+            valid = [g for g in got if not math.isnan(aggregate(g.values, aggregation)[0])]
+            span = _busy_span(valid, aggregation, min_samples) if mode == "busy" else valid
+            samples += got
+            kept += span
+            dropped += len(got) - len(valid)
+            outside += len(valid) - len(span)
+            if error or len(kept) >= max(target_samples, min_samples):
+                break
+    values = [aggregate(k.values, aggregation)[0] for k in kept]
+    stat = statistic(values, mode) if kept else math.nan
     result = OccupancyResult(gauge, mode, aggregation, samples, kept, dropped, stat, n_long,
                              outside_span=outside)
     if accept_gauge:
@@ -167,14 +186,14 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
         accepts = [a for a in accepts if not math.isnan(a)]
         result.accept_length = statistics.median(accepts) if accepts else math.nan
     print(result.table())
-    if "error" in outcome:
-        raise KitFailure(f"the long request failed while sampling {gauge}: {outcome['error']}")
+    if error:
+        raise KitFailure(f"the long request failed while sampling {gauge}: {error}")
     if len(kept) < min_samples:
-        raise KitFailure(f"only {len(kept)} valid samples of {gauge} ({dropped} NaN dropped, "
-                         f"{outside} outside the busy span, {len(samples)} scraped); "
-                         f"need >= {min_samples}")
+        raise KitFailure(f"only {len(kept)} valid samples of {gauge} in {rnd} round(s) "
+                         f"({dropped} NaN dropped, {outside} outside the busy span, "
+                         f"{len(samples)} scraped); need >= {min_samples}")
     if stat < threshold:
-        worst = _worst_label_set(samples, mode)
+        worst = _worst_label_set(kept, mode)
         where = f"; lowest label set {label_str(worst[0])} at {worst[1]:.3f}" if worst else ""
         raise KitFailure(f"occupancy {stat:.3f} < threshold {threshold:g} ({mode} of {gauge}, "
                          f"{aggregation} over label sets, {len(kept)} samples{where})")
@@ -184,13 +203,16 @@ def check_occupancy(server: ServerLike, *, threshold: float, min_samples: int,
     return result
 
 
-def _busy_span(kept: list[tuple[float, float, LabelSet | None]]):
-    """Busy mode: the samples from the first busy reading to the last (see the docstring)."""
-    busy = [i for i, (_, v, _) in enumerate(kept) if v >= 1]
-    if not busy:
-        return kept, 0
-    span = kept[busy[0]:busy[-1] + 1]
-    return span, len(kept) - len(span)
+def _busy_span(valid: list[Sample], aggregation: str, min_samples: int) -> list[Sample]:
+    """Busy mode: one round's samples from its first busy reading to its last.
+
+    A round that never reads busy keeps every sample (and so scores 0) when it
+    has at least ``min_samples`` of them, else none (inconclusive; see above).
+    """
+    busy = [i for i, v in enumerate(valid) if aggregate(v.values, aggregation)[0] >= 1]
+    if busy:
+        return valid[busy[0]:busy[-1] + 1]
+    return valid if len(valid) >= min_samples else []
 
 
 def _worst_label_set(samples: list[Sample], mode: str) -> tuple[LabelSet, float] | None:
@@ -205,10 +227,11 @@ def _worst_label_set(samples: list[Sample], mode: str) -> tuple[LabelSet, float]
     return min(((k, statistic(v, mode)) for k, v in per.items()), key=lambda kv: kv[1])
 
 
-def _sample_during_long_requests(server: ServerLike, c, gauge: str, accept_gauge: str | None,
-                                 n_long: int, interval_s: float,
-                                 n_requests: int) -> tuple[list[Sample], dict]:
-    """Run the long request(s) in threads; scrape on an Event.wait interval until all end."""
+def _sample_round(server: ServerLike, c, rnd: int, gauge: str, accept_gauge: str | None,
+                  n_long: int, interval_s: float,
+                  n_requests: int) -> tuple[list[Sample], str | None]:
+    """One round: the long request(s) in threads, scraping on an Event.wait interval
+    until all end. Returns the samples and the first request error, if any."""
     done = threading.Event()
     lock = threading.Lock()
     outcome: dict = {"remaining": n_requests}
@@ -240,11 +263,11 @@ def _sample_during_long_requests(server: ServerLike, c, gauge: str, accept_gauge
             snap = scrape(server, c)
             # A gauge that vanishes mid-run is as bad as one never exposed.
             require(server, snap, [gauge], "occupancy")
-            samples.append(Sample(time.monotonic() - start, dict(snap[gauge]),
+            samples.append(Sample(rnd, time.monotonic() - start, dict(snap[gauge]),
                                   dict(snap.get(accept_gauge, {})) if accept_gauge else {}))
             done.wait(interval_s)
     finally:
         # Bounded by each request's own read timeout (LONG_REQUEST_TIMEOUT_S).
         for w in workers:
             w.join()
-    return samples, outcome
+    return samples, outcome.get("error")

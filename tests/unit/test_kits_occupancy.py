@@ -9,7 +9,7 @@ from tests.fakes.openai_engine import FAKE_GAUGES, FAKE_VLLM_LIKE, fake_engine
 
 # The long request lasts ~0.18 s; scraping every 10 ms gives ~15 samples (3 needed).
 SLOW = {"token_delay_s": 0.003}
-FAST = {"interval_s": 0.01, "long_max_tokens": 60}
+FAST = {"interval_s": 0.01, "long_max_tokens": 60, "target_samples": 3}
 
 
 def test_ratio_gauge_passes_and_prints_the_table_first(capsys):
@@ -73,14 +73,14 @@ def test_metrics_disabled_fails_never_skips():
 def test_nan_only_samples_fail_for_too_few_valid_samples(capsys):
     with fake_engine(nan_gauges=True, **SLOW) as srv:
         with pytest.raises(KitFailure, match=r"^only 0 valid samples of fake:fwd_occupancy "
-                                             r"\(\d+ NaN dropped, 0 outside the busy span, \d+ scraped\); need >= 3"):
+                                             r"in 3 round\(s\) \(\d+ NaN dropped, 0 outside the busy span, \d+ scraped\); need >= 3"):
             occupancy.check_occupancy(srv, threshold=0.5, min_samples=3, **FAST)
     assert "(dropped: NaN)" in capsys.readouterr().out
 
 
 def test_too_few_samples_fail_even_when_every_sample_is_good():
     with fake_engine(**SLOW) as srv:
-        with pytest.raises(KitFailure, match=r"^only \d+ valid samples .* need >= 1000"):
+        with pytest.raises(KitFailure, match=r"^only \d+ valid samples .* in 3 round\(s\) .* need >= 1000"):
             occupancy.check_occupancy(srv, threshold=0.5, min_samples=1000, **FAST)
 
 
@@ -150,3 +150,25 @@ def test_several_long_requests_run_at_once_and_are_all_awaited():
         # warmup + 3 long requests, all finished before the kit returned.
         assert srv.state.requests == 4 and srv.state.active == 0
     assert result.statistic == pytest.approx(0.99)
+
+
+def test_rounds_repeat_until_enough_samples_are_in_hand():
+    # A short request gives a few samples per round; the kit runs more rounds
+    # (never more than max_rounds) instead of judging on a handful.
+    with fake_engine(**SLOW) as srv:
+        result = occupancy.check_occupancy(srv, threshold=0.97, min_samples=3, interval_s=0.01,
+                                           long_max_tokens=20, target_samples=1000, max_rounds=3)
+        assert srv.state.requests == 1 + 3  # warmup + one long request per round
+    assert {s.round for s in result.samples} == {1, 2, 3}
+    assert result.statistic == pytest.approx(0.99)
+
+
+def test_a_starved_round_that_saw_only_the_edges_is_inconclusive_not_idle():
+    # The gauge never reads busy within these very short requests and each
+    # round yields fewer samples than min_samples: that says nothing about
+    # idleness, so no figure is produced -- the kit fails for too few samples.
+    with fake_engine(backend=FAKE_VLLM_LIKE, publish_lag_s=10.0, token_delay_s=0.001) as srv:
+        with pytest.raises(KitFailure, match=r"^only 0 valid samples of fake:num_requests_running "
+                                             r"in 2 round\(s\) \(0 NaN dropped, [1-9]\d* outside"):
+            occupancy.check_occupancy(srv, threshold=0.8, min_samples=50, mode="busy",
+                                      interval_s=0.01, long_max_tokens=10, max_rounds=2)
