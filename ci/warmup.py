@@ -20,6 +20,7 @@ vLLM's AOT artefacts, DeepGEMM, FlashInfer) survive it. sglang #24253 went from
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -30,6 +31,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +51,10 @@ from ci.warmup_specs import (  # noqa: F401  (re-exported: the warmup API in one
 )
 
 log = logging.getLogger(__name__)
+
+# Stands for "the port" in the engine command recorded in a marker (ports
+# change every launch; a real port never is this one in a key).
+_PORT_TOKEN = 65535
 
 MARKER_FORMAT = 1
 # The one request each warmup sends: short, so warmup compiles the serving
@@ -362,6 +368,7 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
     distributions = tuple(dict.fromkeys((*backend.distributions, *warmup_key.VERSIONED_DISTRIBUTIONS)))
     software = warmup_key.probe(warmup_key.engine_python(backend.command("probe", 1)), distributions)
     launch_env = {**dict(backend.env), **dict(profile.env)}
+    command = [w.replace(str(_PORT_TOKEN), "{port}") for w in backend.command("{model}", _PORT_TOKEN)]
     results: dict[int, WarmupResult] = {}
     jobs: list[_Job] = []
     for n, spec in enumerate(specs, 1):
@@ -369,7 +376,7 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
         model_ref, args = launch_args(profile, spec)
         parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=args,
                                       launch_env=launch_env, engine_distributions=backend.distributions,
-                                      software=software, hardware=hardware)
+                                      software=software, hardware=hardware, command=command)
         job = _Job(spec, model_ref, args, parts, warmup_key.key_of(parts), marker_path(root, spec),
                    number=f"[{n}/{len(specs)}]")
         if read_marker(job.marker, job.key, parts) is not None:
@@ -407,3 +414,44 @@ def format_table(results: Sequence[WarmupResult]) -> str:
     lines += [f"FAILED {r.spec.label}: {r.error}" + (f" (log: {r.log_path})" if r.log_path else "")
               for r in results if r.state == "failed"]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI (what `invoke warmup` runs inside the e2e session's venv): warm, then print the table.
+
+    Exit 0 when done (failures reported, non-fatal), 1 when ``--strict`` and a
+    warmup failed, 2 on bad input.
+    """
+    parser = argparse.ArgumentParser(prog="python -m ci.warmup", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=os.environ.get("KILN_PROFILE", "cpu"),
+                        help="runner profile whose e2e declarations say what to warm (default: $KILN_PROFILE or cpu)")
+    parser.add_argument("--cold", action="store_true", help="clear kiln's caches of the selected specs first")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any warmup fails")
+    parser.add_argument("--model", action="append", default=[], help="warm only this model (repeatable)")
+    parser.add_argument("--backend", default=None, help="override the profile's backend (e.g. generic:<template>)")
+    parser.add_argument("--tests", default="tests/e2e", help="where the e2e tests live (default tests/e2e)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default reports/logs/warmup)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        results = warmup(args.profile, models=args.model, tests=args.tests, cold=args.cold,
+                         strict=args.strict, backend=args.backend, log_dir=args.log_dir)
+    except WarmupFailed as exc:
+        if exc.results:
+            sys.stdout.write(format_table(exc.results) + "\n")
+        log.error("warmup: %s", exc)
+        return 1
+    except (WarmupError, ValueError) as exc:
+        log.error("warmup: %s", exc)
+        return 2
+    # Deliberate CLI output: the table on stdout, progress lines on stderr.
+    sys.stdout.write(format_table(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so logger names and exception classes
+    # are ci.warmup's rather than a second copy's under __main__.
+    from ci.warmup import main as _main
+    sys.exit(_main())

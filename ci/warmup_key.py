@@ -6,7 +6,7 @@ longer matched. Here the key hashes every component that can invalidate a
 JIT artefact, and the marker lists each one so a human can see why a run
 went cold:
 
-    spec:     backend, model, tp, launch args, the launch env kiln sets
+    spec:     backend and its command, model, tp, launch args, the launch env kiln sets
     software: engine version, python, torch, triton, JIT libraries
               (flashinfer, deep_gemm, sgl-kernel), CUDA/HIP runtime of torch
     hardware: GPU name + compute capability + driver, or CPU model + ISA flags
@@ -214,8 +214,13 @@ def hardware_facts(vendor: str, *, discovery: Any = None, root: Path = Path("/")
 
 def components(*, backend: str, model: str, tp: int, args: Sequence[str], launch_env: Mapping[str, str],
                engine_distributions: Sequence[str], software: Mapping[str, Any],
-               hardware: Mapping[str, str]) -> dict[str, str]:
-    """Every key component as a flat, human-readable str -> str mapping (what the marker lists)."""
+               hardware: Mapping[str, str], command: Sequence[str] = ()) -> dict[str, str]:
+    """Every key component as a flat, human-readable str -> str mapping (what the marker lists).
+
+    ``command`` is the engine's launch command without the spec's args (port
+    and model as placeholders): two ``generic:`` backends share a name but
+    not an engine.
+    """
     dists = dict(software.get("dists", {}))
     engine = next((f"{d} {dists[d]}" for d in engine_distributions if d in dists), "not installed")
     out = {
@@ -223,6 +228,7 @@ def components(*, backend: str, model: str, tp: int, args: Sequence[str], launch
         "backend": backend,
         "model": model,
         "tp": str(tp),
+        "command": json.dumps(list(command)),
         "args": json.dumps(list(args)),
         "launch_env": json.dumps(dict(sorted(launch_env.items()))),
         "engine": engine,

@@ -6,6 +6,7 @@ launched through ``ci.backends.generic`` by the real Server on 127.0.0.1.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -117,8 +118,8 @@ def test_timeout_kills_the_whole_tree_including_a_detached_grandchild(tmp_path):
     (r,) = results
     assert r.state == "failed" and "not ready after 3 s" in r.error
     assert "\n" not in r.error
-    # launch deadline + SIGTERM grace + SIGKILL/reap, not a hang.
-    assert elapsed < SHORT_LAUNCH_S + GRACE_S + 4.0, elapsed
+    # launch deadline + SIGTERM grace + SIGKILL/reap (slack for a loaded runner), not a hang.
+    assert elapsed < SHORT_LAUNCH_S + GRACE_S + 10.0, elapsed
     (server,) = factory.servers
     assert "grandchild" in server.log_tail() and "SIGTERM ignored" in server.log_tail()
     assert_tree_gone(server)
@@ -140,7 +141,8 @@ def test_crash_signature_ends_the_launch_long_before_its_timeout(tmp_path):
     (r,) = warm(SPECS[:1], crashy("--health never", "--traceback-after 0.5"), tmp_path, factory,
                 launch_timeout_s=60.0)
     elapsed = time.monotonic() - t0
-    assert elapsed < 8.0, f"watchdog did not end the launch early ({elapsed:.1f} s)"
+    # Far below the 60 s deadline even on a loaded runner.
+    assert elapsed < 20.0, f"watchdog did not end the launch early ({elapsed:.1f} s)"
     assert r.state == "failed"
     assert r.error.startswith("crash signature (Traceback) in the server log: Traceback (most recent call last)")
     assert_tree_gone(factory.servers[0])
@@ -211,7 +213,8 @@ def test_specs_run_concurrently_on_disjoint_gpus(tmp_path):
     elapsed = time.monotonic() - t0
     assert [r.state for r in results] == ["cold", "cold", "cold", "failed"]
     assert results[3].error == "needs 4 GPU(s); 2 visible"
-    assert elapsed < 3 * 1.0 + 2.0, f"not concurrent: {elapsed:.1f} s"
+    serial = sum(s.record.stopped - s.record.launched for s in factory.servers)
+    assert elapsed < serial, f"not concurrent: {elapsed:.1f} s for {serial:.1f} s of launches"
     spans = [(s.record.launched, s.record.stopped, tuple(s.devices), s.extra_env["CUDA_VISIBLE_DEVICES"])
              for s in factory.servers]
     for a in spans:
@@ -282,3 +285,37 @@ def test_nothing_declared_is_empty_and_strict_says_so(tmp_path):
     assert warm([], crashy(), tmp_path) == []
     with pytest.raises(WarmupFailed, match="nothing to warm"):
         warm([], crashy(), tmp_path, strict=True)
+
+
+def test_two_generic_engines_do_not_share_markers(tmp_path):
+    # Same backend name ("generic"), different engines: a marker of one is foreign to the other.
+    template = f"{{python}} {shlex.quote(str(FAKES / 'crashy_engine.py'))} --port {{port}} --model {{model}}"
+    assert [r.state for r in warm(SPECS[:1], generic(template), tmp_path)] == ["cold"]
+    assert [r.state for r in warm(SPECS[:1], generic(template), tmp_path)] == ["warm"]
+    assert [r.state for r in warm(SPECS[:1], generic(template + " --ready-after 0.1"), tmp_path)] == ["cold"]
+
+
+def test_cli_prints_the_table_and_exits_by_outcome(tmp_path):
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "test_cli.py").write_text(
+        "import pytest\n\n@pytest.mark.model('cli-model')\ndef test_a(server): pass\n")
+    env = {**os.environ, "KILN_CACHE_DIR": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ci.warmup", "--profile", "cpu", "--tests",
+                               str(tmp_path / "e2e"), "--log-dir", str(tmp_path / "logs"), *args],
+                              cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
+                              text=True, timeout=120)
+    ok = f"generic:{{python}} {FAKES / 'crashy_engine.py'} --port {{port}} --model {{model}}"
+    crash = f"generic:{{python}} {FAKES / 'fault_engine.py'} --port {{port}} --mode crash"
+    first = cli("--backend", ok)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0].split() == ["spec", "state", "seconds", "marker"]
+    assert "cli-model|tp=1|  cold" in first.stdout and str(tmp_path / "cache" / "jit") in first.stdout
+    assert "warmup [1/1] cli-model|tp=1|: launching" in first.stderr  # progress lines
+    assert "cli-model|tp=1|  warm" in cli("--backend", ok).stdout
+    failed = cli("--backend", crash, "--strict")
+    assert failed.returncode == 1 and "FAILED cli-model|tp=1|: generic exited with code 3" in failed.stdout
+    assert cli("--backend", crash).returncode == 0  # failures are reported, not fatal, by default
+    bad = cli("--model", "nope")
+    assert bad.returncode == 2 and "--model nope: no e2e test declares it" in bad.stderr

@@ -23,6 +23,7 @@ BASE = dict(
                   "deep-gemm": "2.1.0", "sgl-kernel": "0.3.16", "nvidia-cuda-runtime-cu12": "12.8.90"},
         "torch_build": {"cuda": "12.8"},
     },
+    command=("/venv/bin/python", "-m", "sglang.launch_server", "--model-path", "{model}", "--port", "{port}"),
     hardware={"machine": "x86_64", "gpu_vendor": "nvidia", "gpu_names": "NVIDIA H100 80GB HBM3, NVIDIA H100 80GB HBM3",
               "compute_capability": "9.0, 9.0", "driver": "580.159.04"},
 )
@@ -51,6 +52,8 @@ CHANGES = [
     ("launch arg order", _set("args", ("--mem-fraction-static", "0.8", "--enable-metrics"))),
     ("launch env", _set("launch_env", {"SGLANG_SET_CPU_AFFINITY": "0"})),
     ("backend", _set("backend", "vllm")),
+    ("engine command", _set("command", ("/other-venv/bin/python", "-m", "sglang.launch_server", "--model-path",
+                                        "{model}", "--port", "{port}"))),
     ("engine version", _set("software.dists.sglang", "0.5.6")),
     ("python", _set("software.python", "CPython 3.12.3")),
     ("torch", _set("software.dists.torch", "2.9.1")),
