@@ -34,6 +34,10 @@ SETTLE_POLL_S = 0.25
 # Scrape interval while load runs: short, so even a fast GPU engine finishing
 # the load in a fraction of a second is seen with requests running.
 PEAK_POLL_S = 0.02
+# Scrapes during load that make "the running gauge never rose" a finding, and
+# load rounds allowed to get them.
+MIN_PEAK_SCRAPES = 5
+PEAK_ROUNDS = 3
 # Launch flags that hide the stats gauges even though /metrics answers.
 DISABLING_FLAGS = ("--disable-log-stats",)
 AGGREGATIONS = ("min", "max", "sum", "mean")
@@ -196,8 +200,15 @@ def check_gauges_return_to_zero(server: ServerLike, *, requests: int = LOAD_REQU
     names = [g.running, g.waiting]
     with client_for(server) as c:
         require(server, scrape(server, c), names, "running/waiting")
-        peak, peak_scrapes = _peak_during(server, g.running, lambda: _load(
-            server, requests=requests, concurrency=concurrency, max_tokens=max_tokens))
+        peak, peak_scrapes = 0.0, 0
+        for _ in range(PEAK_ROUNDS):
+            # On a 2-core runner the sampler thread can be starved while the
+            # engine spins; load again rather than call a gauge dead unseen.
+            got, n = _peak_during(server, g.running, lambda: _load(
+                server, requests=requests, concurrency=concurrency, max_tokens=max_tokens))
+            peak, peak_scrapes = max(peak, got), peak_scrapes + n
+            if peak >= 1 or peak_scrapes >= MIN_PEAK_SCRAPES:
+                break
         start = time.monotonic()
         polls = 0
         while True:
@@ -215,6 +226,10 @@ def check_gauges_return_to_zero(server: ServerLike, *, requests: int = LOAD_REQU
     print(f"during load: {g.running} peaked at {peak:g} over {peak_scrapes} scrapes; "
           f"after load: running/waiting back to 0 in {time.monotonic() - start:.2f} s "
           f"({polls} scrapes)")
+    if peak < 1 and peak_scrapes < MIN_PEAK_SCRAPES:
+        raise KitFailure(f"{g.running}: only {peak_scrapes} scrapes while load ran "
+                         f"({PEAK_ROUNDS} rounds): the sampler was starved, cannot tell "
+                         f"whether the gauge tracks requests")
     if peak < 1:
         raise KitFailure(f"{g.running} never rose above {peak:g} in {peak_scrapes} scrapes "
                          f"while {requests} requests ran: it does not track requests")

@@ -101,3 +101,12 @@ def test_generation_counter_that_lags_forever_fails_at_the_deadline():
     with fake_engine(counter_skew=-1) as srv:
         with pytest.raises(KitFailure, match="rose by 124 but 4 requests returned 128"):
             metrics.check_generation_counter(srv, **LOAD, deadline_s=0.1)
+
+
+def test_a_starved_sampler_is_reported_as_such_not_as_a_dead_gauge():
+    # Load that ends within one scrape interval: the sampler sees it once per
+    # round, too few times to call the gauge dead -- the kit says it could not tell.
+    with fake_engine(bad_rank=0) as srv:
+        with pytest.raises(KitFailure, match=r"only [1-4] scrapes while load ran \(3 rounds\): "
+                                             r"the sampler was starved"):
+            metrics.check_gauges_return_to_zero(srv, requests=1, concurrency=1, max_tokens=1)
