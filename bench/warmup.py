@@ -59,16 +59,6 @@ LOADED = re.compile(r"Directly load AOT compilation from path")
 SPEC_TESTS = "\n".join(
     f"@pytest.mark.model('bench-model-{i}', args=['--max-num-seqs', '{i}'])\ndef test_{i}(server): pass\n"
     for i in range(1, 6))
-# The warm path as `invoke warmup` runs it, in a fresh interpreter.
-WARM_CLI = """
-import sys, time, logging
-t0 = time.perf_counter()
-from ci import runners, warmup
-from ci.backends import generic
-results = warmup.warmup("cpu", tests=sys.argv[1], backend=generic(sys.argv[2], name="bench-fake"),
-                        root=sys.argv[3], log_dir=sys.argv[4])
-print("states", ",".join(r.state for r in results), "in-process", round(time.perf_counter() - t0, 3))
-"""
 
 
 def load() -> str:
@@ -81,18 +71,23 @@ def warm_path(tmp: Path) -> bool:
     (tests / "test_bench_specs.py").write_text("import pytest\n\n" + SPEC_TESTS)
     template = f"{{python}} {shlex.quote(str(FAKE))} --port {{port}} --model {{model}}"
     root, logs = tmp / "cache", tmp / "logs"
-    first = warmup.warmup("cpu", tests=tests, backend=generic(template, name="bench-fake"), root=root, log_dir=logs)
+    first = warmup.warmup("cpu", tests=tests, backend=generic(template), root=root, log_dir=logs)
     assert [r.state for r in first] == ["cold"] * 5, warmup.format_table(first)
+    # The warm path exactly as `invoke warmup` runs it (python -m ci.warmup in
+    # the session's venv), in a fresh interpreter: imports, pytest collection
+    # of the specs, version key, marker checks.
+    argv = [sys.executable, "-m", "ci.warmup", "--profile", "cpu", "--tests", str(tests),
+            "--backend", f"generic:{template}", "--log-dir", str(logs)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WARM_CLI, str(tests), template, str(root), str(logs)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KILN_CACHE_DIR": str(root)})
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         sys.exit(f"warm path failed:\n{done.stderr[-2000:]}")
-    states = done.stdout.split()[1]
+    states = ",".join(m.group(1) for m in re.finditer(r"  (warm|cold|FAILED)  ", done.stdout))
     launched = len(list(logs.glob("server-*.log"))) - 5
     ok = states == ",".join(["warm"] * 5) and launched == 0 and wall <= WARM_GOAL_S
     print(f"warm path, 5 marked specs: {wall:.2f} s wall (fresh interpreter: imports + pytest collection "
