@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 # Stands for "the port" in the engine command recorded in a marker (ports
 # change every launch; a real port never is this one in a key).
 _PORT_TOKEN = 65535
+_AUTO = object()  # "build the default" for injectable arguments
 
 MARKER_FORMAT = 1
 # The one request each warmup sends: short, so warmup compiles the serving
@@ -183,20 +184,9 @@ class _Run:
     request_timeout_s: float
     server_factory: Callable[..., Server]
     vendor: str
+    memory: object = None  # ci.gpumem.DeviceMemoryGuard on GPU runners
     live: dict = field(default_factory=dict)  # id(job) -> Server, for cancellation
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _device_env(vendor: str, devices: Sequence[int]) -> dict[str, str]:
-    if vendor == "nvidia":
-        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    if vendor == "amd":
-        # ROCR picks physical devices; HIP/CUDA_VISIBLE_DEVICES inherited from the
-        # job would re-narrow that set, so they are set to "all of those".
-        logical = ",".join(str(i) for i in range(len(devices)))
-        return {"ROCR_VISIBLE_DEVICES": ",".join(map(str, devices)), "HIP_VISIBLE_DEVICES": logical,
-                "CUDA_VISIBLE_DEVICES": logical}
-    return {}
 
 
 def _request(server: Server, timeout_s: float) -> None:
@@ -224,11 +214,13 @@ def _warm_one(job: _Job, devices: tuple[int, ...], run: _Run) -> WarmupResult:
     job.started = time.monotonic()
     server = None
     try:
-        env = {**caches.engine_cache_env(run.backend.name, run.root), **dict(run.profile.env),
-               **_device_env(run.vendor, devices)}
+        # The same env the e2e pool gives servers (caches first, the profile's
+        # env over them); Server narrows the devices from ``vendor``.
+        env = {**caches.engine_cache_env(run.backend.name, run.root), **dict(run.profile.env)}
         server = run.server_factory(run.backend, job.model_ref, tp=job.spec.tp, args=job.args, env=env,
                                     log_dir=run.log_dir, launch_timeout_s=run.launch_timeout_s,
-                                    devices=devices, key=job.spec.label)
+                                    devices=devices, vendor=run.vendor, memory=run.memory,
+                                    key=job.spec.label)
         with run.lock:
             run.live[id(job)] = server
         job.enter("launching", f" on GPUs {list(devices)}" if devices else "")
@@ -335,16 +327,25 @@ def _schedule(jobs: list[_Job], run: _Run, visible: Sequence[int], results: dict
                 results[id(job)] = fut.result()
 
 
+def _memory_guard(discovery):
+    """The e2e pool's device-memory guard: baseline before launch, wait for release after stop."""
+    from ci import gpumem  # noqa: PLC0415  (GPU runners only)
+    from ci.gpu_telemetry import telemetry_for  # noqa: PLC0415
+    return gpumem.DeviceMemoryGuard(telemetry_for(discovery), gpumem.ReleaseLedger(gpumem.ledger_dir()))
+
+
 def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend: BackendSpec | str | None = None,
                root: Path | None = None, cold: bool = False, strict: bool = False, log_dir: Path | None = None,
                launch_timeout_s: float | None = None, request_timeout_s: float = REQUEST_TIMEOUT_S,
                server_factory: Callable[..., Server] = Server, discovery=None,
-               hardware: dict[str, str] | None = None) -> list[WarmupResult]:
+               hardware: dict[str, str] | None = None, memory: object = _AUTO) -> list[WarmupResult]:
     """Warm every spec whose marker is missing or stale; return one result per spec, in order.
 
     ``cold`` clears kiln's caches (and so the markers) of the specs' engine
     first. ``strict`` raises WarmupFailed after all specs ran if any failed.
-    ``server_factory``, ``discovery`` and ``hardware`` are injection points.
+    ``server_factory``, ``discovery``, ``hardware`` and ``memory`` (the
+    device-memory guard; by default the one the e2e pool uses, on GPU
+    runners) are injection points.
     """
     backend = get_backend(backend or profile.backend) if not isinstance(backend, BackendSpec) else backend
     specs = [dataclasses.replace(s, backend=backend.name) for s in specs]
@@ -363,6 +364,8 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
             from ci import gpu  # noqa: PLC0415
             discovery = gpu.discover()
         visible = discovery.visible
+    if memory is _AUTO:
+        memory = _memory_guard(discovery) if vendor != "cpu" else None
     if hardware is None:
         hardware = warmup_key.hardware_facts(vendor, discovery=discovery)
     distributions = tuple(dict.fromkeys((*backend.distributions, *warmup_key.VERSIONED_DISTRIBUTIONS)))
@@ -386,7 +389,7 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
             jobs.append(job)
             results[n] = None  # filled below
     run = _Run(backend, profile, root, log_dir or REPO / "reports" / "logs" / "warmup",
-               launch_timeout_s or profile.launch_timeout_s, request_timeout_s, server_factory, vendor)
+               launch_timeout_s or profile.launch_timeout_s, request_timeout_s, server_factory, vendor, memory)
     ran = iter(_execute(jobs, run, visible)) if jobs else iter(())
     ordered = [results[n] or next(ran) for n in range(1, len(specs) + 1)]
     failed = [r for r in ordered if r.state == "failed"]

@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--shutdown-traceback", action="store_true")
     ap.add_argument("--fill-cache", action="store_true")
     a, _unknown = ap.parse_known_args()  # launch args the harness appends are accepted and ignored
-    print(f"crashy engine pid {os.getpid()} model {a.model}", flush=True)
+    print(f"crashy engine pid {os.getpid()} model {a.model} "
+          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}", flush=True)
     if a.fill_cache:
         for var in CACHE_VARS:
             if os.environ.get(var):

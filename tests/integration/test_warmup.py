@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -209,16 +210,17 @@ def test_specs_run_concurrently_on_disjoint_gpus(tmp_path):
     factory = Factory()
     t0 = time.monotonic()
     results = warm(specs, crashy("--ready-after 1.0"), tmp_path, factory, profile=profile,
-                   discovery=discovery, hardware={"gpu_names": "fake", "driver": "0"})
+                   discovery=discovery, hardware={"gpu_names": "fake", "driver": "0"}, memory=None)
     elapsed = time.monotonic() - t0
     assert [r.state for r in results] == ["cold", "cold", "cold", "failed"]
     assert results[3].error == "needs 4 GPU(s); 2 visible"
     serial = sum(s.record.stopped - s.record.launched for s in factory.servers)
     assert elapsed < serial, f"not concurrent: {elapsed:.1f} s for {serial:.1f} s of launches"
-    spans = [(s.record.launched, s.record.stopped, tuple(s.devices), s.extra_env["CUDA_VISIBLE_DEVICES"])
-             for s in factory.servers]
+    # What each engine process saw, from its own log.
+    seen = [re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", s.log_tail()).group(1) for s in factory.servers]
+    spans = [(s.record.launched, s.record.stopped, tuple(s.devices), v) for s, v in zip(factory.servers, seen)]
     for a in spans:
-        assert a[3] == ",".join(map(str, a[2])) and len(a[2]) == 1
+        assert len(a[2]) == 1 and a[3] == str(a[2][0]), a
     overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
     assert overlapping, "no two warmups overlapped"
     assert all(a[2] != b[2] for a, b in overlapping), "overlapping warmups shared a GPU"
