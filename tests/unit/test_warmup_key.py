@@ -209,11 +209,14 @@ def test_engine_python():
 
 
 def test_probe_in_another_interpreter_runs_the_stdlib_probe(tmp_path):
-    # A symlink to this interpreter is "another path": the probe runs as a
+    # Another path to this interpreter: the probe runs as a
     # child (python -I ci/warmup_key.py --probe), exactly as for a foreign venv,
     # and must agree with the in-process answer.
+    # A wrapper script, not a symlink: a symlink outside the venv's bin/ loses
+    # the venv (pyvenv.cfg is looked up beside the link) and sees other packages.
     alias = tmp_path / "python3"
-    os.symlink(sys.executable, alias)
+    alias.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    alias.chmod(0o755)
     dists = ("pytest", "psutil", "no-such-distribution")
     child = wk.probe(str(alias), dists)
     assert child == wk.probe(sys.executable, dists)
