@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import alloc, gpu, gpu_smi, gpumem, runners
+from ci import alloc, caches, gpu, gpu_smi, gpumem, runners
 from ci.backends import get_backend
 from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
@@ -73,16 +73,24 @@ def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     return name, ()
 
 
+def launch_args(profile: runners.Profile, key: ServerKey) -> tuple[str, tuple[str, ...]]:
+    """(model reference, full launch args) for ``key`` on ``profile`` — warmup uses the same."""
+    model, naming = resolve_model(key.model)
+    return model, (*profile.server_args, *naming, *key.args)
+
+
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     profile = profile_of(config)
     backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
     log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
 
     def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
-        model, naming = resolve_model(key.model)
+        model, args = launch_args(profile, key)
         return Server(
-            backend, model, tp=key.tp, args=(*profile.server_args, *naming, *key.args),
-            env=dict(profile.env), log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
+            backend, model, tp=key.tp, args=args,
+            # The caches `invoke warmup` filled: same dirs, same env order.
+            env={**caches.engine_cache_env(backend.name, caches.default_root()), **profile.env},
+            log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
             key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
         )
 

@@ -94,6 +94,6 @@ def select(specs: Sequence[WarmupSpec], models: Sequence[str]) -> list[WarmupSpe
 
 def launch_args(profile: runners.Profile, spec: WarmupSpec) -> tuple[str, tuple[str, ...]]:
     """(model reference, full launch args) exactly as ci.pytest_plugin's factory builds them."""
-    from ci.pytest_plugin import resolve_model  # noqa: PLC0415  (pulls pytest in; only when planning)
-    model, naming = resolve_model(spec.model)
-    return model, (*profile.server_args, *naming, *spec.args)
+    from ci.pool import ServerKey  # noqa: PLC0415
+    from ci.pytest_plugin import launch_args as plugin_launch_args  # noqa: PLC0415  (pulls pytest in)
+    return plugin_launch_args(profile, ServerKey(spec.model, spec.tp, tuple(spec.args)))
