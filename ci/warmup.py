@@ -25,27 +25,23 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import hashlib
-import json
 import logging
 import os
 import platform
-import re
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import filelock
 import requests
 
 from ci import alloc, caches, runners, warmup_key
 from ci.backends import BackendSpec, get_backend
 from ci.crashwatch import CrashWatch
 from ci.server import Server
+from ci.warmup_markers import MARKER_FORMAT, marker_path, read_marker, write_marker  # noqa: F401
 from ci.warmup_specs import (  # noqa: F401  (re-exported: the warmup API in one import)
     REPO, WarmupError, WarmupSpec, collect_specs, launch_args, load_specs, select,
 )
@@ -57,7 +53,6 @@ log = logging.getLogger(__name__)
 _PORT_TOKEN = 65535
 _AUTO = object()  # "build the default" for injectable arguments
 
-MARKER_FORMAT = 1
 # The one request each warmup sends: short, so warmup compiles the serving
 # path (prefill + a few decode steps) without turning into a benchmark.
 WARMUP_PROMPT = "Hello, warmup."
@@ -70,8 +65,6 @@ REQUEST_CONNECT_TIMEOUT_S = 5.0
 # Progress line cadence: often enough that a 40-minute cold compile visibly
 # lives in CI logs, rarely enough not to bury the engine's own lines.
 PROGRESS_INTERVAL_S = 15.0
-# Marker writes take milliseconds; a lock held this long belongs to a hung process.
-MARKER_LOCK_TIMEOUT_S = 60.0
 
 
 class WarmupFailed(WarmupError):
@@ -93,65 +86,6 @@ class WarmupResult:
     error: str | None = None
     log_path: Path | None = None
     devices: tuple[int, ...] = ()
-
-
-# ---------------------------------------------------------------- markers
-
-def marker_path(root: Path | None, spec: WarmupSpec) -> Path:
-    """One marker file per spec, inside its engine's cache tree (cleared with it)."""
-    ident = hashlib.sha256(json.dumps([spec.backend, spec.model, spec.tp, list(spec.args)]).encode()).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec.model}-tp{spec.tp}")[-60:]
-    return caches.markers_dir(spec.backend, root) / f"{slug}-{ident[:16]}.json"
-
-
-def read_marker(path: Path, key: str, current: dict[str, str] | None = None) -> dict | None:
-    """The marker if it is a whole kiln marker for ``key``; None (logged) when absent, torn or foreign."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.warning("marker %s unreadable (%s); treating as absent", path, exc)
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        log.warning("marker %s is torn or not JSON (%d bytes); treating as absent", path, len(text))
-        return None
-    if not (isinstance(data, dict) and data.get("format") == MARKER_FORMAT
-            and isinstance(data.get("components"), dict) and isinstance(data.get("key"), str)):
-        log.warning("marker %s is not a kiln warmup marker (format %r); treating as absent", path,
-                    data.get("format") if isinstance(data, dict) else type(data).__name__)
-        return None
-    if data["key"] != key:
-        changed = warmup_key.diff(data["components"], current or {}) if current else []
-        log.warning("marker %s is for another version key; treating as absent%s", path,
-                    f" (changed: {'; '.join(changed)})" if changed else "")
-        return None
-    return data
-
-
-def write_marker(path: Path, record: dict) -> None:
-    """Write ``record`` atomically (temp file + rename) under the markers' lock.
-
-    The rename makes a reader see the old marker or the new one, never half;
-    the lock orders writers and lets each sweep temp files a killed writer left.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(path.parent / ".lock"), timeout=MARKER_LOCK_TIMEOUT_S):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
 
 # ---------------------------------------------------------------- running
