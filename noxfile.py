@@ -11,7 +11,6 @@ JIT warmup in the session's venv instead of the tests (what `invoke warmup` call
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
