@@ -9,6 +9,7 @@ at a time, timing each; round 2 launches N again and times one ``stop_many``.
 from __future__ import annotations
 
 import argparse
+import os
 import concurrent.futures
 import sys
 import tempfile
@@ -22,6 +23,14 @@ from ci.backends import get_backend  # noqa: E402
 from ci.server import Server, stop_many  # noqa: E402
 
 GOAL_RATIO = 1.25
+USER_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s() -> float:
+    """Host-wide busy CPU seconds so far (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / USER_HZ
 # Four engines launching at once on 2 cores take several minutes.
 LAUNCH_TIMEOUT_S = 900.0
 
@@ -46,19 +55,24 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=4)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        singles = []
+        singles, single_cpu = [], []
         for s in launch(a.servers, Path(tmp)):
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), busy_cpu_s()
             s.stop()
             singles.append(time.monotonic() - t0)
+            single_cpu.append(busy_cpu_s() - c0)
         servers = launch(a.servers, Path(tmp))
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), busy_cpu_s()
         stop_many(servers)
         many = time.monotonic() - t0
+        many_cpu = busy_cpu_s() - c0
+    cores = os.cpu_count() or 1
     for i, t in enumerate(singles):
-        print(f"single stop {i}: {t:6.2f} s")
+        print(f"single stop {i}: {t:6.2f} s wall, {single_cpu[i]:5.2f} s busy CPU (host)")
     print(f"one by one, total: {sum(singles):6.2f} s")
-    print(f"stop_many of {a.servers}: {many:6.2f} s")
+    print(f"stop_many of {a.servers}: {many:6.2f} s wall, {many_cpu:5.2f} s busy CPU (host); "
+          f"CPU-bound floor on {cores} cores: {many_cpu / cores:.2f} s")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     ratio = many / max(singles)
     print(f"stop_many / slowest single = {ratio:.2f}x (goal <= {GOAL_RATIO}x): "
           f"{'OK' if ratio <= GOAL_RATIO else 'MISSED'}; vs one by one: {sum(singles) / many:.1f}x faster")
