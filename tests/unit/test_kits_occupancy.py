@@ -32,7 +32,7 @@ def test_busy_mode_sets_aside_publication_lag_at_the_edges(capsys):
     # with the first output): those samples are not idleness.
     with fake_engine(backend=FAKE_VLLM_LIKE, publish_lag_s=0.05, **SLOW) as srv:
         result = occupancy.check_occupancy(srv, threshold=0.95, min_samples=3, mode="busy", **FAST)
-    assert result.statistic == 1.0 and result.outside_span >= 2
+    assert result.statistic == 1.0 and result.outside_span >= 1
     assert "(outside the busy span)" in capsys.readouterr().out
 
 
@@ -147,8 +147,9 @@ def test_several_long_requests_run_at_once_and_are_all_awaited():
     with fake_engine(**SLOW) as srv:
         result = occupancy.check_occupancy(srv, threshold=0.97, min_samples=3, long_requests=3,
                                            **FAST)
-        # warmup + 3 long requests, all finished before the kit returned.
-        assert srv.state.requests == 4 and srv.state.active == 0
+        rounds = max(s.round for s in result.samples)
+        # warmup + 3 long requests per round, all finished before the kit returned.
+        assert srv.state.requests == 1 + 3 * rounds and srv.state.active == 0
     assert result.statistic == pytest.approx(0.99)
 
 
