@@ -150,6 +150,8 @@ def test_plugin_shares_servers_releases_on_failure_and_stops_all(tmp_path):
     out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
     assert child.returncode == 1, out  # test_fail failed, as planned
     assert "1 failed, 2 passed" in out
+    # The failing test's report carries its server's log tail.
+    assert "kiln server fake|tp=1|--a — last" in out and "fault engine pid" in out
     tags = _tags(tmp_path)
     assert len(tags) == 2, "two keys -> two servers, shared across tests"
     assert all(procs.tagged(t) == [] for t in tags)
@@ -213,5 +215,5 @@ def test_all_skipped_for_capacity_fails_loudly_instead_of_green(tmp_path):
     # No GPU here (and CUDA_VISIBLE_DEVICES=-1): every test of a GPU profile skips.
     out = _run_capacity(tmp_path, "h100-1")
     assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
-    assert "all 3 e2e tests were skipped for capacity on profile h100-1" in out.stderr
+    assert "all 3 e2e tests were skipped (3 for capacity) on profile h100-1" in out.stderr
     assert "0 GPU(s) available" in out.stderr
