@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,12 @@ def test_plan_raises_when_even_evicting_everything_is_short():
 def test_plan_rejects_inconsistent_input():
     with pytest.raises(ValueError, match="holds devices reported free"):
         plan([0], 2, idle=IDLE)
+
+
+def test_real_two_gpu_h200_capture_parses_as_nvlinked():
+    # Captured with `nvidia-smi topo -m` on a 2 x H200 device machine (docs/gpu-verification.md).
+    text = (Path(__file__).resolve().parents[1] / "fixtures" / "topo" / "h200x2.txt").read_text()
+    topo = parse_topo(text)
+    assert topo.nvlinked(0, 1)
+    assert dict(topo.numa) == {0: 0, 1: 0}
+    assert choose({0, 1}, 2, topo) == (0, 1)
