@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from ci import alloc, caches, gpu, gpu_smi, gpumem, known_issues, runners
+from ci import alloc, caches, gpu, gpu_smi, gpumem, known_issues, runners, warmup_markers
 from ci.backends import get_backend
 from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
 from ci.server import Server
+from ci.warmup_specs import WarmupSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,17 @@ def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
 
     def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
         model, args = launch_args(profile, key)
+        # A launch that relies on caches `invoke warmup` filled: if it fails,
+        # the report suggests `invoke warmup --cold` (a poisoned cache).
+        spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)
+        warm = warmup_markers.marker_path(caches.default_root(), spec).exists()
         return Server(
             backend, model, tp=key.tp, args=args,
             # The caches `invoke warmup` filled: same dirs, same env order.
             env={**caches.engine_cache_env(backend.name, caches.default_root()), **profile.env},
             log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
             key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
+            warm_dependent=warm,
         )
 
     return make

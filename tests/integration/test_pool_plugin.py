@@ -21,6 +21,8 @@ from ci import procs
 from ci.backends import generic
 from ci.pool import PoolError, ServerKey, ServerPool
 from ci.server import Server, ServerExited
+from ci.warmup_markers import marker_path
+from ci.warmup_specs import WarmupSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_ENGINE = ROOT / "tests" / "fakes" / "fault_engine.py"
@@ -130,7 +132,8 @@ TEST_FILE = textwrap.dedent('''
 
 def _run_child(tmp_path: Path, *extra: str, block: bool = False):
     (tmp_path / "test_child.py").write_text(TEST_FILE)
-    env = {**os.environ, "TAGS_FILE": str(tmp_path / "tags"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TAGS_FILE": str(tmp_path / "tags"), "PYTHONPATH": str(ROOT),
+           "KILN_CACHE_DIR": str(tmp_path / "cache")}
     if block:
         env["BLOCK"] = str(tmp_path / "blocked")
     argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_child.py"), "-p", "ci.pytest_plugin",
@@ -146,6 +149,10 @@ def _tags(tmp_path: Path) -> set[str]:
 
 
 def test_plugin_shares_servers_releases_on_failure_and_stops_all(tmp_path):
+    # A warmup marker for one key: its launch depends on warmed caches.
+    marker = marker_path(tmp_path / "cache", WarmupSpec("fake", 1, ("--a",), "generic"))
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
     child = _run_child(tmp_path)
     out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
     assert child.returncode == 1, out  # test_fail failed, as planned
@@ -158,6 +165,7 @@ def test_plugin_shares_servers_releases_on_failure_and_stops_all(tmp_path):
     records = json.loads((tmp_path / "reports" / "servers-e2e-cpu.json").read_text())
     assert sorted(len(r["tests"]) for r in records) == [1, 2]
     assert all(r["stopped"] and r["ready"] for r in records)
+    assert {r["key"]: r["warm_dependent"] for r in records} == {"fake|tp=1|--a": True, "fake|tp=1|--b": False}
     junit = (tmp_path / "junit.xml").read_text()
     assert 'name="kiln_server" value="fake|tp=1|--a"' in junit
 
