@@ -59,6 +59,11 @@ def _split_warmup_flags(posargs: list[str]) -> tuple[list[str] | None, list[str]
     return flags + models, []
 
 
+def _names_tests(arg: str) -> bool:
+    """True when a posarg selects tests (a path or node id), not an option or its value."""
+    return not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()
+
+
 def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     from ci import shard as sharding  # noqa: PLC0415  (only e2e sessions shard)
 
@@ -75,7 +80,9 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         return
     shard_spec, posargs = sharding.split_shard_arg(posargs)
     junit = REPORTS / f"junit-{profile.session}.xml"
-    targets = posargs or ["tests/e2e"]
+    # Options alone (`-- -x --kiln-backend ...`) still mean the e2e suites, not
+    # pytest's testpaths (which would pull in kiln's own unit tests).
+    targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]
     if shard_spec is not None:
         targets = sharding.select_for_session(session, targets, shard_spec, REPORTS)
     session.run(
