@@ -29,9 +29,14 @@ WORKDIR = "/workspace"
 # NCCL/RCCL move intra-node traffic through /dev/shm; Docker's 64 MiB default
 # fails tensor-parallel init on multi-GPU runners.
 GPU_SHM_SIZE = "16g"
+# vLLM-CPU's engine core moves its messages through /dev/shm too: with Docker's
+# 64 MiB default the tiny model already failed ("160 MiB required, 64 MiB free").
+CPU_SHM_SIZE = "2g"
 # Keeps the container alive for `docker exec` without relying on the image's
-# entrypoint (vllm-openai's would start a server).
-KEEPALIVE = ("sleep", "infinity")
+# entrypoint (vllm-openai's would start a server). A bare `sleep` as PID 1
+# ignores SIGTERM, so every stop waited the full SIGKILL timeout (30 s); the
+# trap makes the shell end at once on `docker stop`.
+KEEPALIVE = ("sh", "-c", "trap 'exit 0' TERM; sleep infinity & wait")
 # Warmup of five models cold took ~45 min in sglang #24253; the e2e suites of
 # an 8-GPU profile run for hours. These bound a wedged step, not a slow one.
 WARMUP_STEP_TIMEOUT_S = 3 * 3600.0
@@ -103,7 +108,7 @@ def container_spec_args(opts: Options, env: dict) -> dict:
     passed = {k: env[k] for k in PASSTHROUGH_ENV if k in env}
     return dict(
         image=opts.image or p.image, run_tag=opts.run_tag, vendor=p.vendor,
-        device_ids=opts.devices, shm_size=GPU_SHM_SIZE if p.gpus else None, mounts=mounts,
+        device_ids=opts.devices, shm_size=GPU_SHM_SIZE if p.gpus else CPU_SHM_SIZE, mounts=mounts,
         env={**passed, "KILN_PROFILE": p.name, "PYTHONUNBUFFERED": "1"},
         command=KEEPALIVE, entrypoint=("/usr/bin/env",),
     )
