@@ -1,0 +1,112 @@
+"""`invoke ci --dry-run` as an engineer runs it: the commands of every step, in order, and nothing run.
+
+Each test runs the real task in a subprocess from the repo root, with
+secrets in its environment and DOCKER_HOST pointing at a socket that does
+not exist: a dry run that touched Docker (pull, start) would fail there.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# One `invoke ci --dry-run` imports the chain and discovers GPUs: ~1 s here;
+# the bound only stops a hung subprocess from hanging the suite.
+INVOKE_TIMEOUT_S = 60.0
+PYTEST_ID = "tests/e2e/test_api.py::test_chat[two words]"
+STEP_RE = re.compile(r"^\[kiln ci\] step (\d+) (\w+): (.*)$")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _invoke_ci(tmp_path: Path, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "KILN_", "GITHUB_"))}
+    # No daemon behind this socket: anything the dry run tried to do with Docker would fail.
+    env["DOCKER_HOST"] = f"unix://{tmp_path}/no-docker.sock"
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "invoke", "ci", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=INVOKE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+
+
+def _steps(stdout: str) -> list[tuple[int, str, str]]:
+    return [(int(m[1]), m[2], m[3]) for m in map(STEP_RE.match, stdout.splitlines()) if m]
+
+
+def _in_container(shown: str) -> list[str]:
+    """The words of the command a `docker exec ... sh -c '<bootstrap> && <command>'` step runs."""
+    outer = shlex.split(shown)
+    assert outer[:7] == ["docker", "exec", "-w", "/workspace", "<container>", "sh", "-c"], shown
+    inner = shlex.split(outer[7])
+    return inner[len(inner) - inner[::-1].index("&&"):]
+
+
+@pytest.fixture
+def secret_env() -> dict[str, str]:
+    """Credentials a runner has in its environment (random, so a hit cannot be a coincidence)."""
+    return {
+        "KILN_REGISTRY_USER": "kiln-bot",
+        "KILN_REGISTRY_PASSWORD": "regpw-" + secrets.token_hex(12),
+        "HF_TOKEN": "hf_" + secrets.token_hex(16),
+        "GITHUB_TOKEN": "ghs_" + secrets.token_hex(18),
+    }
+
+
+def test_h100_4_dry_run_prints_every_step_in_order_with_devices_and_no_secret(tmp_path, secret_env):
+    report = ROOT / "reports" / "report-e2e-h100-4.md"
+    before = report.stat().st_mtime_ns if report.exists() else None
+
+    done = _invoke_ci(tmp_path, "--profile", "h100-4", "--dry-run", "--", PYTEST_ID, extra_env=secret_env)
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    steps = _steps(done.stdout)
+    assert [(n, name) for n, name, _ in steps] == [(1, "pull"), (2, "start"), (3, "warmup"), (4, "e2e"),
+                                                   (5, "report")], done.stdout
+    shown = {name: cmd for _, name, cmd in steps}
+
+    # Nothing ran: no step reports a result, nothing failed, no report was rendered.
+    assert " ok in " not in out and "FAILED" not in out, out
+    assert (report.stat().st_mtime_ns if report.exists() else None) == before
+
+    # No secret value anywhere; the passed-through token is named, not expanded.
+    for name, value in secret_env.items():
+        if name != "KILN_REGISTRY_USER":
+            assert value not in out, f"{name}'s value leaked into the dry-run output"
+    assert "HF_TOKEN=$HF_TOKEN" in shown["start"]
+
+    assert shown["pull"].startswith("invoke pull docker.io/vllm/vllm-openai:")
+    start = shlex.split(shown["start"])
+    assert start[:3] == ["invoke", "start", "docker.io/vllm/vllm-openai:v0.11.0"]
+    assert start[start.index("--vendor") + 1] == "nvidia"
+    assert [start[i + 1] for i, w in enumerate(start) if w == "--device"] == ["0", "1", "2", "3"]
+    assert start[start.index("--shm-size") + 1] == "16g"
+    assert f"{ROOT}=/workspace" in [start[i + 1] for i, w in enumerate(start) if w == "--mount"]
+
+    # warmup and e2e run in the container, in the profile's nox session, after nox's bootstrap.
+    assert _in_container(shown["warmup"]) == ["python3", "-m", "nox", "-s", "e2e-h100-4", "--", "--kiln-warmup"]
+    # The pytest id with a space and brackets comes out as one argument, byte for byte.
+    assert _in_container(shown["e2e"]) == ["python3", "-m", "nox", "-s", "e2e-h100-4", "--", PYTEST_ID]
+    assert shown["report"] == "invoke report --session e2e-h100-4"
+
+
+def test_cpu_dry_run_without_image_or_docker_says_it_runs_on_the_host(tmp_path):
+    done = _invoke_ci(tmp_path, "--profile", "cpu", "--dry-run", "--cold", "--", "tests/e2e/test_api.py")
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "running the steps on the host" in done.stdout
+    steps = _steps(done.stdout)
+    assert [name for _, name, _ in steps] == ["warmup", "e2e", "report"], done.stdout
+    shown = {name: cmd for _, name, cmd in steps}
+    assert shlex.split(shown["warmup"]) == ["python3", "-m", "nox", "-s", "e2e-cpu", "--", "--kiln-warmup",
+                                            "--kiln-cold"]
+    assert shlex.split(shown["e2e"]) == ["python3", "-m", "nox", "-s", "e2e-cpu", "--", "tests/e2e/test_api.py"]
+    assert "docker" not in done.stdout.replace("Docker engine", "")
+    assert " ok in " not in out and "FAILED" not in out, out
