@@ -95,6 +95,7 @@ class ServerRecord:
     tp: int
     devices: list[int]
     log_path: str
+    port: int | None = None
     launched: float | None = None
     ready: float | None = None
     stopped: float | None = None
@@ -212,6 +213,7 @@ class Server:
             self.memory.before_launch(self.devices)
         self._reservation = (ports.hold(self.requested_port) if self.requested_port
                              else ports.reserve())
+        self.record.port = self._reservation.port
         env = dict(os.environ)
         env.update(dict(self.backend.env))
         env.update(self.extra_env)
