@@ -94,8 +94,9 @@ def rerun_command(opts: Options, step: str) -> str:
     """What an engineer types to rerun just ``step`` of this chain."""
     if step == "warmup":
         return shlex.join(["invoke", "warmup", "--profile", opts.profile.name] + (["--cold"] if opts.cold else []))
-    return shlex.join(["nox", "-s", opts.session, "--"] + nox_args(opts, warmup=False)[
-        nox_args(opts, warmup=False).index("--") + 1:])
+    # The e2e nox command as run, minus the interpreter: `-R` stays when the
+    # chain reused the venv, so the rerun tests the same environment.
+    return shlex.join(["nox"] + nox_args(opts, warmup=False)[3:])
 
 
 def container_spec_args(opts: Options, env: dict) -> dict:
@@ -199,7 +200,8 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     in_container = bool(opts.image or p.image) and (opts.dry_run or opts.image is not None or
                                                     (docker_available or _docker_up)())
     if not in_container:
-        r.say(f"[kiln ci] {p.name}: no image and no Docker engine — running the steps on the host")
+        why = "no Docker engine" if (opts.image or p.image) else f"profile {p.name} has no image"
+        r.say(f"[kiln ci] {p.name}: {why} — running the steps on the host")
     mirrors = images.mirrors_from_env(opts.mirrors, env=r.env) if in_container else ()
     image = opts.image or p.image
     spec_args = container_spec_args(opts, r.env) if in_container else {}

@@ -189,7 +189,7 @@ def test_failing_e2e_step_still_removes_the_container_and_renders_the_report(doc
     assert len(failed) == 1 and failed[0].startswith("[kiln ci] FAILED at step e2e after "), done.stdout
     assert "e2e exited with 1 inside the container" in failed[0]
     rerun = re.search(r"^\[kiln ci\] rerun just this step: (.*)$", done.stdout, re.M)
-    assert rerun and shlex.split(rerun[1]) == ["nox", "-s", SESSION, "--", RED_TEST, "--kiln-backend",
+    assert rerun and shlex.split(rerun[1]) == ["nox", "-s", SESSION, "-R", "--", RED_TEST, "--kiln-backend",
                                                EXITING_BACKEND], done.stdout
     e2e = _section(done.stdout, "e2e")
     assert "rootdir: /workspace" in e2e and "exited with code 3" in e2e, e2e
