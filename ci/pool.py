@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ci import alloc
-from ci.server import Server, ServerError, stop_many
+from ci.crashwatch import CrashWatch
+from ci.server import Server, ServerError, ServerExited, stop_many
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ServerPool:
                 server = self._factory(key, self._place(key))
                 self.launches += 1
                 try:
-                    server.start()
+                    self._start_watched(server)
                 except ServerError as exc:
                     self._failed[key] = exc
                     self._retired.append(server)
@@ -106,6 +107,27 @@ class ServerPool:
                 raise PoolError(f"server {key} is already borrowed (e2e runs serially)")
             entry.busy = True
             return entry.server
+
+    @staticmethod
+    def _start_watched(server: Server) -> None:
+        """Start ``server``; a crash signature in its log ends the launch at once.
+
+        An engine whose worker died while the API process lingers would
+        otherwise hold the launch for its whole timeout (240 s on CPU, 10 min
+        on GPU) with the cause already in the log.
+        """
+        watch = CrashWatch(server).start()
+        try:
+            server.start()
+        except ServerError as exc:
+            watch.stop()
+            if watch.fired:
+                name, line = watch.fired
+                raise ServerExited(f"crash signature ({name}) in the log during launch: {line}",
+                                   exc.tail, exc.log_path) from exc
+            raise
+        finally:
+            watch.stop()  # before any later stop: shutdown tracebacks are not crashes
 
     def release(self, server: Server, nodeid: str | None = None) -> None:
         """Give a borrowed server back; ``nodeid`` is recorded for the report."""

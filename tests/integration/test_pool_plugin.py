@@ -225,3 +225,20 @@ def test_all_skipped_for_capacity_fails_loudly_instead_of_green(tmp_path):
     assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
     assert "all 3 e2e tests were skipped (3 for capacity) on profile h100-1" in out.stderr
     assert "0 GPU(s) available" in out.stderr
+
+
+def test_crash_signature_ends_a_launch_long_before_its_timeout(tmp_path):
+    # The engine prints a traceback and lingers without ever serving health.
+    crashy = ROOT / "tests" / "fakes" / "crashy_engine.py"
+
+    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
+        return Server(generic(f"{{python}} {shlex.quote(str(crashy))} --port {{port}} --health never --traceback-after 0.5"), key.model,
+                      log_dir=tmp_path, launch_timeout_s=60, grace_s=1, key=str(key))
+
+    pool = ServerPool(make)
+    t0 = time.monotonic()
+    with pytest.raises(ServerExited, match=r"crash signature \(Traceback\) in the log during launch"):
+        pool.acquire(ServerKey("m"))
+    assert time.monotonic() - t0 < 15, "the launch should end at the crash, not the 60 s timeout"
+    pool.close()
+    assert all(procs.tagged(s.tree.tag) == [] for s in pool.servers())
