@@ -59,21 +59,20 @@ _VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
 _ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
 
 
-def _nvidia(kind: str, n: int) -> Profile:
-    return Profile(
-        name=f"{kind}-{n}", vendor="nvidia", gpus=n, backend="vllm",
-        runner_label=f"linux-{kind}-{n}gpu", pool=kind,
-        launch_timeout_s=GPU_LAUNCH_TIMEOUT_S, test_timeout_s=GPU_TEST_TIMEOUT_S,
-        image=_VLLM_IMAGE, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
-    )
+# Per GPU vendor: (backend, image, launch timeout, per-test timeout).
+_VENDOR = {
+    "nvidia": ("vllm", _VLLM_IMAGE, GPU_LAUNCH_TIMEOUT_S, GPU_TEST_TIMEOUT_S),
+    "amd": ("sglang", _ROCM_IMAGE, AMD_LAUNCH_TIMEOUT_S, AMD_TEST_TIMEOUT_S),
+}
 
 
-def _amd(kind: str, n: int) -> Profile:
+def _gpu(vendor: str, kind: str, n: int) -> Profile:
+    backend, image, launch_s, test_s = _VENDOR[vendor]
     return Profile(
-        name=f"{kind}-{n}", vendor="amd", gpus=n, backend="sglang",
+        name=f"{kind}-{n}", vendor=vendor, gpus=n, backend=backend,
         runner_label=f"linux-{kind}-{n}gpu", pool=kind,
-        launch_timeout_s=AMD_LAUNCH_TIMEOUT_S, test_timeout_s=AMD_TEST_TIMEOUT_S,
-        image=_ROCM_IMAGE, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
+        launch_timeout_s=launch_s, test_timeout_s=test_s,
+        image=image, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
     )
 
 
@@ -94,10 +93,10 @@ def _build() -> Mapping[str, Profile]:
             # next to the test process with room to spare.
             max_live_servers=2,
         ),
-        *(_nvidia("h100", n) for n in (1, 2, 4, 8)),
-        *(_nvidia("h200", n) for n in (1, 2, 4, 8)),
-        *(_amd("mi300", n) for n in (1, 2, 4, 8)),
-        _amd("mi325", 8),
+        *(_gpu("nvidia", "h100", n) for n in (1, 2, 4, 8)),
+        *(_gpu("nvidia", "h200", n) for n in (1, 2, 4, 8)),
+        *(_gpu("amd", "mi300", n) for n in (1, 2, 4, 8)),
+        _gpu("amd", "mi325", 8),
     ]
     return MappingProxyType({p.name: p for p in rows})
 
