@@ -207,6 +207,10 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     spec_args = container_spec_args(opts, r.env) if in_container else {}
     holder: dict = {}
     failed: StepFailed | None = None
+    junit = opts.workspace / "reports" / f"junit-{opts.session}.xml"
+    if not opts.dry_run:
+        # A JUnit file left by an earlier run must never be reported as this one.
+        junit.unlink(missing_ok=True)
     try:
         if in_container:
             pull_cmd = shlex.join(["invoke", "pull", image] + [a for m in mirrors for a in ("--mirror", m)])
@@ -222,6 +226,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
                 shown = f"docker exec -w {WORKDIR} <container> sh -c {shlex.quote(inner)}"
                 action = _container_step(holder, inner, r, timeout, name)
             else:
+                argv = [sys.executable, *argv[1:]]  # the task runner's Python has nox
                 shown = shlex.join(argv)
                 action = _host_step(argv, opts.workspace, timeout, name)
             r.step(name, shown, rerun_command(opts, name), action)
@@ -232,7 +237,8 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
         if holder.get("container") is not None:
             code = holder["container"].stop()
             r.say(f"[kiln ci] container {holder['container'].name} stopped (exit {code}) and removed")
-        junit = opts.workspace / "reports" / f"junit-{opts.session}.xml"
+        if holder.get("client") is not None:
+            holder["client"].close()
         shown = f"invoke report --session {opts.session}"
         try:
             r.step("report", shown, shown, lambda: _report(reporting, junit, opts))

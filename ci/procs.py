@@ -12,6 +12,7 @@ A process without the tag is never signalled, whatever its command line.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,10 @@ KILL_DEADLINE_S = 10.0
 # Bounded poll interval for exit checks: short enough for the < 1 s crash
 # report, long enough not to spin a core.
 POLL_INTERVAL_S = 0.02
+# How often a stopping tree is rescanned by tag for processes forked during
+# shutdown: a /proc walk per tree per poll would cost more CPU than the
+# engines' own shutdown when many trees stop at once (stop_many on 2 cores).
+RESCAN_INTERVAL_S = 0.5
 
 
 class SurvivorsError(RuntimeError):
@@ -178,22 +183,43 @@ class ProcessTree:
         return self._stopped
 
     def _wait_gone(self, deadline: float) -> list[psutil.Process]:
-        """Wait until no tagged process is left (reaping the root); return survivors."""
+        """Wait until no tagged process is left (reaping the root); return survivors.
+
+        Processes found by the tag are then watched by pid: an exiting
+        process's environ can no longer be read, so a fresh scan would drop
+        it while it still holds memory or a port. The tag scan (a walk over
+        /proc) reruns only every RESCAN_INTERVAL_S and once more when all
+        known members are gone, to catch late forks.
+        """
+        known: dict[int, psutil.Process] = {}
+        if self.popen.returncode is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                known[self.pid] = psutil.Process(self.pid)
+        next_scan = 0.0
         while True:
             self._reap_root()
-            left = self.members()
-            # An exiting process's environ can no longer be read, so the tag
-            # scan drops it early; the root is also waited for by pid, or
-            # stop() returns while it still holds device memory.
-            if self.popen.returncode is None and all(p.pid != self.pid for p in left):
-                try:
-                    left.append(psutil.Process(self.pid))
-                except psutil.NoSuchProcess:
-                    pass
-            if not left or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= next_scan:
+                known.update({p.pid: p for p in self.members() if p.pid not in known})
+                next_scan = now + RESCAN_INTERVAL_S
+            left = [p for p in known.values() if self._alive(p)]
+            if not left:
+                late = [p for p in self.members() if p.pid not in known]
+                if not late:
+                    return []
+                known.update({p.pid: p for p in late})
+                continue
+            if now >= deadline:
                 return left
-            # Waiting on known members is cheap; rescanning catches late forks.
-            psutil.wait_procs(left, timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+            time.sleep(POLL_INTERVAL_S)
+
+    def _alive(self, proc: psutil.Process) -> bool:
+        if proc.pid == self.pid:
+            return self.popen.returncode is None  # our child: poll() keeps its exit code
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
     def _reap_root(self) -> None:
         # The root is our child: until it is reaped it is a zombie that still
