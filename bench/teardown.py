@@ -73,6 +73,9 @@ def main() -> None:
     print(f"stop_many of {a.servers}: {many:6.2f} s wall, {many_cpu:5.2f} s busy CPU (host); "
           f"CPU-bound floor on {cores} cores: {many_cpu / cores:.2f} s")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    floor = max(max(singles), many_cpu / cores)
+    print(f"stop_many / max(slowest single, CPU floor) = {many / floor:.2f}x "
+          f"(1.00x = as fast as this machine's cores allow)")
     ratio = many / max(singles)
     print(f"stop_many / slowest single = {ratio:.2f}x (goal <= {GOAL_RATIO}x): "
           f"{'OK' if ratio <= GOAL_RATIO else 'MISSED'}; vs one by one: {sum(singles) / many:.1f}x faster")
