@@ -31,6 +31,7 @@ import docker.types
 import requests
 import urllib3.exceptions
 
+from ci import logtail
 from ci.docker_client import DockerError, unavailable_from
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,7 @@ class _LogPump(threading.Thread):
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last ``lines`` lines of a log file ('' when there is none)."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return logtail.read_tail(path, lines) if path.exists() else ""
 
 
 class Container:

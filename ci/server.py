@@ -14,14 +14,13 @@ import re
 import shlex
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
 import requests
 
-from ci import gpu, ports, procs
+from ci import gpu, logtail, ports, procs
 from ci.backends import BackendSpec
 
 log = logging.getLogger(__name__)
@@ -36,9 +35,7 @@ HEALTH_POLL_INTERVAL_S = 0.25
 # exits before ready is reported well within the promised 1 s.
 EXIT_CHECK_INTERVAL_S = 0.05
 DEFAULT_LAUNCH_TIMEOUT_S = 240.0
-DEFAULT_TAIL_LINES = 50
-# Engine logs can hold ANSI colour codes and partial UTF-8 from progress bars.
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+DEFAULT_TAIL_LINES = logtail.DEFAULT_LINES
 
 
 class ServerError(RuntimeError):
@@ -70,20 +67,6 @@ class MemoryGuard(Protocol):
     def before_launch(self, devices: Sequence[int]) -> None: ...
 
     def wait_released(self, devices: Sequence[int], owner: str = "") -> object: ...
-
-
-def read_tail(path: Path, lines: int = DEFAULT_TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
-    """Last ``lines`` lines of a log file, ANSI stripped; reads at most ``max_bytes`` from the end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError as exc:
-        return f"<log unavailable: {exc}>"
-    text = _ANSI.sub("", data.decode("utf-8", errors="replace"))
-    return "\n".join(deque(text.splitlines(), maxlen=lines))
 
 
 @dataclass
@@ -185,7 +168,7 @@ class Server:
         return self.backend.command(self.model, self.port, self.tp, self.args)
 
     def log_tail(self, n: int | None = None) -> str:
-        return read_tail(self.log_path, n or self.tail_lines)
+        return logtail.read_tail(self.log_path, n or self.tail_lines)
 
     def _show_tail(self, event: str) -> None:
         log.info("server %s %s; last %d log lines of %s:\n%s", self.key, event, self.tail_lines,
