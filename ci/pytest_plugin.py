@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import alloc, caches, gpu, gpu_smi, gpumem, known_issues, runners, warmup_markers
-from ci.backends import get_backend
+from ci import alloc, caches, compat, gpu, gpu_smi, gpumem, known_issues, runners, warmup_markers
+from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
 from ci.server import Server
@@ -78,10 +78,29 @@ def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     return name, ()
 
 
-def launch_args(profile: runners.Profile, key: ServerKey) -> tuple[str, tuple[str, ...]]:
-    """(model reference, full launch args) for ``key`` on ``profile`` — warmup uses the same."""
+def launch_args(profile: runners.Profile, key: ServerKey,
+                backend: BackendSpec | None = None) -> tuple[str, tuple[str, ...]]:
+    """(model reference, full launch args) for ``key`` on ``profile`` — warmup uses the same.
+
+    With a ``backend`` whose version is known, flags the installed engine does
+    not accept are dropped with a warning when the profile added them, and
+    fail the launch (naming a version that has them) when the test asked for
+    them (ci.compat; the engine's --help is parsed once per version).
+    """
     model, naming = resolve_model(key.model)
-    return model, (*profile.server_args, *naming, *key.args)
+    args = (*profile.server_args, *naming, *key.args)
+    if backend is None or backend.version() is None:
+        return model, args  # a generic command: nothing to probe against
+    probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())
+    requested = [a.split("=", 1)[0] for a in (*naming, *key.args) if a.startswith("--")]
+    try:
+        return model, tuple(compat.filter_flags(probe, args, requested=requested))
+    except RuntimeError as exc:
+        if isinstance(exc, compat.FeatureUnavailable):
+            raise
+        # No usable --help: launch as asked; the engine rejects what it lacks, loudly.
+        log.warning("cannot probe %s flags (%s); launching with the args as given", backend.name, exc)
+        return model, args
 
 
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
@@ -90,7 +109,7 @@ def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
 
     def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
-        model, args = launch_args(profile, key)
+        model, args = launch_args(profile, key, backend)
         # A launch that relies on caches `invoke warmup` filled: if it fails,
         # the report suggests `invoke warmup --cold` (a poisoned cache).
         spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)

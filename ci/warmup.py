@@ -310,7 +310,7 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
     jobs: list[_Job] = []
     for n, spec in enumerate(specs, 1):
         t0 = time.monotonic()
-        model_ref, args = launch_args(profile, spec)
+        model_ref, args = launch_args(profile, spec, backend)
         parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=args,
                                       launch_env=launch_env, engine_distributions=backend.distributions,
                                       software=software, hardware=hardware, command=command)

@@ -92,8 +92,9 @@ def select(specs: Sequence[WarmupSpec], models: Sequence[str]) -> list[WarmupSpe
     return [s for s in specs if s.model in models]
 
 
-def launch_args(profile: runners.Profile, spec: WarmupSpec) -> tuple[str, tuple[str, ...]]:
+def launch_args(profile: runners.Profile, spec: WarmupSpec,
+                backend: object = None) -> tuple[str, tuple[str, ...]]:
     """(model reference, full launch args) exactly as ci.pytest_plugin's factory builds them."""
     from ci.pool import ServerKey  # noqa: PLC0415
     from ci.pytest_plugin import launch_args as plugin_launch_args  # noqa: PLC0415  (pulls pytest in)
-    return plugin_launch_args(profile, ServerKey(spec.model, spec.tp, tuple(spec.args)))
+    return plugin_launch_args(profile, ServerKey(spec.model, spec.tp, tuple(spec.args)), backend)
