@@ -115,6 +115,11 @@ class _BadRequest(Exception):
         self.status = status
 
 
+# Bounds for the fake's own request bookkeeping to settle after a response.
+IDLE_TIMEOUT_S = 5.0
+IDLE_POLL_S = 0.01
+
+
 class FakeEngine:
     """The fake server; also a ``server``-like object the kits accept."""
 
@@ -139,6 +144,17 @@ class FakeEngine:
                                         name="fake-engine", daemon=True)
         self._thread.start()
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def wait_idle(self, timeout_s: float = IDLE_TIMEOUT_S) -> int:
+        """Active requests once all have finished or ``timeout_s`` passed.
+
+        A handler thread counts its request done just after the last byte is
+        sent, so right after a client's read the count can still be 1.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.state.active and time.monotonic() < deadline:
+            time.sleep(IDLE_POLL_S)
+        return self.state.active
 
     def close(self) -> None:
         """Stop serving and free the port."""

@@ -1,8 +1,6 @@
 """Metric-gauge (occupancy) kit against the fake engine: passes, and fails for each right reason."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ci.kits import occupancy
@@ -11,9 +9,6 @@ from tests.fakes.openai_engine import FAKE_GAUGES, FAKE_VLLM_LIKE, fake_engine
 
 # The long request lasts ~0.18 s; scraping every 10 ms gives ~15 samples (3 needed).
 SLOW = {"token_delay_s": 0.003}
-# Bounds for the fake engine's own bookkeeping to settle after a response.
-IDLE_DEADLINE_S = 5.0
-IDLE_POLL_S = 0.01
 FAST = {"interval_s": 0.01, "long_max_tokens": 60, "target_samples": 3}
 
 
@@ -155,12 +150,7 @@ def test_several_long_requests_run_at_once_and_are_all_awaited():
         rounds = max(s.round for s in result.samples)
         # warmup + 3 long requests per round, all answered before the kit returned.
         assert srv.state.requests == 1 + 3 * rounds
-        # The fake's handler threads count a request done just after its last
-        # byte is sent, so "active" reaches 0 a moment after the client's read.
-        deadline = time.monotonic() + IDLE_DEADLINE_S
-        while srv.state.active and time.monotonic() < deadline:
-            time.sleep(IDLE_POLL_S)
-        assert srv.state.active == 0
+        assert srv.wait_idle() == 0
     assert result.statistic == pytest.approx(0.99)
 
 

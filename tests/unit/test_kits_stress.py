@@ -12,7 +12,7 @@ def test_concurrent_and_streaming_load_pass(capsys):
     with fake_engine(token_delay_s=0.001) as srv:
         outcomes = stress.check_concurrent(srv, requests=12, concurrency=4)
         stress.check_streaming_under_load(srv, requests=12, concurrency=4)
-        assert srv.state.requests == 24 and srv.state.active == 0
+        assert srv.state.requests == 24 and srv.wait_idle() == 0
     assert [o.completion_tokens for o in outcomes] == [stress.MAX_TOKENS] * 12
     assert "12/12 succeeded" in capsys.readouterr().out
 
