@@ -240,7 +240,12 @@ def _sample_round(server: ServerLike, c, rnd: int, gauge: str, accept_gauge: str
     def long_request() -> None:
         try:
             with client_for(server, timeout_s=LONG_REQUEST_TIMEOUT_S) as lc:
-                lc.completion(LONG_PROMPT, max_tokens=n_long, temperature=0, **extra)
+                # Streamed: vLLM's API server then yields to its event loop per
+                # token, so /metrics scrapes are answered while it decodes (a
+                # non-streamed request starved them for its whole length on 2 cores).
+                result = lc.stream_completion(LONG_PROMPT, max_tokens=n_long, temperature=0, **extra)
+                if not result.done:
+                    raise KitFailure("the long request's stream ended without [DONE]")
         except Exception as exc:  # reported by the main thread, with the samples
             with lock:
                 outcome.setdefault("error", str(exc).splitlines()[0] if str(exc) else repr(exc))

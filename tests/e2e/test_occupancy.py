@@ -10,4 +10,4 @@ def test_engine_stays_busy_during_a_long_request(server, kiln_profile):
     occupancy.check_occupancy(
         server, threshold=occ.threshold.value, min_samples=int(occ.min_samples.value),
         aggregation=occ.aggregation, mode=occ.mode, long_max_tokens=occ.long_max_tokens,
-        interval_s=occ.interval_s)
+        interval_s=occ.interval_s, max_rounds=occ.max_rounds)
