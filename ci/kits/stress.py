@@ -97,10 +97,16 @@ def check_concurrent(server: ServerLike, *, requests: int = REQUESTS,
         usage = check_usage(resp.get("usage"), where=f"request {i}", max_tokens=max_tokens)
         return usage["completion_tokens"]
 
+    return _load_and_check(server, one, f"{requests} concurrent completions", requests, concurrency,
+                           max_tokens if ignore_eos else None)
+
+
+def _load_and_check(server: ServerLike, one, title: str, requests: int, concurrency: int,
+                    expected: int | None) -> list[Outcome]:
+    """Run ``one`` under load, print the outcome table, then assert every request succeeded."""
     outcomes = run_concurrent(server, one, requests=requests, concurrency=concurrency)
-    expected = max_tokens if ignore_eos else None
-    _report(f"{requests} concurrent completions", outcomes, expected)
-    _assert_all_ok(f"{requests} concurrent completions", outcomes, expected, server)
+    _report(title, outcomes, expected)
+    _assert_all_ok(title, outcomes, expected, server)
     return outcomes
 
 
@@ -123,8 +129,5 @@ def check_streaming_under_load(server: ServerLike, *, requests: int = REQUESTS,
         usage = check_usage(res.usage(), where=f"stream {i}", max_tokens=max_tokens)
         return usage["completion_tokens"]
 
-    outcomes = run_concurrent(server, one, requests=requests, concurrency=concurrency)
-    expected = max_tokens if ignore_eos else None
-    _report(f"{requests} concurrent streams", outcomes, expected)
-    _assert_all_ok(f"{requests} concurrent streams", outcomes, expected, server)
-    return outcomes
+    return _load_and_check(server, one, f"{requests} concurrent streams", requests, concurrency,
+                           max_tokens if ignore_eos else None)
