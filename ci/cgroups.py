@@ -17,7 +17,8 @@ best that works here):
 * ``subreaper`` -- no cgroup (not root, read-only /sys/fs/cgroup in a
   container): the supervisor's descendants are the tree.
 
-Stdlib only: imported by the supervisor under ``python -I -S``.
+Stdlib only, and light (no pathlib/dataclasses: the supervisor imports this
+on every engine launch, under ``python -I -S``). Paths are plain strings.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 MODE_ENV = "KILN_CONTAINMENT"
 V2, V1, NONE = "cgroup-v2", "cgroup-v1", "subreaper"
@@ -73,53 +72,71 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
-def v2_base() -> Path | None:
+def _join(mount: str, own: str) -> str:
+    return mount if own in ("", "/") else mount + own.rstrip("/")
+
+
+def v2_base() -> str | None:
     """Our own cgroup in the v2 hierarchy, or None when there is none."""
     own = _own_paths().get("")
     for mount, fstype, _ in _mountinfo():
         if fstype == "cgroup2" and own is not None and not own.startswith("/.."):
-            return Path(mount + own.rstrip("/")) if own != "/" else Path(mount)
+            return _join(mount, own)
     return None
 
 
-def v1_base(controller: str = "freezer") -> Path | None:
+def v1_base(controller: str = "freezer") -> str | None:
     """Our own cgroup in the v1 hierarchy of ``controller``, or None."""
     own = _own_paths().get(controller)
     for mount, fstype, opts in _mountinfo():
         if fstype == "cgroup" and controller in opts.split(",") and own is not None:
-            return Path(mount + own.rstrip("/")) if own != "/" else Path(mount)
+            return _join(mount, own)
     return None
 
 
-@dataclass(frozen=True)
 class Cgroup:
-    """One tree's cgroup: ``path`` in a hierarchy of ``version`` (V2 or V1)."""
+    """One tree's cgroup: ``path`` (a directory) in a hierarchy of ``version`` (V2 or V1)."""
 
-    path: Path
-    version: str
+    __slots__ = ("path", "version")
+
+    def __init__(self, path, version: str):
+        self.path = str(path)
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Cgroup({self.path!r}, {self.version})"
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @staticmethod
+    def _write(path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
 
     @property
-    def parent(self) -> Path:
-        return self.path.parent
+    def parent(self) -> str:
+        return os.path.dirname(self.path)
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (and so its future children) into this cgroup."""
-        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        self._write(self._file("cgroup.procs"), f"{pid}\n")
 
     def leave(self, pid: int) -> None:
         """Move ``pid`` back to the cgroup this one was created in."""
-        (self.parent / "cgroup.procs").write_text(f"{pid}\n")
+        self._write(os.path.join(self.parent, "cgroup.procs"), f"{pid}\n")
 
     def pids(self) -> list[int]:
         """Members now (zombies may still be listed until reaped)."""
         try:
-            text = (self.path / "cgroup.procs").read_text()
+            with open(self._file("cgroup.procs")) as f:
+                text = f.read()
         except OSError:
             return []
         return [int(x) for x in text.split()]
 
     def exists(self) -> bool:
-        return self.path.is_dir()
+        return os.path.isdir(self.path)
 
     def kill(self) -> list[int]:
         """SIGKILL every member at once; returns the pids that were members."""
@@ -127,12 +144,12 @@ class Cgroup:
         if not members:
             return []
         if self.version == V2:
-            (self.path / "cgroup.kill").write_text("1\n")
+            self._write(self._file("cgroup.kill"), "1\n")
             return members
-        state = self.path / "freezer.state"
-        state.write_text("FROZEN\n")
+        state = self._file("freezer.state")
+        self._write(state, "FROZEN\n")
         deadline = time.monotonic() + FREEZE_DEADLINE_S
-        while state.read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+        while _read(state) != "FROZEN" and time.monotonic() < deadline:
             time.sleep(POLL_S)  # bounded poll: the kernel offers no event for it
         members = self.pids()
         for pid in members:
@@ -140,13 +157,13 @@ class Cgroup:
                 os.kill(pid, signal.SIGKILL)  # frozen: no member can fork or be reused
             except ProcessLookupError:
                 pass
-        state.write_text("THAWED\n")  # a killed task dies only once it runs again
+        self._write(state, "THAWED\n")  # a killed task dies only once it runs again
         return members
 
     def remove(self) -> bool:
         """rmdir the cgroup; False while it still has members."""
         try:
-            self.path.rmdir()
+            os.rmdir(self.path)
         except FileNotFoundError:
             return True
         except OSError as exc:
@@ -156,19 +173,27 @@ class Cgroup:
         return True
 
 
-def _make(base: Path | None, version: str, name: str) -> Cgroup:
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _make(base: str | None, version: str, name: str) -> Cgroup:
     if base is None:
         raise CgroupError(f"no {version} hierarchy mounted for this process")
-    path = base / name
+    path = os.path.join(base, name)
     try:
-        path.mkdir()
+        os.mkdir(path)
     except OSError as exc:
         raise CgroupError(f"cannot create {path}: {exc.strerror or exc}") from None
     group = Cgroup(path, version)
-    if version == V2 and not (path / "cgroup.kill").exists():
+    if version == V2 and not os.path.exists(os.path.join(path, "cgroup.kill")):
         group.remove()
         raise CgroupError("this kernel has no cgroup.kill (Linux < 5.14)")
-    if version == V1 and not (path / "freezer.state").exists():
+    if version == V1 and not os.path.exists(os.path.join(path, "freezer.state")):
         group.remove()
         raise CgroupError(f"{base} is not a freezer hierarchy")
     return group

@@ -16,28 +16,39 @@ erased cannot be read back.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
 
+# No dataclasses/typing/pathlib here: each costs the supervisor's start
+# milliseconds (python -X importtime), and it starts once per engine launch.
 PROC = "/proc"
 
 
-class Identity(NamedTuple):
-    """A process as it was seen: pid plus kernel start time (clock ticks since boot)."""
+class Identity(tuple):
+    """A process as it was seen: ``(pid, start ticks since boot)``."""
 
-    pid: int
-    start: int
+    __slots__ = ()
+
+    def __new__(cls, pid, start=None):
+        if start is None:  # Identity((pid, start)), as copy/dataclasses.asdict rebuild it
+            pid, start = pid
+        return tuple.__new__(cls, (int(pid), int(start)))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    pid = property(lambda self: self[0])
+    start = property(lambda self: self[1])
 
 
-@dataclass(frozen=True)
 class Stat:
     """The fields of ``/proc/PID/stat`` kiln needs."""
 
-    pid: int
-    comm: str
-    state: str
-    ppid: int
-    start: int
+    __slots__ = ("pid", "comm", "state", "ppid", "start")
+
+    def __init__(self, pid: int, comm: str, state: str, ppid: int, start: int):
+        self.pid, self.comm, self.state, self.ppid, self.start = pid, comm, state, ppid, start
+
+    def __repr__(self) -> str:
+        return f"Stat(pid={self.pid}, comm={self.comm!r}, state={self.state}, ppid={self.ppid})"
 
     @property
     def zombie(self) -> bool:
@@ -67,7 +78,7 @@ def stat(pid: int) -> Stat | None:
         return None
 
 
-def pids() -> Iterator[int]:
+def pids():
     """Every pid in the table right now (threads are not listed)."""
     for name in os.listdir(PROC):
         if name.isdigit():
@@ -139,7 +150,7 @@ def label(pid: int) -> str:
     return f"{pid} {comm} [{cmdline(pid)[:100]}]"
 
 
-def matching(patterns: Iterable[str], *, exclude: Iterable[int] = ()) -> list[Stat]:
+def matching(patterns, *, exclude=()) -> list[Stat]:
     """Live (non-zombie) processes whose name or command line contains any of ``patterns``.
 
     The independent check behind "nothing left": it reads no tag, registry or
