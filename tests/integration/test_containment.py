@@ -250,3 +250,20 @@ def test_bystander_with_the_same_command_line_is_untouched(tmp_path):
             os.kill(pid, signal.SIGKILL)  # the bystander is this test's own child tree
         bystander.kill()
         bystander.wait()
+
+
+def test_bad_containment_mode_is_one_line_and_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(cgroups.MODE_ENV, "bogus")
+    with pytest.raises(RuntimeError, match=r"^KILN_CONTAINMENT='bogus' is not one of auto, "):
+        procs.ProcessTree.spawn([sys.executable, str(ENGINE), "--workers", "1"], log_path=tmp_path / "e.log")
+    assert registry.Registry().entries() == []
+
+
+def test_missing_engine_binary_is_one_line_and_leaves_no_cgroup(tmp_path, monkeypatch):
+    monkeypatch.setenv(cgroups.MODE_ENV, "auto")
+    base = cgroups.v2_base()
+    before = {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} if base else set()
+    with pytest.raises(RuntimeError, match=r"^cannot start 'kiln-no-such-engine': No such file"):
+        procs.ProcessTree.spawn(["kiln-no-such-engine", "--port", "1"], log_path=tmp_path / "e.log")
+    if base:
+        assert {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} == before
