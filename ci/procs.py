@@ -363,3 +363,30 @@ class ProcessTree:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, attr, -1)
+
+
+def run_contained(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> tuple[int, str]:
+    """Run a short command as a supervised tree; (exit code, stdout+stderr).
+
+    For the engine commands kiln runs besides servers (``--help`` probes): an
+    engine's import may start helpers, and a timeout must not leave them.
+    Raises TimeoutError after stopping the tree when ``timeout_s`` passes.
+    """
+    import tempfile  # noqa: PLC0415 (only this helper needs it)
+
+    with tempfile.TemporaryDirectory(prefix="kiln-run-") as tmp:
+        out = Path(tmp) / "output.log"
+        tree = ProcessTree.spawn(argv, log_path=out, env=env, cwd=cwd)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while tree.poll() is None:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{argv[0]} did not finish in {timeout_s:g} s")
+                tree._read_status(timeout=POLL_INTERVAL_S * 5)  # wakes on the exit report
+        finally:
+            report = tree.stop(grace_s=1.0)
+        text = out.read_text(errors="replace")
+        # The supervisor's own closing note is ours, not the command's output.
+        lines = [ln for ln in text.splitlines() if not ln.startswith("[kiln-supervisor ")]
+        return report.exit_code if report.exit_code is not None else -1, "\n".join(lines)
