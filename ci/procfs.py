@@ -16,6 +16,7 @@ erased cannot be read back.
 from __future__ import annotations
 
 import os
+import signal
 
 # No dataclasses/typing/pathlib here: each costs the supervisor's start
 # milliseconds (python -X importtime), and it starts once per engine launch.
@@ -121,6 +122,17 @@ def descendants(root: int, snapshot: dict[int, Stat] | None = None) -> list[Stat
     return found
 
 
+def ancestors(pid: int, snapshot: dict[int, Stat] | None = None) -> list[int]:
+    """Parents of ``pid`` upward, nearest first, stopping before init (pid 1) and the kernel (0)."""
+    snap = table() if snapshot is None else snapshot
+    chain: list[int] = []
+    st = snap.get(pid)
+    while st is not None and st.ppid > 1 and len(chain) < 4096:
+        chain.append(st.ppid)
+        st = snap.get(st.ppid)
+    return chain
+
+
 def is_descendant(pid: int, root: int) -> bool:
     """True when ``root`` is an ancestor of ``pid`` now (walks parent links upward)."""
     seen = 0
@@ -169,3 +181,32 @@ def matching(patterns, *, exclude=()) -> list[Stat]:
         if any(p in text for p in pats):
             found.append(st)
     return found
+
+
+def send_signal(ident, sig: int, still_ours=None) -> bool:
+    """Signal the very process ``ident`` names; True when it was sent.
+
+    A pidfd is opened first and the identity (and ``still_ours()``, e.g. "is
+    it still in the tree") re-checked after, so a pid reused in between is
+    never hit. Without pidfds (Linux < 5.3) the same checks precede a kill().
+    """
+    fd = None
+    try:
+        fd = os.pidfd_open(ident[0])
+    except AttributeError:
+        pass
+    except OSError:
+        return False  # gone already
+    try:
+        if not is_alive(ident) or (still_ours is not None and not still_ours()):
+            return False
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(ident[0], sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)

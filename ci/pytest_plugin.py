@@ -295,10 +295,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def new_engine_processes(config: pytest.Config) -> list[procfs.Stat]:
-    """Engine-looking processes now that were not there when the session started."""
+    """Engine-looking processes that are new since the session started and can be this run's.
+
+    Another job on the same host may start an engine meanwhile: its processes
+    hang below a live process of its own (its supervisor, its harness). Ours
+    either still hang below this process, or -- had they escaped -- below
+    nothing but engine processes up to init, where orphans go. Decided from
+    the process table alone, not from kiln's records.
+    """
     backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
     before = config.stash.get(_BASELINE, set())
-    return [st for st in engine_processes(backend) if st.identity not in before]
+    found = engine_processes(backend)
+    engines = {st.pid for st in found}
+    snap = procfs.table()
+    me = os.getpid()
+    leaked = []
+    for st in found:
+        if st.identity in before:
+            continue
+        chain = procfs.ancestors(st.pid, snap)
+        if me in chain or all(pid in engines for pid in chain):
+            leaked.append(st)
+    return leaked
 
 
 def _check_nothing_left(session: pytest.Session) -> None:

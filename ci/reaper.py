@@ -78,36 +78,11 @@ def member_pids(entry: TreeEntry) -> list[int]:
     return sorted(p for p in found if (st := procfs.stat(p)) is not None and not st.zombie)
 
 
-def _signal_verified(pid: int, sig: int, entry: TreeEntry) -> bool:
-    """Signal ``pid`` through a pidfd, after re-checking it is still a member of ``entry``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if pid not in member_pids(entry):
-            return False  # gone, or the pid now names a process outside the tree
-        signal.pidfd_send_signal(fd, sig)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _kill_identity(ident: tuple[int, int]) -> None:
-    """SIGKILL the very process ``ident`` names (pidfd opened, then identity re-checked)."""
-    try:
-        fd = os.pidfd_open(ident[0])
-    except OSError:
-        return
-    try:
-        if procfs.is_alive(ident):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _kill_member(pid: int, entry: TreeEntry) -> None:
+    """SIGKILL ``pid`` if it is still a member of ``entry`` (checked after a pidfd is open)."""
+    ident = procfs.identity(pid)
+    if ident is not None:
+        procfs.send_signal(ident, signal.SIGKILL, still_ours=lambda: pid in member_pids(entry))
 
 
 def _wait_gone(entry: TreeEntry, deadline: float, *, supervisor: bool) -> list[int]:
@@ -127,13 +102,7 @@ def reap_tree(entry: TreeEntry, registry: Registry, *, dry_run: bool = False) ->
     sup = entry.supervisor
     if sup is not None and procfs.is_alive(sup):
         # Its supervisor is the tree's keeper: let it run the stop policy first.
-        with contextlib.suppress(OSError):
-            fd = os.pidfd_open(sup[0])
-            try:
-                if procfs.is_alive(sup):
-                    signal.pidfd_send_signal(fd, signal.SIGTERM)
-            finally:
-                os.close(fd)
+        procfs.send_signal(sup, signal.SIGTERM)
         _wait_gone(entry, time.monotonic() + SUPERVISOR_STOP_S, supervisor=True)
     left = member_pids(entry)
     if left:
@@ -142,14 +111,14 @@ def reap_tree(entry: TreeEntry, registry: Registry, *, dry_run: bool = False) ->
             with contextlib.suppress(OSError):
                 cgroups.Cgroup(Path(entry.cgroup), entry.mechanism).kill()
         for pid in left:
-            _signal_verified(pid, signal.SIGKILL, entry)
+            _kill_member(pid, entry)
         result.killed = list(names.values())
         left = _wait_gone(entry, time.monotonic() + KILL_WAIT_S, supervisor=False)
     result.survivors = [procfs.label(p) for p in left]
     if sup is not None and procfs.is_alive(sup):
         # A wedged supervisor (stopped, or stuck in its own stop) outlived its
         # tree; it is ours by identity, and nothing is left for it to keep.
-        _kill_identity(sup)
+        procfs.send_signal(sup, signal.SIGKILL)
     if entry.cgroup:
         with contextlib.suppress(OSError):
             cgroups.Cgroup(Path(entry.cgroup), entry.mechanism).remove()

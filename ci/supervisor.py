@@ -175,17 +175,8 @@ class Supervisor:
         return list(hit.values())
 
     def _kill_descendant(self, st: procfs.Stat) -> None:
-        try:
-            fd = os.pidfd_open(st.pid)
-        except OSError:
-            return  # gone already
-        try:
-            if procfs.identity(st.pid) == st.identity and procfs.is_descendant(st.pid, self.me):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        procfs.send_signal(st.identity, signal.SIGKILL,
+                           still_ours=lambda: procfs.is_descendant(st.pid, self.me))
 
     # -- stop ------------------------------------------------------------------------
     def stop(self, grace_s: float, reason: str) -> int:

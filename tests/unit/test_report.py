@@ -370,3 +370,17 @@ def test_step_summary_appends_only_when_set(tmp_path):
     assert report.append_step_summary("more\n", {"GITHUB_STEP_SUMMARY": str(summary)}) == summary
     assert summary.read_text() == "earlier step\n# kiln\nmore\n"
     assert report.append_step_summary("# kiln", {}) is None
+
+
+def test_a_stop_that_needed_sigkill_is_said_out_loud(tmp_path):
+    path = tmp_path / "servers.json"
+    path.write_text(json.dumps([
+        {"key": "m|tp=1|", "containment": "cgroup-v2", "stop_killed": ["41 VLLM::EngineCor [VLLM::EngineCore]"]},
+        {"key": "clean|tp=1|", "containment": "cgroup-v2", "stop_killed": []}]))
+    records, note = report.load_servers(path)
+    assert note is None and records[0].stop_killed == ("41 VLLM::EngineCor [VLLM::EngineCore]",)
+    md = report.stops_md(records, report.Redactor.from_env({}))
+    assert md.startswith("### Stops that needed SIGKILL")
+    assert "`m|tp=1|` (cgroup-v2): 1 process(es)" in md and "VLLM::EngineCore" in md
+    assert "clean" not in md
+    assert report.stops_md(records[1:], report.Redactor.from_env({})) == ""
