@@ -186,6 +186,13 @@ class Supervisor:
                 os.kill(self.root, signal.SIGTERM)  # our child, not yet reaped: the pid is its
             except ProcessLookupError:
                 pass
+        else:
+            # The root is gone (a crash): its orphans were re-parented to us and
+            # are the roots now -- e.g. vLLM's EngineCore after the API server died.
+            for st in procfs.descendants(self.me):
+                if st.ppid == self.me and not st.zombie:
+                    procfs.send_signal(st.identity, signal.SIGTERM,
+                                       still_ours=lambda st=st: procfs.is_descendant(st.pid, self.me))
         left = self.wait_empty(start + grace_s)
         killed: list[str] = []
         if left:

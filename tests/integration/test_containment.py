@@ -267,3 +267,23 @@ def test_missing_engine_binary_is_one_line_and_leaves_no_cgroup(tmp_path, monkey
         procs.ProcessTree.spawn(["kiln-no-such-engine", "--port", "1"], log_path=tmp_path / "e.log")
     if base:
         assert {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} == before
+
+
+def test_orphans_of_a_crashed_root_get_sigterm_first(tmp_path, containment):
+    # The root dies (the API server crashed); its workers are orphans that
+    # exit on SIGTERM -- they must get it, not wait out the grace for SIGKILL.
+    pidfile = tmp_path / "pids"
+    code = ("import os, sys, subprocess, threading; "
+            "kids = [subprocess.Popen([sys.executable, '-c', 'import threading; threading.Event().wait()'])"
+            " for _ in range(2)]; "
+            "open(sys.argv[1], 'w').write(' '.join(str(k.pid) for k in kids)); os._exit(3)")
+    # The last argument only makes the root visible to the fixture's scan by name.
+    tree = procs.ProcessTree.spawn([sys.executable, "-c", code, str(pidfile), "renaming_engine.py"],
+                                   log_path=tmp_path / "e.log")
+    kids = [int(p) for p in _wait(lambda: pidfile.exists() and pidfile.read_text(), UP_DEADLINE_S,
+                                  "the orphans").split()]
+    _wait(lambda: tree.poll() is not None, UP_DEADLINE_S, "the root's exit")
+    assert tree.poll() == 3 and set(kids) <= set(tree.member_pids())
+    report = tree.stop(grace_s=20.0)
+    assert report.terminated_gracefully and report.seconds < 10.0, report
+    assert all(procfs.stat(k) is None or procfs.stat(k).zombie for k in kids)
