@@ -109,6 +109,9 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         "python", "-m", "pytest", *targets,
         f"--kiln-profile={profile.name}", f"--junitxml={junit}",
         f"--timeout={int(profile.test_timeout_s)}", "-p", "no:cacheprovider",
+        # Live INFO logs: launch progress (every 10 s, ci/server.py) and pull
+        # progress reach the CI log while they wait, not after the test.
+        "-o", "log_cli=true", "--log-cli-level=INFO",
         env={"KILN_SESSION": profile.session, "PYTHONUNBUFFERED": "1"},
     )
 
