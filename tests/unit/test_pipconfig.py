@@ -51,13 +51,6 @@ def test_uv_env_translates_sources_and_keeps_pip_s_index_rule():
     assert pipconfig.uv_env({"find-links": "/w"}) == {"UV_FIND_LINKS": "/w"}  # one index: uv's default rule
 
 
-def test_links_follow_includes(tmp_path):
-    (tmp_path / "common.txt").write_text("-f https://example.invalid/common/\nrequests==2\n")
-    top = tmp_path / "top.txt"
-    top.write_text("-r common.txt\n--find-links https://example.invalid/torch/\n# --find-links not-me\n")
-    assert pipconfig.links_in(top) == ["https://example.invalid/common/", "https://example.invalid/torch/"]
-
-
 @pytest.fixture
 def http_status():
     """Base URL of a 127.0.0.1 server answering every request with the given status."""
@@ -101,11 +94,3 @@ def test_answers_200_and_404_but_not_5xx_or_refused(http_status, tmp_path):
     assert why.startswith("unreachable (") and time.monotonic() - t0 < pipconfig.PROBE_TIMEOUT_S
     assert pipconfig.answers(str(tmp_path)) is None
     assert pipconfig.answers(f"file://{tmp_path / 'gone'}") == "no such path"
-
-
-def test_unreachable_links_are_dropped_and_logged(http_status, tmp_path, caplog):
-    up, down = http_status(200), f"http://127.0.0.1:{closed_port()}/torch/"
-    req = tmp_path / "r.txt"
-    req.write_text(f"--find-links {up}\n--find-links={down}\ntorch==2.13.0+cpu\n")
-    assert pipconfig.reachable_links(req) == [up]
-    assert f"package source {down} unreachable" in caplog.text
