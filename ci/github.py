@@ -20,6 +20,8 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,24 @@ REQUEST_TIMEOUT_S = (5.0, 30.0)
 PAGE_SIZE = 100
 # 5,000 comments: far beyond any PR, and a bound so a broken server cannot loop us.
 MAX_PAGES = 50
+# A 502 from GitHub's front end used to turn a green job red. Retried: 5xx and
+# rate limits (429; 403 only with Retry-After, GitHub's secondary limit). Four
+# retries, urllib3's backoff: at once, then after 4, 8 and 16 s (+ up to 1 s
+# jitter), ride out a bad half minute.
+RETRIES = 4
+RETRY_BACKOFF_S = 2.0
+RETRY_JITTER_S = 1.0
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A refused or unresolvable API is seldom back within seconds: one retry covers
+# a blip without holding a red job for the whole backoff.
+CONNECT_RETRIES = 1
+# A Retry-After longer than this is a limit that will not lift within the job's
+# patience; it is waited this long at most and the last answer is reported.
+MAX_RETRY_AFTER_S = 60.0
+# GET lists, PATCH sets the body: both idempotent. POST is not retried on an
+# answer: a 502 may come after GitHub created the comment, and a retry would
+# post a second sticky comment.
+RETRY_METHODS = frozenset({"GET", "PATCH"})
 # GitHub rejects longer comment bodies with 422.
 MAX_COMMENT_CHARS = 65_536
 # Plain http would expose the token on the wire; allowed only to this machine.
@@ -67,6 +87,32 @@ def _check_api_url(api_url: str) -> str:
                       "https only (plain http only to this machine)")
 
 
+class _GitHubRetry(Retry):
+    """urllib3's Retry, plus GitHub's secondary rate limit (403 + Retry-After), waits capped."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if status_code == 403 and has_retry_after and self._is_method_retryable(method):
+            return bool(self.total)
+        return super().is_retry(method, status_code, has_retry_after)
+
+    def get_retry_after(self, response) -> float | None:
+        after = super().get_retry_after(response)
+        return None if after is None else min(after, MAX_RETRY_AFTER_S)
+
+
+def retrying_session(retries: int = RETRIES, backoff_s: float = RETRY_BACKOFF_S,
+                     jitter_s: float = RETRY_JITTER_S) -> requests.Session:
+    """A requests Session that retries GitHub's 5xx and rate-limit answers with backoff."""
+    retry = _GitHubRetry(total=retries, connect=min(retries, CONNECT_RETRIES), read=0, redirect=0, status=retries,
+                         status_forcelist=RETRY_STATUSES, allowed_methods=RETRY_METHODS,
+                         backoff_factor=backoff_s, backoff_jitter=jitter_s, raise_on_status=False,
+                         respect_retry_after_header=True)
+    http = requests.Session()
+    http.mount("https://", HTTPAdapter(max_retries=retry))
+    http.mount("http://", HTTPAdapter(max_retries=retry))
+    return http
+
+
 class GitHub:
     """A minimal GitHub REST client for issue comments on one repository."""
 
@@ -79,7 +125,7 @@ class GitHub:
             raise GitHubError(f"repository must be owner/name, got {repo!r}")
         self.repo = repo
         self.api_url = _check_api_url(api_url)
-        self._http = http or requests.Session()
+        self._http = http or retrying_session()
         self._headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/vnd.github+json",

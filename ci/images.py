@@ -30,6 +30,7 @@ import requests
 import urllib3.exceptions
 
 from ci.docker_client import DockerError, unavailable_from
+from ci.pullprogress import PullProgress
 # BadReference, ImageRef and parse_ref are part of this module's API too: callers need only ci.images.
 from ci.imageref import BadReference, ImageRef, is_address, parse_ref  # noqa: F401
 
@@ -249,6 +250,7 @@ def _daemon_pull(client: docker.DockerClient, ref: ImageRef, auth: dict | None,
             except ValueError:
                 message = resp.text
             raise _AttemptFailed(classify(message, resp.status_code), message.strip())
+        progress = PullProgress(str(ref))
         try:
             for line in resp.iter_lines():
                 if not line:
@@ -257,6 +259,8 @@ def _daemon_pull(client: docker.DockerClient, ref: ImageRef, auth: dict | None,
                 if "error" in msg:
                     raise _AttemptFailed(classify(msg["error"]), msg["error"].strip())
                 log.debug("pull %s: %s %s", ref, msg.get("id", ""), msg.get("status", ""))
+                if note := progress.update(msg):
+                    log.info("%s", note)
                 if time.monotonic() > deadline:
                     raise _AttemptFailed("transient", f"pull exceeded its {deadline_s:.0f} s deadline")
         except requests.ConnectionError as exc:

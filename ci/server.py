@@ -36,6 +36,9 @@ HEALTH_POLL_INTERVAL_S = 0.25
 # exits before ready is reported well within the promised 1 s.
 EXIT_CHECK_INTERVAL_S = 0.05
 DEFAULT_LAUNCH_TIMEOUT_S = 240.0
+# A launch may wait up to 600 s; a silent CI log that long looks hung. Issue 14:
+# a line at least every 15 s; 10 s keeps that promise on a loaded runner.
+PROGRESS_INTERVAL_S = 10.0
 DEFAULT_TAIL_LINES = logtail.DEFAULT_LINES
 
 
@@ -242,9 +245,16 @@ class Server:
 
         prober = threading.Thread(target=probe, name=f"health-{self.port}", daemon=True)
         prober.start()
-        deadline = time.monotonic() + self.launch_timeout_s
+        started = time.monotonic()
+        deadline = started + self.launch_timeout_s
+        next_note = started + PROGRESS_INTERVAL_S
         try:
             while True:
+                if time.monotonic() >= next_note:
+                    next_note += PROGRESS_INTERVAL_S
+                    last_line = (logtail.read_tail(self.log_path, 1) or "(empty)").strip()
+                    log.info("waiting for %s: %.0f s of %.0f s; health: %s; last log line: %s", self.key,
+                             time.monotonic() - started, self.launch_timeout_s, state["last"], last_line)
                 code = self.tree.poll()
                 if code is not None:
                     raise ServerExited(f"{self.backend.name} exited with code {code} before it was "

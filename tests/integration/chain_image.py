@@ -24,6 +24,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import uv  # nox finds its uv binary through this package; both go into the image
 from packaging.requirements import Requirement
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 # CPU topology with it to bind its OpenMP threads. openssl: Inductor hashes its
 # precompiled headers with `openssl sha512` (FileNotFoundError without it).
 BINARIES = ("/bin/sh", "/usr/bin/sleep", "/usr/bin/env", "/usr/bin/lscpu", "/usr/bin/openssl")
-# Tools the chain needs inside the image: nox runs the sessions.
-PY_PACKAGES = ("nox",)
+# Tools the chain needs inside the image: nox runs the sessions, and builds and
+# reuses their venvs with uv (requirements/nox.txt, which the chain's bootstrap
+# installs on a real runner). Without uv, nox falls back to virtualenv and
+# re-creates the host's uv-made venv, empty under `-R`.
+PY_PACKAGES = ("nox", "uv")
 # Parts of the stdlib tree nothing in a test run imports; the test suite alone
 # is ~120 MB. Matched against path parts below lib/pythonX.Y.
 STDLIB_SKIP = frozenset({"site-packages", "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip"})
@@ -300,6 +304,8 @@ def build_python_rootfs(dest: Path, venvs: Sequence[Path] = (), binaries: Sequen
     elf = [f for f in interpreter if _is_elf(f) and not f.is_symlink()]
     elf += list(_shared_objects(venvs))
     elf += [Path(os.path.realpath(b)) for b in binaries if Path(b).exists()]
+    uv_bin = Path(uv.find_uv_bin())  # where nox looks first: the interpreter's scripts dir
+    elf.append(uv_bin)
     toolchain = toolchain_files() if with_cxx else []
     elf += [f for f in toolchain if not f.is_symlink() and _is_elf(f)]
     # What resolves inside a venv comes in with the workspace mount, not the image.
@@ -317,6 +323,7 @@ def build_python_rootfs(dest: Path, venvs: Sequence[Path] = (), binaries: Sequen
         tar.add_dir(str(site).lstrip("/"), 0o755)
         for src, rel in _package_files(PY_PACKAGES):
             tar.add(src, str(site / rel))
+        tar.add(uv_bin, str(home / "bin" / "uv"))
         for b in binaries:
             if Path(b).exists():
                 tar.add_host(Path(b))

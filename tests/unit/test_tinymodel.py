@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("numpy")
-pytest.importorskip("safetensors")
-tokenizers = pytest.importorskip("tokenizers")
+from tests import requires
+
+requires.module("numpy")
+requires.module("safetensors")
+tokenizers = requires.module("tokenizers")
 
 from ci import tinymodel  # noqa: E402
 
@@ -150,7 +152,7 @@ def test_tokenizer_round_trips(built):
 
 
 def test_chat_template_renders_with_jinja(built):
-    jinja2 = pytest.importorskip("jinja2.sandbox")
+    jinja2 = requires.module("jinja2.sandbox")
     cfg = json.loads((built / "tokenizer_config.json").read_text())
     # The options transformers renders chat templates with.
     env = jinja2.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -167,8 +169,8 @@ def test_chat_template_renders_with_jinja(built):
 
 
 def test_autotokenizer_loads_it(built):
-    # Needs transformers (in the e2e env, not in `nox -s tests`): skipped there.
-    transformers = pytest.importorskip("transformers")
+    # transformers is in requirements/tests.txt for this test.
+    transformers = requires.module("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(str(built))
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == EXPECTED_CHAT

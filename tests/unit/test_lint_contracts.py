@@ -1,0 +1,68 @@
+"""The import contracts of `nox -s lint` hold on the tree, and catch a backwards import.
+
+The contracts live in pyproject.toml ([tool.importlinter]); lint-imports comes
+from import-linter (requirements/tests.txt, requirements/lint.txt). Each check
+runs on a copy of ci/ in a temp directory, so a planted import never touches
+the tree. Outside CI a missing lint-imports skips, saying so; with ``CI`` set
+it fails, so the check cannot silently stop running.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import requires
+
+ROOT = Path(__file__).resolve().parents[2]
+# lint-imports builds the graph of ~100 modules in well under a second; this
+# only stops a hang on a loaded machine.
+LINT_TIMEOUT_S = 120
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    beside_python = Path(sys.executable).parent / "lint-imports"
+    binary = str(beside_python) if beside_python.is_file() else shutil.which("lint-imports")
+    if binary is None:
+        requires.missing("lint-imports not found (pip install import-linter==2.17); import contracts not checked")
+    return subprocess.run([binary, "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                          timeout=LINT_TIMEOUT_S)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of ci/ and pyproject.toml: the contracts' whole input."""
+    shutil.copytree(ROOT / "ci", tmp_path / "ci", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def plant(tree: Path, module: str, line: str) -> None:
+    path = tree / "ci" / f"{module}.py"
+    path.write_text(path.read_text() + f"\n{line}  # planted by the test\n")
+
+
+def test_contracts_hold_on_the_tree(tree):
+    result = lint_imports(tree)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(("module", "line", "contract", "chain"), [
+    ("ports", "from ci import server", "Host utilities import no engine code", "ci.ports -> ci.server"),
+    ("procs", "import pytest", "Host utilities import no engine code", "ci.procs -> pytest"),
+    ("server", "import pytest", "The core imports no pytest", "ci.server -> pytest"),
+    ("report", "from ci import pool", "The report reads records", "ci.report -> ci.pool"),
+], ids=["host->server", "host->pytest", "core->pytest", "report->pool"])
+def test_a_backwards_import_breaks_its_contract(tree, module, line, contract, chain):
+    plant(tree, module, line)
+    result = lint_imports(tree)
+    assert result.returncode != 0
+    broken = [ln for ln in result.stdout.splitlines() if ln.endswith("BROKEN")]
+    # A host module importing pytest also breaks the core contract (the core
+    # imports host modules), so the named contract must be among the broken.
+    assert any(b.startswith(contract) for b in broken), result.stdout
+    assert chain in result.stdout
