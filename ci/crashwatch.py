@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 
 from ci.server import Server
 
@@ -32,6 +33,10 @@ CRASH_SIGNATURES = (
 # "reducing max_m ... to avoid out of memory" and carries on).
 BENIGN = re.compile(r"(?i)avoid(?:ing)? out of memory")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# An engine that logs a traceback and exits on its own is best reported by its
+# exit (code + log tail); the watch waits this long for that before it stops
+# the tree itself. The exit reaches kiln through the supervisor in milliseconds.
+SELF_EXIT_GRACE_S = 0.5
 
 
 def crash_signature(line: str) -> str | None:
@@ -82,8 +87,20 @@ class CrashWatch:
             for line in lines:
                 name = crash_signature(line)
                 if name and not self._quit.is_set():
-                    self._fire(name, line.strip())
+                    if not self._exits_by_itself():
+                        self._fire(name, line.strip())
                     return
+
+    def _exits_by_itself(self) -> bool:
+        deadline = time.monotonic() + SELF_EXIT_GRACE_S
+        while time.monotonic() < deadline and not self._quit.is_set():
+            tree = self.server.tree
+            if tree is not None and tree.poll() is not None:
+                log.info("crash signature in %s, and the engine exited by itself (code %s)",
+                         self.server.key, tree.poll())
+                return True
+            self._quit.wait(0.02)  # bounded poll on the exit
+        return False
 
     def _fire(self, name: str, line: str) -> None:
         self.fired = (name, line[:300])

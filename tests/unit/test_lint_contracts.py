@@ -48,7 +48,7 @@ def plant(tree: Path, module: str, line: str) -> None:
 def test_contracts_hold_on_the_tree(tree):
     result = lint_imports(tree)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "kept, 0 broken" in result.stdout and "BROKEN" not in result.stdout
 
 
 @pytest.mark.parametrize(("module", "line", "contract", "chain"), [
