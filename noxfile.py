@@ -12,8 +12,9 @@ of the posargs before pytest sees them; ``--kiln-warmup [--kiln-cold]`` runs the
 JIT warmup in the session's venv instead of the tests (what `invoke warmup` calls).
 
 Venvs are built with uv when it is installed (requirements/nox.txt brings it),
-else virtualenv + pip; either way every session installs its lock
-(requirements/locks/, ci/locks.py) with ``--no-deps --require-hashes``.
+else virtualenv + pip; either way a session installs its lock (requirements/locks/,
+ci/locks.py) with ``--no-deps --require-hashes``. GPU sessions are the exception:
+they layer the harness's pins over the runner image's Python (see _install_e2e).
 """
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ def _install_e2e(session: nox.Session, profile: runners.Profile) -> None:
         install_lock(session, "torch-cpu")
         install_lock(session, "e2e-cpu")
     else:
-        install_lock(session, "e2e-gpu")
+        # Not a lock: the image's Python owns the engine's dependencies, and exact
+        # transitive pins (huggingface-hub, numpy...) would shadow the versions the
+        # engine was built with. Only the harness's own pins go in; pip keeps every
+        # image package that satisfies them.
+        session.install("-r", "requirements/e2e-gpu.txt")
 
 
 # Harness flags for the warmup mode of an e2e session, with the ci.warmup
@@ -122,9 +127,13 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
 
 def _e2e_session(profile: runners.Profile):
     # System site-packages on GPU runners: the engine lives in the image's Python.
-    venv_params = [] if profile.vendor == "cpu" else ["--system-site-packages"]
+    # virtualenv + pip there: uv does not see system site-packages (astral-sh/uv
+    # #4466) and would install over the image's own packages.
+    gpu = profile.vendor != "cpu"
+    venv_params = ["--system-site-packages"] if gpu else []
 
-    @nox.session(name=profile.session, venv_params=venv_params, default=False)
+    @nox.session(name=profile.session, venv_params=venv_params, venv_backend="virtualenv" if gpu else None,
+                 default=False)
     def e2e(session: nox.Session) -> None:
         _run_e2e(session, profile)
 

@@ -30,7 +30,7 @@ import requests
 import urllib3.exceptions
 
 from ci.docker_client import DockerError, unavailable_from
-from ci.pullprogress import PullProgress
+from ci.pullprogress import PullProgress, reporting
 # BadReference, ImageRef and parse_ref are part of this module's API too: callers need only ci.images.
 from ci.imageref import BadReference, ImageRef, is_address, parse_ref  # noqa: F401
 
@@ -250,19 +250,18 @@ def _daemon_pull(client: docker.DockerClient, ref: ImageRef, auth: dict | None,
             except ValueError:
                 message = resp.text
             raise _AttemptFailed(classify(message, resp.status_code), message.strip())
-        progress = PullProgress(str(ref))
         try:
-            for line in resp.iter_lines():
-                if not line:
-                    continue
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise _AttemptFailed(classify(msg["error"]), msg["error"].strip())
-                log.debug("pull %s: %s %s", ref, msg.get("id", ""), msg.get("status", ""))
-                if note := progress.update(msg):
-                    log.info("%s", note)
-                if time.monotonic() > deadline:
-                    raise _AttemptFailed("transient", f"pull exceeded its {deadline_s:.0f} s deadline")
+            with reporting(PullProgress(str(ref)), log.info) as progress:
+                for line in resp.iter_lines():
+                    if not line:
+                        continue
+                    msg = json.loads(line)
+                    if "error" in msg:
+                        raise _AttemptFailed(classify(msg["error"]), msg["error"].strip())
+                    log.debug("pull %s: %s %s", ref, msg.get("id", ""), msg.get("status", ""))
+                    progress.update(msg)
+                    if time.monotonic() > deadline:
+                        raise _AttemptFailed("transient", f"pull exceeded its {deadline_s:.0f} s deadline")
         except requests.ConnectionError as exc:
             # requests reports a read timeout inside a stream as ConnectionError.
             if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):

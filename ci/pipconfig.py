@@ -95,7 +95,7 @@ def answers(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
         return None if Path(url.removeprefix("file://")).exists() else "no such path"
     req = urllib.request.Request(url, method="HEAD")
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s):  # noqa: S310  (URL from our own files)
+        with urllib.request.urlopen(req, timeout=timeout_s):  # URLs come from our requirement files
             return None
     except urllib.error.HTTPError as exc:
         return None if exc.code < 500 else f"HTTP {exc.code}"

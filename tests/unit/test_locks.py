@@ -141,4 +141,4 @@ def test_an_unreachable_index_falls_back_to_the_machine_s_wheels_at_once(tmp_pat
 def test_unknown_lock_name_is_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         locks.main(["nope"])
-    assert "no lock named nope; known: tests, lint, e2e-gpu, torch-cpu, e2e-cpu" in capsys.readouterr().err
+    assert "no lock named nope; known: tests, lint, torch-cpu, e2e-cpu" in capsys.readouterr().err
