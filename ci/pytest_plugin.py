@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ci import alloc, caches, compat, gpu, gpu_smi, gpumem, known_issues, runners, warmup_markers
+import dataclasses
+
+from ci import alloc, caches, compat, gpu, gpu_smi, gpumem, known_issues, models, runners, warmup_markers
 from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
@@ -32,8 +34,7 @@ log = logging.getLogger(__name__)
 PROFILE_ENV = "KILN_PROFILE"
 SESSION_ENV = "KILN_SESSION"
 REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
-# Names of local models kiln builds itself (no model hub on CI machines).
-LOCAL_MODELS = ("tiny-llama",)
+LOCAL_MODELS = models.LOCAL_MODELS  # kept for callers of the old name
 _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
@@ -44,6 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kiln")
     group.addoption("--kiln-profile", default=os.environ.get(PROFILE_ENV, "cpu"),
                     help="runner profile from ci/runners.py (default: $KILN_PROFILE or cpu)")
+    group.addoption("--kiln-model", default=models.from_env(), metavar="NAME_OR_PATH",
+                    help="serve this model wherever a test asks for the profile's default: a hub "
+                         "id, a local model directory or one of kiln's local models "
+                         f"({', '.join(models.LOCAL_MODELS)}) (default: ${models.MODEL_ENV})")
     group.addoption("--kiln-backend", default=None,
                     help="override the profile's backend (e.g. generic:<template>)")
     group.addoption("--kiln-reports", default=os.environ.get(REPORTS_DIR_ENV, "reports"),
@@ -63,7 +68,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
-    return runners.get_profile(config.getoption("--kiln-profile"))
+    """The run's profile, its default model replaced by ``--kiln-model`` when given."""
+    profile = runners.get_profile(config.getoption("--kiln-profile"))
+    model = config.getoption("--kiln-model", None)
+    if not model:
+        return profile
+    try:
+        models.check(model)
+    except models.ModelError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+    return dataclasses.replace(profile, default_model=model)
 
 
 def session_name(config: pytest.Config) -> str:
@@ -72,10 +86,7 @@ def session_name(config: pytest.Config) -> str:
 
 def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     """Model reference to pass to the engine, and the args that name it in the API."""
-    if name in LOCAL_MODELS:
-        from ci import tinymodel  # imported lazily: it pulls numpy/tokenizers in
-        return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
-    return name, ()
+    return models.resolve(name)
 
 
 def launch_args(profile: runners.Profile, key: ServerKey,
@@ -88,7 +99,9 @@ def launch_args(profile: runners.Profile, key: ServerKey,
     them (ci.compat; the engine's --help is parsed once per version).
     """
     model, naming = resolve_model(key.model)
-    args = (*profile.server_args, *naming, *key.args)
+    # tp>1 servers get the profile's multi-GPU args too (ci/runners.py says why).
+    tp_args = profile.tp_args if key.tp > 1 else ()
+    args = (*profile.server_args, *tp_args, *naming, *key.args)
     if backend is None or backend.version() is None:
         return model, args  # a generic command: nothing to probe against
     probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())

