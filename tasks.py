@@ -4,6 +4,7 @@
     invoke ib [--json]              active RDMA rails, native InfiniBand first
     invoke pull IMAGE [--mirror HOST:PORT ...] [--attempts N]
     invoke start IMAGE [--vendor nvidia --device 0 ...]   /   invoke stop
+    invoke reap [--dry-run]         stop what a killed run left (owner gone), nothing else
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -137,6 +138,31 @@ def stop(c, run_tag=None, timeout=None):
     except docker_client.DockerError as exc:
         raise Exit(f"stop: {exc}", code=1) from None
     print(f"stopped {len(names)} container(s) of run {tag}" + (f": {', '.join(names)}" if names else ""))
+
+
+@task(help={"dry_run": "only say what would be stopped or removed"})
+def reap(c, dry_run=False):
+    """Stop engine trees and chain containers whose owner process is gone (never another live job's)."""
+    from ci import reaper
+
+    done = reaper.reap(dry_run=dry_run)
+    for result in done:
+        print(result.line())
+    lines = []
+    try:
+        containers, docker_client, _ = _docker_modules()
+        with docker_client.session() as client:
+            lines = containers.reap_orphaned(client, dry_run=dry_run)
+    except ImportError:
+        print("containers: docker SDK not installed here; not checked", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 (no daemon is a normal state for this task)
+        print(f"containers: not checked ({exc})", file=sys.stderr)
+    for line in lines:
+        print(line)
+    if not done and not lines:
+        print("nothing to reap: every registered tree's owner is alive")
+    if any(r.survivors for r in done):
+        raise Exit("some processes survived SIGKILL (listed above)")
 
 
 @task(help={"cache_dir": "kiln cache root (default $KILN_CACHE_DIR or .kiln/cache)", "seed": "weight seed"})

@@ -115,7 +115,15 @@ def container_spec_args(opts: Options, env: dict) -> dict:
         device_ids=opts.devices, shm_size=GPU_SHM_SIZE if p.gpus else CPU_SHM_SIZE, mounts=mounts,
         env={**passed, "KILN_PROFILE": p.name, "PYTHONUNBUFFERED": "1"},
         command=KEEPALIVE, entrypoint=("/usr/bin/env",),
+        # This chain's process owns the container: if it is SIGKILLed, the next
+        # chain or `invoke reap` sees the owner gone and removes it.
+        owner=None if opts.dry_run else containers_owner(),
     )
+
+
+def containers_owner() -> str:
+    from ci import containers  # the docker SDK is imported only when a chain runs
+    return containers.owner_label()
 
 
 def default_devices(profile: runners.Profile, visible: Sequence[int]) -> tuple[str, ...]:
@@ -215,6 +223,10 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
         # A JUnit file (or kit summary) left by an earlier run must never be reported as this one.
         junit.unlink(missing_ok=True)
         reporting.kit_summary_path(junit.parent, opts.session).unlink(missing_ok=True)
+    if not opts.dry_run:
+        from ci import reaper  # a chain killed earlier on this host may have left its trees
+        for done in reaper.reap():
+            r.say(f"[kiln ci] {done.line()}")
     try:
         if in_container:
             pull_cmd = shlex.join(["invoke", "pull", image] + [a for m in mirrors for a in ("--mirror", m)])

@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import filelock
 from packaging.version import InvalidVersion, Version
+
+from ci import procs
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +188,17 @@ class FlagProbe:
         env = {**os.environ, **self.env} if self.env is not None else None
         log.info("probing %s %s flags: %s", self.engine, self.version or "?", " ".join(self.help_argv))
         try:
-            proc = subprocess.run(self.help_argv, capture_output=True, text=True, env=env,
-                                  timeout=self.timeout_s, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
+            # Supervised like a server: importing an engine may start helper
+            # processes, and a timeout must not leave them behind.
+            code, output = procs.run_contained(self.help_argv, timeout_s=self.timeout_s, env=env)
+        except TimeoutError:
             raise RuntimeError(f"{self.engine} --help did not finish in {self.timeout_s:g} s") from None
-        except OSError as exc:
+        except RuntimeError as exc:
             raise RuntimeError(f"cannot run {self.engine} --help: {exc}") from None
-        flags = parse_help_flags(proc.stdout + "\n" + proc.stderr)
-        if proc.returncode != 0 or len(flags) < MIN_HELP_FLAGS:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"{self.engine} --help exited {proc.returncode} without a usable "
+        flags = parse_help_flags(output)
+        if code != 0 or len(flags) < MIN_HELP_FLAGS:
+            tail = output.strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"{self.engine} --help exited {code} without a usable "
                                f"help text: {tail[0][:200]}")
         return flags
 

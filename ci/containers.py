@@ -31,7 +31,7 @@ import docker.types
 import requests
 import urllib3.exceptions
 
-from ci import logtail
+from ci import logtail, procfs
 from ci.docker_client import DockerError, unavailable_from
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 LABEL_MANAGED = "kiln.managed"
 LABEL_RUN_TAG = "kiln.run-tag"
 LABEL_RUNNER = "kiln.runner"
+# "<boot id>/<pid>/<start ticks>" of the process that started the container
+# (the chain on the host): a container whose owner is gone -- a chain killed
+# with SIGKILL never reaches its `finally` -- is stale; one whose owner runs
+# belongs to another job on this host and is never touched.
+LABEL_OWNER = "kiln.owner"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 RUN_TAG_ENV = "KILN_RUN_TAG"
 VENDORS = ("nvidia", "amd", "cpu")
 DEV_ROOT = Path("/dev")
@@ -89,9 +95,35 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=_frozen)
     name: str | None = None
     runner: str | None = None
+    owner: str | None = None  # LABEL_OWNER's value; owner_label() for this process
     # Engines serve on host ports allocated by ci/ports.py; host networking keeps
     # those numbers valid inside and out.
     network_mode: str = "host"
+
+
+def owner_label(pid: int | None = None) -> str:
+    """LABEL_OWNER's value naming process ``pid`` (default: this one) on this boot of this host."""
+    ident = procfs.identity(pid or os.getpid())
+    if ident is None:
+        raise ContainerError(f"no process {pid} to own a container")
+    return f"{_boot_id()}/{ident.pid}/{ident.start}"
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def owner_gone(label: str | None) -> bool | None:
+    """True when the owner named by ``label`` no longer runs; None when there is no (valid) label."""
+    parts = (label or "").split("/")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    if parts[0] != _boot_id():
+        return True  # the host rebooted since: that owner is gone for sure
+    return not procfs.is_alive((int(parts[1]), int(parts[2])))
 
 
 def check_run_tag(tag: str) -> str:
@@ -188,6 +220,8 @@ def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT) -> dict:
     labels = {LABEL_MANAGED: "1", LABEL_RUN_TAG: spec.run_tag}
     if spec.runner:
         labels[LABEL_RUNNER] = spec.runner
+    if spec.owner:
+        labels[LABEL_OWNER] = spec.owner
     kwargs = {
         "image": spec.image,
         "command": list(spec.command) if spec.command else None,
@@ -355,13 +389,14 @@ def cleanup_stale(client: docker.DockerClient, current_run_tag: str, runner: str
     """Remove kiln containers of other runs (a crashed job's engine still holding GPUs); returns names.
 
     Only containers labelled ``kiln.managed=1`` (and, given ``runner``, that
-    runner) whose run tag differs from ``current_run_tag`` are removed.
+    runner) whose run tag differs from ``current_run_tag`` are removed -- and
+    of those that name an owner (LABEL_OWNER), only the ones whose owner is gone.
     """
     check_run_tag(current_run_tag)
     removed = []
     for c in _kiln_containers(client, runner):
         tag = c.labels.get(LABEL_RUN_TAG)
-        if tag == current_run_tag:
+        if tag == current_run_tag or owner_gone(c.labels.get(LABEL_OWNER)) is False:
             continue
         log.warning("removing stale kiln container %s (run tag %s, %s)", c.name, tag, c.status)
         with contextlib.suppress(docker.errors.NotFound):  # a concurrent cleanup got there first
@@ -384,3 +419,21 @@ def stop_run(client: docker.DockerClient, run_tag: str, timeout: float = STOP_TI
         Container(c, log_dir / f"{c.name}.log").stop(timeout)
         stopped.append(c.name)
     return stopped
+
+
+def reap_orphaned(client: docker.DockerClient, *, dry_run: bool = False) -> list[str]:
+    """Remove kiln containers whose owner process is gone (``invoke reap``); one line each.
+
+    Containers without an owner label are left to ``cleanup_stale``'s run-tag rule.
+    """
+    lines = []
+    for c in _kiln_containers(client):
+        label = c.labels.get(LABEL_OWNER)
+        if not owner_gone(label):
+            continue
+        lines.append(f"{'would remove' if dry_run else 'removed'} container {c.name} "
+                     f"({c.status}, run tag {c.labels.get(LABEL_RUN_TAG)}): owner {label} is gone")
+        if not dry_run:
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)
+    return lines

@@ -12,7 +12,7 @@ import logging
 import platform
 import sys
 
-from ci import gpu, runners
+from ci import cgroups, gpu, runners
 from ci.backends import get_backend
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ def summary(profile: runners.Profile, discovery: gpu.Discovery) -> str:
         f"python {platform.python_version()} on {platform.machine()} ({platform.platform()})",
         f"engine {profile.backend}: {version}",
         gpu.describe(discovery),
+        f"containment: {cgroups.probe()}",
     ])
 
 

@@ -123,7 +123,11 @@ class ServerPool:
             watch.stop()
             if watch.fired:
                 name, line = watch.fired
-                raise ServerExited(f"crash signature ({name}) in the log during launch: {line}",
+                # The engine may have exited on its own as the line was logged
+                # (the watch and the exit race): then say its code too.
+                code = server.tree.poll() if server.tree is not None else None
+                how = f"; it exited with code {code}" if code is not None and code > 0 else ""
+                raise ServerExited(f"crash signature ({name}) in the log during launch: {line}{how}",
                                    exc.tail, exc.log_path) from exc
             raise
         finally:

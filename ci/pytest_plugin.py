@@ -12,6 +12,7 @@ under pytest-parallel and leaked pool references (sglang #24222).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-import dataclasses
-
-from ci import alloc, caches, compat, gpu, gpu_smi, gpumem, known_issues, models, runners, warmup_markers
+from ci import (alloc, caches, cgroups, compat, gpu, gpu_smi, gpumem, known_issues, models, procfs,
+                reaper, runners, warmup_markers)
 from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
 from ci.pool import ServerKey, ServerPool, key_from_marker
@@ -39,6 +39,8 @@ _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
 _SERVER = pytest.StashKey[Server]()
+_BASELINE = pytest.StashKey[set]()
+DISRUPTIVE = "kiln_disruptive"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,6 +67,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
     config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
     config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
+    config.addinivalue_line("markers", f"{DISRUPTIVE}: leaves its server unusable (stops or kills "
+                                       f"it); runs after every other test")
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
@@ -187,6 +191,9 @@ def _wants_engine(item: pytest.Item) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     known_issues.apply(items, profile_of(config).name, strict=config.getoption(known_issues.STRICT_OPTION))
+    # A test that breaks its server goes last, so no other test borrows a
+    # broken server or pays for a relaunch (the sort is stable).
+    items.sort(key=lambda item: item.get_closest_marker(DISRUPTIVE) is not None)
     e2e = [item for item in items if _wants_engine(item)]
     if not e2e:
         return
@@ -244,9 +251,28 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     Path(path).write_text(json.dumps(list(keys.values()), indent=1))
 
 
+def _say(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"kiln: {line}")
+    else:
+        log.warning("%s", line)
+
+
+def engine_processes(backend: BackendSpec) -> list[procfs.Stat]:
+    """Live processes that look like ``backend``'s by name or command line (no tag, no registry)."""
+    return procfs.matching(backend.process_names) if backend.process_names else []
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     profile = profile_of(config)
+    # Trees a killed run on this host left behind are stopped first (never a
+    # live owner's): their engines would hold memory, ports and GPUs.
+    for done in reaper.reap():
+        _say(config, done.line())
+    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    config.stash[_BASELINE] = {st.identity for st in engine_processes(backend)}
     found = _discovery(config)
     memory, topology, visible = None, None, ()
     if found is not None:
@@ -271,12 +297,41 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return  # nothing launched (unit tests): no records to write
     try:
         pool.close()
+        _check_nothing_left(session)
     finally:
         records = Path(config.getoption("--kiln-reports")) / f"servers-{session_name(config)}.json"
         pool.write_records(records)
         prev = config.stash.get(_PREV_SIGTERM, None)
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
+
+
+def new_engine_processes(config: pytest.Config) -> list[procfs.Stat]:
+    """Engine-looking processes now that were not there when the session started."""
+    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    before = config.stash.get(_BASELINE, set())
+    return [st for st in engine_processes(backend) if st.identity not in before]
+
+
+def _check_nothing_left(session: pytest.Session) -> None:
+    """After the pool stopped everything: no engine process that was not there at the start.
+
+    Counted by name and command line (renamed processes included, zombies
+    aside), so it holds even if kiln's own bookkeeping were wrong. A leak
+    fails the session: the next job on this host would run beside it.
+    """
+    config = session.config
+    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    if not backend.process_names:
+        return
+    leaked = new_engine_processes(config)
+    if leaked:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _say(config, f"LEAK: {len(leaked)} {backend.name} process(es) outlived the session: "
+                     + ", ".join(procfs.label(st.pid) for st in leaked))
+    else:
+        _say(config, f"containment: 0 {backend.name} processes left (scan by name and command "
+                     f"line; {cgroups.probe()})")
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,8 @@ class ServerInfo:
     tests: tuple[str, ...] = ()
     error: str | None = None
     warm_dependent: bool = False
+    containment: str | None = None
+    stop_killed: tuple[str, ...] = ()
 
     @property
     def launch_failed(self) -> bool:
@@ -100,8 +102,24 @@ def load_servers(path: str | Path) -> tuple[tuple[ServerInfo, ...], str | None]:
             memory_free=_num(item.get("memory_free")),
             tests=tuple(t for t in item.get("tests") or () if isinstance(t, str)),
             error=item.get("error") if isinstance(item.get("error"), str) else None,
-            warm_dependent=bool(item.get("warm_dependent"))))
+            warm_dependent=bool(item.get("warm_dependent")),
+            containment=item.get("containment") if isinstance(item.get("containment"), str) else None,
+            stop_killed=tuple(k for k in item.get("stop_killed") or () if isinstance(k, str))))
     return tuple(records), None
+
+
+def stops_md(servers: Sequence[ServerInfo], redactor: Redactor) -> str:
+    """Servers whose tree had to be SIGKILLed at stop: a wedged or stopped engine, said out loud."""
+    hard = [s for s in servers if s.stop_killed]
+    if not hard:
+        return ""
+    lines = ["### Stops that needed SIGKILL"]
+    for srv in hard:
+        names = sanitize(", ".join(srv.stop_killed), redactor)
+        lines.append(f"- {code_span(srv.key)} ({srv.containment or 'unknown containment'}): "
+                     f"{len(srv.stop_killed)} process(es) ignored SIGTERM for the grace period: "
+                     f"{code_span(names[:MAX_CAUSE_CHARS])}")
+    return "\n".join(lines)
 
 
 def one_line_cause(case: CaseResult, redactor: Redactor) -> str:
@@ -296,7 +314,8 @@ def render_report(run: RunResult | None, session: str, *, profile: Any = None,
     covered = {f.server.key for f in failures if f.server is not None}
     orphans = [s for s in servers if s.error and s.key not in covered]
     head = [verdict(run, session, profile)] + [f"> {code_span(sanitize(n, redactor))}" for n in notes]
-    tail = [p for p in (skipped_md(cases, redactor), timeline_md(servers, session)) if p]
+    tail = [p for p in (skipped_md(cases, redactor), stops_md(servers, redactor),
+                        timeline_md(servers, session)) if p]
     outputs: dict[tuple[int, int], Tail] = {}  # sanitised lazily: most never fit
 
     def output(index: int, cap: int) -> Tail:

@@ -1,7 +1,8 @@
 """``Server``: the life of one real inference server, from launch to nothing left.
 
-Launch -> log to a file -> poll health (per-request timeout, overall deadline,
-early exit detection) -> serve -> stop the tagged tree -> port free ->
+Launch under a supervisor (ci/procs.py) -> log to a file -> poll health
+(per-request timeout, overall deadline, early exit detection) -> serve -> stop
+the supervised tree -> port free ->
 device memory back. The log tail is logged on every exit path, success
 included, so a red job always carries the engine's last words.
 """
@@ -86,6 +87,11 @@ class ServerRecord:
     tests: list[str] = field(default_factory=list)
     error: str | None = None
     warm_dependent: bool = False
+    # How the tree was contained and what its stop took: the report says when
+    # an engine needed SIGKILL (a wedged or stopped engine), naming what was hit.
+    containment: str | None = None
+    stop_seconds: float | None = None
+    stop_killed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,8 +212,9 @@ class Server:
             env = gpu.child_env(env, self.vendor, self.devices)
         self.record.launched = time.time()
         self.tree = procs.ProcessTree.spawn(self.command, log_path=self.log_path, env=env)
-        log.info("launched %s (pid %d, port %d): %s", self.key, self.tree.pid, self.port,
-                 shlex.join(self.command))
+        self.record.containment = self.tree.mechanism
+        log.info("launched %s (pid %d, port %d, %s): %s", self.key, self.tree.pid, self.port,
+                 self.tree.mechanism, shlex.join(self.command))
 
     def _wait_ready(self) -> None:
         assert self.tree is not None
@@ -279,9 +286,12 @@ class Server:
             try:
                 if self.tree is not None:
                     report = self.tree.stop(self.grace_s)
+                    self.record.stop_seconds = round(report.seconds, 3)
+                    self.record.stop_killed = list(report.killed_names)
                     log.info("stopped %s in %.2f s (exit %s%s)", self.key, report.seconds,
                              report.exit_code,
-                             f", SIGKILLed {report.killed}" if report.killed else "")
+                             f", needed SIGKILL: {', '.join(report.killed_names)}"
+                             if report.killed_names else "")
                 if self._reservation is not None and self.tree is not None:
                     ports.wait_free(self._reservation.port)
             finally:

@@ -371,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from ci import reaper  # trees a killed run left on this host hold memory the warmup needs
+    reaper.reap()  # logs one line per tree it stops
     try:
         results = warmup(args.profile, models=args.model, tests=args.tests, cold=args.cold,
                          strict=args.strict, backend=args.backend, log_dir=args.log_dir)

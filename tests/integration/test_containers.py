@@ -7,6 +7,8 @@ exactly the engine that needs the kill half of "stop with timeout then kill".
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,3 +190,26 @@ def test_stop_run_stops_every_container_of_that_run_only(docker_env, docker_clie
     assert not exists(docker_client, a.name) and not exists(docker_client, b.name)
     assert exists(docker_client, other.name)
     assert "a-out" in (tmp_path / "stop-logs" / f"{a.name}.log").read_text()
+
+
+def test_container_of_a_killed_owner_is_reaped_a_live_owners_is_not(docker_env, docker_client, tmp_path,
+                                                                     started):
+    # The owner a SIGKILLed `invoke ci` leaves behind: a process that is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead_label = containers.owner_label(dead.pid)
+    dead.kill()
+    dead.wait()
+    orphan = containers.start(docker_client, spec(docker_env, "run-dead", "/bin/sleep", "300",
+                                                  owner=dead_label), tmp_path / "a.log")
+    alive = containers.start(docker_client, spec(docker_env, "run-alive", "/bin/sleep", "300",
+                                                 owner=containers.owner_label()), tmp_path / "b.log")
+    started += [orphan, alive]
+    assert containers.owner_gone(dead_label) is True and containers.owner_gone(None) is None
+    assert containers.reap_orphaned(docker_client, dry_run=True)[0].startswith(f"would remove container {orphan.name}")
+    assert exists(docker_client, orphan.name)
+    lines = containers.reap_orphaned(docker_client)
+    assert len(lines) == 1 and orphan.name in lines[0] and "is gone" in lines[0]
+    assert not exists(docker_client, orphan.name)
+    # Another run's container whose owner still runs: another job on this host.
+    assert containers.cleanup_stale(docker_client, "run-now") == []
+    assert exists(docker_client, alive.name)

@@ -94,8 +94,10 @@ def test_server_that_died_between_tests_is_relaunched(tmp_path):
     try:
         first = pool.acquire(key)
         pool.release(first)
-        first.tree.popen.kill()
-        first.tree.popen.wait()
+        os.kill(first.tree.pid, signal.SIGKILL)  # the engine's root, not its supervisor
+        deadline = time.monotonic() + 10
+        while first.tree.poll() is None and time.monotonic() < deadline:
+            time.sleep(procs.POLL_INTERVAL_S)  # bounded poll until the supervisor reports the exit
         second = pool.acquire(key)
         assert second is not first and pool.launches == 2
         assert "exited with code" in first.record.error

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ci import ports, procs
+from ci import ports, procfs, procs
 from ci.backends import generic
 from ci.server import Server, ServerExited, ServerTimeout, stop_many
 
@@ -35,9 +35,13 @@ def _server(tmp_path: Path, mode: str, *extra: str, **kw) -> Server:
     return Server(_backend(mode, *extra), "fault-model", log_dir=tmp_path, **kw)
 
 
-def _assert_nothing_left(server: Server) -> None:
+def _assert_nothing_left(server: Server, bystanders=()) -> None:
     assert server.tree is not None
+    assert server.tree.member_pids() == [], "members of the tree survived"
     assert procs.tagged(server.tree.tag) == [], "tagged processes survived"
+    # Independent of kiln's bookkeeping: nothing running the fault engine at all.
+    assert procfs.matching([FAULT_ENGINE.name], exclude=bystanders) == [], \
+        "a fault engine process survived"
     assert ports.is_bindable(server.port), f"port {server.port} still held"
 
 
@@ -149,7 +153,7 @@ def test_bystander_with_same_command_line_is_never_signalled(tmp_path):
     try:
         s = _server(tmp_path, "ignore-term", grace_s=0.5).start()
         s.stop()
-        _assert_nothing_left(s)
+        _assert_nothing_left(s, bystanders=[bystander.pid])
         assert bystander.poll() is None, "bystander was signalled"
     finally:
         bystander.kill()

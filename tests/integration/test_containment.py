@@ -1,0 +1,269 @@
+"""Containment against engines that rename themselves, daemonize, stop, or outlive their harness.
+
+Real processes only: tests/fakes/renaming_engine.py uses the real
+``setproctitle`` package, as vLLM and SGLang do. "Nothing left" is checked by
+``procfs.matching``: every live process whose name or command line matches
+the fake's names, zombies aside -- a scan that reads no tag, registry or
+cgroup of kiln's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import cgroups, procfs, procs, reaper, registry
+from tests.fakes.renaming_engine import NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = ROOT / "tests" / "fakes" / "renaming_engine.py"
+MODES = (cgroups.V2, cgroups.V1, cgroups.NONE)
+# The fake is up (every helper renamed) in well under a second; a loaded
+# 2-core runner gets this long.
+UP_DEADLINE_S = 30.0
+# Harness death -> tree gone: the supervisor's orphan grace (3 s) plus the
+# kill; the goal (<= 5 s) is measured by bench/containment.py, this is the
+# functional bound on a loaded runner.
+HARNESS_DEATH_BOUND_S = 10.0
+STOP_GRACE_S = 0.5
+
+
+def _wait(cond, deadline_s: float, what: str):
+    end = time.monotonic() + deadline_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
+        time.sleep(0.02)  # bounded poll on the condition
+
+
+def _engine_left(exclude=()) -> list[str]:
+    return [procfs.label(st.pid) for st in procfs.matching(NAMES, exclude=exclude)]
+
+
+def _read_pids(path: Path) -> list[int]:
+    _wait(path.exists, UP_DEADLINE_S, f"{path} (the fake engine's helpers)")
+    return [int(x) for x in path.read_text().split()]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path, monkeypatch):
+    monkeypatch.setenv(registry.STATE_DIR_ENV, str(tmp_path / "state"))
+    assert _engine_left() == [], "a fake engine from an earlier test is still running"
+    yield
+    left = _engine_left()
+    assert left == [], f"engine processes left: {left}"
+
+
+@pytest.fixture(params=MODES)
+def containment(request, monkeypatch) -> str:
+    mode = request.param
+    if mode != cgroups.NONE:
+        try:
+            group, _ = cgroups.create(f"test-{os.getpid()}", mode)
+            group.remove()
+        except cgroups.CgroupError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{mode} unavailable on a CI machine that has it: {exc}")
+            pytest.skip(f"{mode} unavailable here: {exc}")
+    monkeypatch.setenv(cgroups.MODE_ENV, mode)
+    return mode
+
+
+def _start(tmp_path: Path, *flags: str) -> tuple[procs.ProcessTree, list[int]]:
+    pidfile = tmp_path / f"pids-{time.monotonic_ns()}"
+    tree = procs.ProcessTree.spawn([sys.executable, str(ENGINE), *flags, "--pidfile", str(pidfile)],
+                                   log_path=tmp_path / "engine.log")
+    try:
+        return tree, _read_pids(pidfile)
+    except BaseException:
+        tree.stop(STOP_GRACE_S)
+        raise
+
+
+def test_setproctitle_erases_the_tag_but_not_membership(tmp_path):
+    tree, pids = _start(tmp_path, "--workers", "2")
+    try:
+        root, workers = pids[0], pids[1:]
+        carriers = {p.pid for p in procs.tagged(tree.tag)}
+        assert root in carriers
+        assert not carriers & set(workers), "setproctitle should have erased the tag of the workers"
+        assert set(pids) <= set(tree.member_pids())
+        assert all(procfs.stat(w).comm.startswith("KILNFAKE::") for w in workers)  # comm: 15 chars
+    finally:
+        report = tree.stop(STOP_GRACE_S)
+    assert set(workers) <= set(report.killed) and not report.terminated_gracefully
+
+
+def test_renamed_workers_that_ignore_sigterm_are_killed(tmp_path, containment):
+    tree, pids = _start(tmp_path, "--workers", "2")
+    assert tree.mechanism == containment
+    report = tree.stop(STOP_GRACE_S)
+    assert set(pids[1:]) <= set(report.killed)
+    assert any("KILNFAKE::Worker_1" in name for name in report.killed_names)
+    assert report.exit_code is not None
+    if tree.cgroup is not None:
+        assert not tree.cgroup.exists(), "the tree's cgroup should be removed"
+
+
+def test_double_fork_daemon_with_setsid_and_no_environment(tmp_path, containment):
+    tree, pids = _start(tmp_path, "--daemon")
+    daemon = pids[1]
+    assert procfs.stat(daemon).ppid != pids[0], "the daemon should be orphaned (double fork)"
+    assert os.getsid(daemon) != os.getsid(pids[0])
+    assert Path(f"/proc/{daemon}/environ").read_bytes().strip(b"\0") == b""
+    assert daemon in tree.member_pids()
+    report = tree.stop(STOP_GRACE_S)
+    assert daemon in report.killed
+
+
+def test_child_that_stops_itself(tmp_path, containment):
+    tree, pids = _start(tmp_path, "--self-stop")
+    stopped = pids[1]
+    _wait(lambda: procfs.stat(stopped).state == "T", UP_DEADLINE_S, "the child to stop itself")
+    report = tree.stop(STOP_GRACE_S)
+    assert stopped in report.killed
+
+
+def test_whole_engine_stopped_front_end_included(tmp_path, containment):
+    tree, pids = _start(tmp_path, "--workers", "1", "--daemon")
+    for pid in tree.member_pids():
+        os.kill(pid, signal.SIGSTOP)  # our own tree's members
+    _wait(lambda: all(procfs.stat(p).state == "T" for p in pids), UP_DEADLINE_S, "every member stopped")
+    report = tree.stop(STOP_GRACE_S)
+    assert set(pids) <= set(report.killed)
+    assert report.exit_code == -signal.SIGKILL
+
+
+HARNESS = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    from ci import procs
+
+    def test_hold_a_tree(tmp_path):
+        tree = procs.ProcessTree.spawn(
+            [sys.executable, os.environ["FAKE_ENGINE"], "--workers", "2", "--daemon",
+             "--pidfile", os.environ["FAKE_PIDS"]], log_path=tmp_path / "engine.log")
+        Path(os.environ["FAKE_SUP"]).write_text(str(tree.supervisor_pid))
+        threading.Event().wait()  # until the harness is killed
+""")
+
+
+def _harness(tmp_path: Path, *, pytest_harness: bool = True) -> tuple[subprocess.Popen, list[int], int]:
+    script = tmp_path / "test_harness.py"
+    script.write_text(HARNESS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_ENGINE": str(ENGINE),
+           "FAKE_PIDS": str(tmp_path / "pids"), "FAKE_SUP": str(tmp_path / "sup")}
+    env.pop("PYTEST_ADDOPTS", None)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)]
+    harness = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        pids = _read_pids(tmp_path / "pids")
+        sup = int(_wait(lambda: (tmp_path / "sup").exists() and (tmp_path / "sup").read_text(),
+                        UP_DEADLINE_S, "the supervisor pid"))
+    except BaseException:
+        harness.kill()
+        raise
+    return harness, pids, sup
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_harness_death_stops_the_tree(tmp_path, sig):
+    harness, pids, _ = _harness(tmp_path)
+    assert all(procfs.stat(p) for p in pids)
+    t0 = time.monotonic()
+    harness.send_signal(sig)
+    _wait(lambda: not _engine_left(), HARNESS_DEATH_BOUND_S, f"the tree to go after {sig.name}")
+    elapsed = time.monotonic() - t0
+    harness.wait(HARNESS_DEATH_BOUND_S)
+    assert elapsed < HARNESS_DEATH_BOUND_S
+    # The harness never struck the tree off the registry; the next run finds
+    # it stale with nothing left and forgets it.
+    done = reaper.reap()
+    assert [r.members for r in done] == [[]]
+    assert registry.Registry().entries() == []
+
+
+@pytest.mark.parametrize("mode", [cgroups.V2, cgroups.V1])
+def test_stale_tree_of_a_dead_owner_and_supervisor_is_reaped_live_one_untouched(
+        tmp_path, monkeypatch, mode):
+    monkeypatch.setenv(cgroups.MODE_ENV, mode)
+    live, live_pids = _start(tmp_path, "--workers", "1")
+    try:
+        harness, pids, sup = _harness(tmp_path)
+        # An OOM kill that takes the harness and the supervisor together:
+        # nothing is left to notice, the engine's processes go to init.
+        os.kill(sup, signal.SIGKILL)
+        harness.kill()
+        harness.wait(HARNESS_DEATH_BOUND_S)
+        _wait(lambda: procfs.stat(sup) is None, UP_DEADLINE_S, "the supervisor to be gone")
+        assert all(procfs.is_alive(procfs.identity(p)) for p in pids), "the orphans should still run"
+        done = reaper.reap()
+        assert len(done) == 1 and len(done[0].members) == len(pids) and done[0].killed
+        assert not done[0].survivors
+        assert "reaped tree" in done[0].line() and "KILNFAKE::Worker_0" in done[0].line()
+        assert not [p for p in pids if procfs.stat(p) and not procfs.stat(p).zombie]
+        assert all(procfs.stat(p) for p in live_pids), "a live owner's tree must be untouched"
+        assert [e.tree_id for e in registry.Registry().entries()] == [live.tag]
+    finally:
+        live.stop(STOP_GRACE_S)
+
+
+def test_stale_tree_with_a_wedged_supervisor_is_reaped(tmp_path, monkeypatch):
+    monkeypatch.setenv(cgroups.MODE_ENV, cgroups.NONE)  # only the supervisor's descendants
+    monkeypatch.setattr(reaper, "SUPERVISOR_STOP_S", 1.0)
+    harness, pids, sup = _harness(tmp_path)
+    os.kill(sup, signal.SIGSTOP)  # wedged: alive, but it will never act on the owner's death
+    harness.kill()
+    harness.wait(HARNESS_DEATH_BOUND_S)
+    assert reaper.reap(dry_run=True)[0].line().startswith("would reap")
+    assert all(procfs.stat(p) for p in pids), "a dry run touches nothing"
+    done = reaper.reap()
+    assert len(done) == 1 and set(done[0].killed) and not done[0].survivors
+    _wait(lambda: procfs.stat(sup) is None or procfs.stat(sup).zombie, UP_DEADLINE_S,
+          "the wedged supervisor to be killed")
+
+
+def test_bystander_with_the_same_command_line_is_untouched(tmp_path):
+    pidfile = tmp_path / "bystander"
+    argv = [sys.executable, str(ENGINE), "--workers", "1", "--pidfile", str(pidfile)]
+    bystander = subprocess.Popen(argv, start_new_session=True)  # not kiln's
+    try:
+        by_pids = _read_pids(pidfile)
+        tree, pids = _start(tmp_path, "--workers", "1")
+        assert not set(by_pids) & set(tree.member_pids())
+        tree.stop(STOP_GRACE_S)
+        reaper.reap()
+        assert all(procfs.stat(p) and not procfs.stat(p).zombie for p in by_pids)
+        assert sorted(st.pid for st in procfs.matching(NAMES)) == sorted(by_pids)
+    finally:
+        for pid in by_pids[1:]:
+            os.kill(pid, signal.SIGKILL)  # the bystander is this test's own child tree
+        bystander.kill()
+        bystander.wait()
+
+
+def test_bad_containment_mode_is_one_line_and_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(cgroups.MODE_ENV, "bogus")
+    with pytest.raises(RuntimeError, match=r"^KILN_CONTAINMENT='bogus' is not one of auto, "):
+        procs.ProcessTree.spawn([sys.executable, str(ENGINE), "--workers", "1"], log_path=tmp_path / "e.log")
+    assert registry.Registry().entries() == []
+
+
+def test_missing_engine_binary_is_one_line_and_leaves_no_cgroup(tmp_path, monkeypatch):
+    monkeypatch.setenv(cgroups.MODE_ENV, "auto")
+    base = cgroups.v2_base()
+    before = {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} if base else set()
+    with pytest.raises(RuntimeError, match=r"^cannot start 'kiln-no-such-engine': No such file"):
+        procs.ProcessTree.spawn(["kiln-no-such-engine", "--port", "1"], log_path=tmp_path / "e.log")
+    if base:
+        assert {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} == before
