@@ -71,13 +71,15 @@ _VENDOR = {
 }
 
 
-# tp>1 on the H200 machines (vLLM 0.26.0, driver 580, two GPUs in one
-# Firecracker VM): vLLM's compiled path turns on its all-reduce+RMSNorm fusion
-# and custom all-reduce, and the engine died at start in cublasCreate
-# (CUBLAS_STATUS_INTERNAL_ERROR); eager mode with NCCL's all-reduce served
-# (MISSION.md, docs/gpu-verification.md). Not measured on H100 runners, whose
-# profiles keep vLLM's defaults.
-H200_TP_ARGS = ("--enforce-eager", "--disable-custom-all-reduce")
+# tp>1 on the H200 machines (vLLM 0.26.0, driver 580, two NVLinked GPUs in one
+# Firecracker VM whose NVLink multicast is off): vLLM's compiled path turns on
+# its all-reduce+RMSNorm fusion pass (fuse_allreduce_rms: FlashInfer's fused
+# all-reduce, "mnnvl" workspace) and both TP workers then die in cublasCreate
+# (CUBLAS_STATUS_INTERNAL_ERROR, then an illegal memory access). Reproduced
+# with and without --disable-custom-all-reduce; with only that pass off the
+# engine compiles, captures CUDA graphs, uses its custom all-reduce and serves
+# (docs/gpu-verification.md). Not measured on H100 runners: vLLM defaults there.
+H200_TP_ARGS = ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
 
 
 def _gpu(vendor: str, kind: str, n: int) -> Profile:

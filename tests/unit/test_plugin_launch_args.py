@@ -67,7 +67,7 @@ def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
     h200 = runners.get_profile("h200-2")
     _, tp2 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
     _, tp1 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
-    assert tp2[:2] == ("--enforce-eager", "--disable-custom-all-reduce")
-    assert "--enforce-eager" not in tp1
+    assert tp2[:2] == ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
+    assert "--compilation-config" not in tp1
     _, h100 = plugin_launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
-    assert "--enforce-eager" not in h100
+    assert "--compilation-config" not in h100
