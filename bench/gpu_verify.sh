@@ -48,7 +48,7 @@ print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(
     state before
     CUDA_VISIBLE_DEVICES=0 python3 -m nox -s e2e-h200-1 -- --kiln-model tiny-llama 2>&1 | tee "$out/h200-1.log"
     echo "nox exit ${PIPESTATUS[0]}"
-    cp reports/servers-e2e-h200-1.json reports/junit-e2e-h200-1.xml "$out/" 2>/dev/null
+    cp reports/servers-e2e-h200-1.json reports/junit-e2e-h200-1.xml reports/kit-summary-e2e-h200-1.md "$out/" 2>/dev/null
     grep -h -i -E "flash ?attention|FLASH_ATTN|attention backend" reports/logs/e2e-h200-1/*.log | sort | uniq -c | head
     state after ;;
   warmup)

@@ -14,11 +14,11 @@ from typing import Mapping
 # Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
 # leaves room for a cold torch.compile on a loaded runner without hiding a hang.
 CPU_LAUNCH_TIMEOUT_S = 240.0
-# GPU engines load weights and capture CUDA graphs. Measured on an H200
-# (docs/gpu-verification.md, issue 12): vLLM 0.26.0 with the tiny model was
-# ready 101 s after launch cold (compile + CUDA graphs) on one GPU, 157 s at
-# tp=2 (eager). 600 s is an estimate for larger models: sglang's own CI allows
-# ~10 min for them on 8 GPUs.
+# GPU engines load weights and capture CUDA graphs. Measured on H200s
+# (docs/gpu-verification.md, issue 12), vLLM 0.26.0 with the tiny model, from
+# launch to ready: 99-103 s cold (empty caches), 60 s warm; tp=2 101 s. 600 s
+# for larger models is an estimate: sglang's own CI allows ~10 min for them on
+# 8 GPUs.
 GPU_LAUNCH_TIMEOUT_S = 600.0
 # AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
 # its timeouts for the MI300 pool).
