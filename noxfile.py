@@ -121,7 +121,8 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     # pytest's testpaths (which would pull in kiln's own unit tests).
     targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]
     if shard_spec is not None:
-        targets = sharding.select_for_session(session, targets, shard_spec, REPORTS)
+        targets = sharding.select_for_session(session, targets, shard_spec, REPORTS, python=py,
+                                              pytest_args=[f"--kiln-model={model}"])
     session.run(
         py, "-m", "pytest", *targets,
         f"--kiln-profile={profile.name}", f"--kiln-model={model}", f"--junitxml={junit}",
