@@ -4,10 +4,15 @@
     nox -s e2e-h100-4 -- 'tests/e2e/test_api.py::test_chat'
     nox -s tests                        # kiln's own unit + integration tests
 
+    nox -s e2e-h200-1 -- --kiln-model tiny-llama [--kiln-wheelhouse DIR]
+
 The e2e sessions are generated from the runner table (ci/runners.py): each is
-a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``) are taken out
-of the posargs before pytest sees them; ``--kiln-warmup [--kiln-cold]`` runs the
-JIT warmup in the session's venv instead of the tests (what `invoke warmup` calls).
+a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``,
+``--kiln-wheelhouse DIR``) are taken out of the posargs before pytest sees them;
+``--kiln-model`` goes to pytest and, as $KILN_MODEL, to warmup;
+``--kiln-warmup [--kiln-cold]`` runs the JIT warmup in the session's
+interpreter instead of the tests (what `invoke warmup` calls). GPU sessions
+have no venv: they run in the engine's own interpreter (ci/engine_env.py).
 """
 from __future__ import annotations
 
