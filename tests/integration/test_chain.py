@@ -181,6 +181,11 @@ def test_chain_runs_every_step_in_the_container_and_reports_on_the_host(docker_e
     assert f"`{SESSION}` passed" in report.read_text()
     assert str(report) in headers[-1][1]
 
+    # The container is gone.
+    assert re.search(r"^\[kiln ci\] container kiln-chain-\w+-\w+ stopped \(exit 0\) and removed$", done.stdout, re.M)
+    assert _kiln_containers(docker_env) == []
+
+
 def test_chain_appends_the_kits_summary_to_the_hosts_job_summary(green, step_summary):
     # GITHUB_STEP_SUMMARY stayed set for the whole chain: the perf kit in the
     # container wrote under reports/ (the host's summary file is not mounted
@@ -194,10 +199,6 @@ def test_chain_appends_the_kits_summary_to_the_hosts_job_summary(green, step_sum
     kits = REPORTS / f"kit-summary-{SESSION}.md"
     assert _written_since(kits, started) and "### perf on cpu" in kits.read_text()
     assert str(step_summary) in _headers(done.stdout)[-1][1]
-
-    # The container is gone.
-    assert re.search(r"^\[kiln ci\] container kiln-chain-\w+-\w+ stopped \(exit 0\) and removed$", done.stdout, re.M)
-    assert _kiln_containers(docker_env) == []
 
 
 def test_failing_e2e_step_still_removes_the_container_and_renders_the_report(docker_env, python_image, green):
