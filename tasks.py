@@ -249,6 +249,31 @@ def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=Fa
         raise Exit(f"warmup failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
 
 
+@task(iterable=["exclude", "constraint", "requirement"], help={
+    "engine": "engine requirement, e.g. vllm==0.26.0 (its torch== pin must be the runner's CUDA torch)",
+    "dest": "directory to fill (default wheelhouse/<engine>-py<python>)",
+    "python": "the runner's Python, major.minor (default 3.12)",
+    "present": "file of names the runner's image already has (pip freeze / pip list / one a line)",
+    "exclude": "a name not to download (repeatable)",
+    "constraint": "constraints file that settles a version conflict (repeatable)",
+    "requirement": "requirements file to add, e.g. requirements/e2e-gpu.txt (repeatable)",
+})
+def wheelhouse(c, engine, dest=None, python="3.12", present=None, exclude=None, constraint=None,
+               requirement=None):
+    """On a connected host: wheels of ENGINE + what the runner lacks, for `nox -s e2e-<gpu> -- --kiln-wheelhouse DIR`."""
+    from ci import wheelhouse as wh
+
+    out = Path(dest) if dest else ROOT / "wheelhouse" / f"{engine.replace('==', '-')}-py{python}"
+    argv = [engine, "--dest", str(out), "--python", python]
+    argv += [a for p in (present,) if p for a in ("--present", p)]
+    argv += [a for n in exclude or () for a in ("--exclude", n)]
+    argv += [a for f in constraint or () for a in ("-c", f)]
+    argv += [a for f in requirement or () for a in ("-r", f)]
+    code = wh.main(argv)
+    if code:
+        raise Exit(code=code)
+
+
 def _after_double_dash() -> list[str]:
     # invoke joins the remainder with spaces, losing the quoting of ids like
     # 'test_chat[two words]'; argv still has it.

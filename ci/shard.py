@@ -239,7 +239,8 @@ def parse_collected(output: str) -> list[str]:
     return nodeids
 
 
-def select_for_session(session, targets: Sequence[str], shard: Shard, reports_dir: Path) -> list[str]:
+def select_for_session(session, targets: Sequence[str], shard: Shard, reports_dir: Path, *,
+                       python: str = "python", pytest_args: Sequence[str] = ()) -> list[str]:
     """Collect ``targets`` in a nox session and return pytest args running only ``shard``.
 
     ``targets`` are the posargs (paths, node ids, options); the options are kept.
@@ -247,14 +248,17 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     The shard's node ids go to ``reports/shard-<session>-<i>of<n>.txt`` and
     pytest reads them with ``@file`` (pytest >= 8.2): no argv limit, no quoting.
     An empty shard (more shards than tests) skips the session, saying why.
+    ``python`` collects in the interpreter the tests will run in (GPU sessions
+    have no venv: the engine's own); ``pytest_args`` (e.g. ``--kiln-model=X``)
+    make collection declare the same servers as the run.
     """
     name = session.name
     reports_dir.mkdir(parents=True, exist_ok=True)
     keys_file = reports_dir / f"shard-keys-{name}.json"
     output = session.run(
-        "python", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+        python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
         f"--kiln-profile={name.removeprefix('e2e-')}", f"--kiln-collect-keys={keys_file}",
-        *targets, silent=True)
+        *pytest_args, *targets, silent=True, external=python != "python")
     nodeids = parse_collected(output or "")
     # The previous run's JUnit of this session, when present (the workflows upload it as
     # an artifact; restoring it before a sharded run is not wired yet).

@@ -3,3 +3,31 @@
 The ``server`` fixture, the ``model`` marker and the pool come from
 ci/pytest_plugin.py, which pyproject.toml loads for every pytest run.
 """
+from __future__ import annotations
+
+import pytest
+
+from ci import thresholds
+
+
+@pytest.fixture
+def kiln_thresholds(kiln_profile) -> thresholds.Thresholds:
+    """Thresholds of this run's (profile, default model) pair; one-line failure when it has none."""
+    try:
+        return thresholds.for_profile(kiln_profile.name, kiln_profile.default_model)
+    except thresholds.MissingThreshold as exc:
+        pytest.fail(f"kiln: {exc}", pytrace=False)
+
+
+def _print_beside_bounds(title: str, measured: dict[str, float], bounds: dict[str, thresholds.Bound]) -> None:
+    print(f"{title}: measured vs bound")
+    for name, bound in bounds.items():
+        value = measured.get(name)
+        shown = "n/a" if value is None else f"{value:.4g}"
+        print(f"  {name:<16} {shown:>10}  bound {bound.value:<8g} ({bound.reason or 'reference'})")
+
+
+@pytest.fixture
+def beside_bounds():
+    """print(title, measured, bounds): each figure next to its bound and the bound's basis."""
+    return _print_beside_bounds

@@ -1,14 +1,30 @@
 """Performance budget (ci/kits/perf.py): always reported; enforced where the profile says."""
 from __future__ import annotations
 
-import os
+import pytest
 
-from ci import thresholds
+from ci import pytest_plugin, report
 from ci.kits import perf
 
+# Kit figure name -> the PerfBudget field that bounds it.
+_BOUND_OF = {"output_tok_s": "min_output_tok_s", "ttft_p50_s": "max_ttft_p50_s",
+             "ttft_p95_s": "max_ttft_p95_s", "latency_p50_s": "max_latency_p50_s",
+             "latency_p95_s": "max_latency_p95_s"}
 
-def test_performance_budget(server, kiln_profile):
-    th = thresholds.for_profile(kiln_profile.name)
-    perf.check_perf(server, th.perf, enforce=th.enforce_perf,
-                    summary_path=os.environ.get("GITHUB_STEP_SUMMARY"),
-                    title=f"perf on {kiln_profile.name}")
+
+def test_performance_budget(server, kiln_profile, kiln_thresholds, pytestconfig, beside_bounds):
+    budget, enforce = kiln_thresholds.perf, kiln_thresholds.enforce_perf
+    result = perf.measure(server, requests=budget.requests, concurrency=budget.concurrency,
+                          max_tokens=budget.max_tokens, enforced=enforce)
+    result.violations = perf.violations(result, budget)
+    print(result.table())
+    beside_bounds("perf", result.figures(),
+                  {name: getattr(budget, field) for name, field in _BOUND_OF.items()})
+    # The job-summary section goes under reports/ (ci.report.kit_summary_path says why).
+    summary = report.kit_summary_path(pytestconfig.getoption("--kiln-reports"),
+                                      pytest_plugin.session_name(pytestconfig))
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    with summary.open("a", encoding="utf-8") as fh:
+        fh.write(result.markdown(f"perf on {kiln_profile.name} ({kiln_profile.default_model})") + "\n")
+    if enforce and result.violations:
+        pytest.fail("performance budget broken: " + "; ".join(result.violations), pytrace=False)

@@ -85,10 +85,15 @@ def python_image(docker_env, e2e_venv, tmp_path_factory) -> str:
 
 
 def _run_chain(docker_env, image: str, pytest_args: list[str],
-               timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    """`invoke ci --profile cpu --image IMAGE --reuse-venv -- ARGS` against the test daemon; (result, start time)."""
+               timeout: float, step_summary: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`invoke ci --profile cpu --image IMAGE --reuse-venv -- ARGS` against the test daemon; (result, start time).
+
+    With ``step_summary``, $GITHUB_STEP_SUMMARY names that host file, as on a GitHub runner.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "KILN_RUN_TAG", "GITHUB_"))}
     env["DOCKER_HOST"] = docker_env.daemon.base_url
+    if step_summary is not None:
+        env["GITHUB_STEP_SUMMARY"] = str(step_summary)
     argv = [sys.executable, "-m", "invoke", "ci", "--profile", "cpu", "--image", image, "--reuse-venv",
             "--run-tag", f"chain-{secrets.token_hex(3)}", "--", *pytest_args]
     started = time.time()
@@ -130,10 +135,17 @@ def _written_since(path: Path, started: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def green(docker_env, python_image):
-    """The chain with a real e2e step: two API kits against vLLM-CPU launched in the container."""
-    return _run_chain(docker_env, python_image, ["tests/e2e/test_api.py", "-k", "health or models"],
-                      GREEN_TIMEOUT_S)
+def step_summary(tmp_path_factory) -> Path:
+    """The job-summary file a GitHub runner gives a step: on the host, outside the workspace."""
+    return tmp_path_factory.mktemp("github") / "step_summary.md"
+
+
+@pytest.fixture(scope="module")
+def green(docker_env, python_image, step_summary):
+    """The chain with a real e2e step: two API kits and the perf kit against vLLM-CPU in the container."""
+    return _run_chain(docker_env, python_image,
+                      ["tests/e2e/test_api.py", "tests/e2e/test_perf.py", "-k", "health or models or perf"],
+                      GREEN_TIMEOUT_S, step_summary=step_summary)
 
 
 def test_chain_runs_every_step_in_the_container_and_reports_on_the_host(docker_env, green):
@@ -154,7 +166,7 @@ def test_chain_runs_every_step_in_the_container_and_reports_on_the_host(docker_e
     # the server it launched served the model from /workspace, and the JUnit
     # it wrote through the bind mount has the passed tests.
     e2e = _section(done.stdout, "e2e")
-    assert "rootdir: /workspace" in e2e and "2 passed" in e2e, e2e
+    assert "rootdir: /workspace" in e2e and "3 passed" in e2e, e2e
     junit = REPORTS / f"junit-{SESSION}.xml"
     assert _written_since(junit, started)
     counts = _junit_counts(junit)
@@ -173,6 +185,21 @@ def test_chain_runs_every_step_in_the_container_and_reports_on_the_host(docker_e
     # The container is gone.
     assert re.search(r"^\[kiln ci\] container kiln-chain-\w+-\w+ stopped \(exit 0\) and removed$", done.stdout, re.M)
     assert _kiln_containers(docker_env) == []
+
+
+def test_chain_appends_the_kits_summary_to_the_hosts_job_summary(green, step_summary):
+    # GITHUB_STEP_SUMMARY stayed set for the whole chain: the perf kit in the
+    # container wrote under reports/ (the host's summary file is not mounted
+    # there), and the report step appended report + kit sections on the host.
+    done, started = green
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert "GITHUB_STEP_SUMMARY" not in done.stdout  # never passed into the container
+    text = step_summary.read_text()
+    assert f"`{SESSION}` passed" in text
+    assert "### perf on cpu (tiny-llama)" in text and "| output_tok_s |" in text
+    kits = REPORTS / f"kit-summary-{SESSION}.md"
+    assert _written_since(kits, started) and "### perf on cpu" in kits.read_text()
+    assert str(step_summary) in _headers(done.stdout)[-1][1]
 
 
 def test_failing_e2e_step_still_removes_the_container_and_renders_the_report(docker_env, python_image, green):

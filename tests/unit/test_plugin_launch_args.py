@@ -57,3 +57,17 @@ def test_generic_backends_are_not_probed(tmp_path):
     from ci.backends import generic
     _, args = launch_args(_profile("--anything"), ServerKey("m", 1, ("--b",)), generic("x --port {port}"))
     assert args == ("--anything", "--b")
+
+
+def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
+    from ci import runners
+    from ci.pool import ServerKey
+    from ci.pytest_plugin import launch_args as plugin_launch_args
+
+    h200 = runners.get_profile("h200-2")
+    _, tp2 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    _, tp1 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
+    assert tp2[:2] == ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
+    assert "--compilation-config" not in tp1
+    _, h100 = plugin_launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    assert "--compilation-config" not in h100

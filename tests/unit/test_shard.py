@@ -155,8 +155,9 @@ class FakeSession:
         self.calls: list[tuple] = []
         self.logs: list[str] = []
 
-    def run(self, *args, silent=False):
+    def run(self, *args, silent=False, external=False):
         self.calls.append(args)
+        self.external = external
         keys = next(a.split("=", 1)[1] for a in args if a.startswith("--kiln-collect-keys="))
         Path(keys).write_text(json.dumps([{"model": "m", "tp": 1, "args": [], "tests": self.collected[:2]}]))
         return "\n".join(self.collected) + f"\n\n{len(self.collected)} tests collected\n"
@@ -181,3 +182,12 @@ def test_select_for_session_writes_an_argsfile(tmp_path):
     assert "shard 2/3" in session.logs[0]
     with pytest.raises(RuntimeError, match="skipped: shard 3/3 has no tests"):
         shard.select_for_session(FakeSession("e2e-cpu", ids[:1]), ["tests/e2e"], Shard(3, 3), tmp_path)
+
+
+def test_gpu_sessions_collect_in_the_engine_interpreter_with_the_runs_model(tmp_path):
+    session = FakeSession("e2e-h200-2", [f"tests/e2e/test_api.py::t{i}" for i in range(4)])
+    shard.select_for_session(session, ["tests/e2e"], Shard(1, 2), tmp_path,
+                             python="/opt/engine/bin/python3", pytest_args=["--kiln-model=tiny-llama"])
+    (call,) = session.calls
+    assert call[0] == "/opt/engine/bin/python3" and session.external is True
+    assert "--kiln-model=tiny-llama" in call and "--kiln-profile=h200-2" in call

@@ -74,3 +74,27 @@ def test_table_is_read_only():
     assert isinstance(thresholds.THRESHOLDS, MappingProxyType)
     with pytest.raises(dataclasses.FrozenInstanceError):
         thresholds.for_profile("cpu").perf.requests = 1
+
+
+def test_a_missing_profile_model_pair_fails_in_one_line_naming_both_and_where():
+    with pytest.raises(thresholds.MissingThreshold) as err:
+        thresholds.for_profile("h200-1", "/models/my-llama")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "'/models/my-llama'" in msg and "'h200-1'" in msg and "ci/thresholds.py" in msg
+
+
+def test_pairs_pick_their_own_perf_budget():
+    tiny = thresholds.for_profile("h200-1", "tiny-llama")
+    qwen = thresholds.for_profile("h200-1", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert tiny.perf.min_output_tok_s.value != qwen.perf.min_output_tok_s.value
+    assert qwen.perf == thresholds.for_profile("h200-1").perf
+    assert list(tiny.accuracy_floors) == ["tiny-llama"]
+    # The cpu row has one model, so the pair and the row agree.
+    assert thresholds.for_profile("cpu", "tiny-llama").perf == thresholds.for_profile("cpu").perf
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PROFILES.items() if p.vendor == "nvidia"))
+def test_every_gpu_bound_is_measured_or_marked_an_estimate(name):
+    for path, bound in thresholds.bounds(thresholds.for_profile(name)):
+        assert bound.reason.startswith(("measured:", "estimate:")), (name, path, bound.reason)

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The device-side steps behind docs/gpu-verification.md (issue 12), one per call:
+#
+#   bench/gpu_verify.sh recv PART              keep one staged part (bench/gpu_stage.sh)
+#   bench/gpu_verify.sh unstage                reassemble + install (bench/gpu_unstage.sh)
+#   bench/gpu_verify.sh h200-1                 nox -s e2e-h200-1 -- --kiln-model tiny-llama
+#   bench/gpu_verify.sh warmup                 invoke warmup --cold, then a warm start
+#   bench/gpu_verify.sh h200-2                 nox -s e2e-h200-2 (tp=2 + two servers at once)
+#   bench/gpu_verify.sh contain                harness SIGKILLed under a tp=2 server
+#
+# Run from the kiln checkout on the GPU machine; logs go to $OUT (or /tmp/kiln-out).
+# Every step prints the GPUs' memory and the engine processes before and after:
+# counted by name/command line (VLLM::EngineCore, VLLM::Worker*, the API server),
+# zombies excluded, so nothing relies on kiln's own bookkeeping.
+set -uo pipefail
+step=${1:?usage: bench/gpu_verify.sh STEP [ARG]}
+out=${OUT:-/tmp/kiln-out}
+mkdir -p "$out" /tmp/kiln-parts
+[ -f /tmp/kiln-env.sh ] && source /tmp/kiln-env.sh
+# The device machine's NVLink-multicast guards (KINDS.md), kept for every child.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+engine_procs() {
+  # pid stat name args of every live engine process; Z (zombie) rows dropped.
+  ps -eo pid=,stat=,comm=,args= | awk '$2 !~ /^Z/' \
+    | grep -E 'VLLM::|vllm\.entrypoints|api_server' | grep -v -E 'grep|gpu_verify' || true
+}
+state() {
+  echo "== $1 $(date -u +%T)"
+  nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader
+  echo "engine processes: $(engine_procs | wc -l)"
+  engine_procs
+}
+ready_lines() { grep -h -o -E "[^ ]+ is ready|ready \([0-9.]+ s after launch\)|init engine .* took [0-9.]+ s(econds)?" "$@" 2>/dev/null; }
+
+case "$step" in
+  recv)
+    cp "${2:?part}" /tmp/kiln-parts/ && ls -l /tmp/kiln-parts ;;
+  unstage)
+    nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.device_count())'
+    time bench/gpu_unstage.sh /tmp/kiln-parts && source /tmp/kiln-env.sh
+    python3 -c 'import vllm, importlib.util as u; print("vllm", vllm.__version__, vllm.__file__);
+print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")))'
+    python3 -m nox --version; python3 -m invoke --version
+    state baseline ;;
+  h200-1)
+    state before
+    CUDA_VISIBLE_DEVICES=0 python3 -m nox -s e2e-h200-1 -- --kiln-model tiny-llama 2>&1 | tee "$out/h200-1.log"
+    echo "nox exit ${PIPESTATUS[0]}"
+    cp reports/servers-e2e-h200-1.json reports/junit-e2e-h200-1.xml reports/kit-summary-e2e-h200-1.md "$out/" 2>/dev/null
+    grep -h -i -E "flash ?attention|FLASH_ATTN|attention backend" reports/logs/e2e-h200-1/*.log | sort | uniq -c | head
+    state after ;;
+  warmup)
+    state before
+    export KILN_MODEL=tiny-llama CUDA_VISIBLE_DEVICES=0
+    python3 -m invoke warmup --cold --profile h200-1 2>&1 | tee "$out/warmup-cold.log"
+    echo "warmup exit ${PIPESTATUS[0]}"
+    python3 -m invoke warmup --profile h200-1 2>&1 | tail -3   # marked: launches nothing
+    python3 -m nox -s e2e-h200-1 -- --kiln-model tiny-llama tests/e2e/test_api.py 2>&1 | tee "$out/warm-start.log"
+    echo "nox exit ${PIPESTATUS[0]}"
+    echo "cold:"; ready_lines "$out/warmup-cold.log" reports/logs/warmup/*.log
+    echo "warm:"; ready_lines "$out/warm-start.log"
+    python3 -c 'import json; [print("record", s["key"], "ready", round(s["ready"]-s["launched"],1), "s") for s in json.load(open("reports/servers-e2e-h200-1.json"))]'
+    state after ;;
+  h200-2)
+    state before
+    python3 -m nox -s e2e-h200-2 -- --kiln-model tiny-llama tests/e2e/test_multi_gpu.py -s 2>&1 | tee "$out/h200-2.log"
+    echo "nox exit ${PIPESTATUS[0]}"
+    cp reports/servers-e2e-h200-2.json "$out/" 2>/dev/null
+    state after ;;
+  contain)
+    state before
+    python3 bench/gpu_contain.py 2>&1 | tee "$out/contain.log"
+    state after ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
