@@ -72,6 +72,10 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     session.run("python", "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity")
     if profile.default_model == "tiny-llama":
         session.run("python", "-m", "ci.tinymodel")
+    if profile.vendor == "cpu":
+        # The real model (ci/realmodel.py): fetched and converted here, once per
+        # cache, so a failed download names itself before any engine starts.
+        session.run("python", "-m", "ci.realmodel")
     warm_flags, posargs = _split_warmup_flags(session.posargs)
     if warm_flags is not None:
         # `invoke warmup` / the chain's warmup step: same venv, so the same engine.

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 PROFILE_ENV = "KILN_PROFILE"
 SESSION_ENV = "KILN_SESSION"
 REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
-# Names of local models kiln builds itself (no model hub on CI machines).
-LOCAL_MODELS = ("tiny-llama",)
+# Names of local models kiln builds itself (no model hub on CI machines):
+# the tiny random one (ci/tinymodel.py) and a real one converted from a
+# wheel on the package index (ci/realmodel.py).
+LOCAL_MODELS = ("tiny-llama", "smollm2-135m")
 _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
@@ -72,9 +74,12 @@ def session_name(config: pytest.Config) -> str:
 
 def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
     """Model reference to pass to the engine, and the args that name it in the API."""
-    if name in LOCAL_MODELS:
+    if name == "tiny-llama":
         from ci import tinymodel  # imported lazily: it pulls numpy/tokenizers in
         return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
+    if name == "smollm2-135m":
+        from ci import realmodel  # imported lazily: a build pulls torch/transformers in
+        return str(realmodel.ensure_real_model()), ("--served-model-name", name)
     return name, ()
 
 

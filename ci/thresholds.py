@@ -94,6 +94,7 @@ LOWER_IS_LOOSER = frozenset({
 
 _QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
 _TINY = "tiny-llama"
+_SMOLLM2 = "smollm2-135m"  # ci/realmodel.py
 
 # -- references ------------------------------------------------------------------
 _GPU_PERF_SHAPE = dict(requests=64, concurrency=16, max_tokens=128)
@@ -177,6 +178,10 @@ _CPU = Thresholds(
                           "items is ~0.11 (measured 0.32-0.38 acc_norm across tiny-model revisions); the "
                           "floor catches "
                           "a scorer that systematically picks wrong endings"),
+        _SMOLLM2: Bound(0.33, "SmolLM2-135M-Instruct on the first 200 HellaSwag validation "
+                               "items (ci/kits/hellaswag.py), float32: measured TBD; chance is "
+                               "0.25 (sd 0.031 over 200 items), so 0.33 is 2.6 sd above chance "
+                               "and TBD sd below the measured score"),
     }),
     perf=PerfBudget(
         requests=8, concurrency=4, max_tokens=32,
