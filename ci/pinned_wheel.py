@@ -20,6 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import filelock
 
@@ -70,11 +71,12 @@ def _cached(pin: PinnedWheel, dest: Path) -> Path | None:
     return None
 
 
-def fetch(pin: PinnedWheel, cache_dir: Path) -> Path:
+def fetch(pin: PinnedWheel, cache_dir: Path, *, pip_args: Sequence[str] = ()) -> Path:
     """Path of ``pin``'s wheel under ``cache_dir/wheels``, downloading it first if needed.
 
-    Raises RuntimeError with pip's last lines when the download fails or the
-    hash does not match.
+    ``pip_args`` go to ``pip download`` as they are (tests point it at a local
+    ``--find-links`` directory). Raises RuntimeError with pip's last lines when
+    the download fails or the hash does not match.
     """
     dest = Path(cache_dir) / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
@@ -85,20 +87,20 @@ def fetch(pin: PinnedWheel, cache_dir: Path) -> Path:
             if found is not None:
                 log.info("reusing %s (%s)", pin, found.name)
                 return found
-            return _download(pin, dest)
+            return _download(pin, dest, pip_args)
     except filelock.Timeout:
         raise RuntimeError(f"another process held {lock.lock_file} for over "
                            f"{LOCK_TIMEOUT_S:.0f} s while fetching {pin}") from None
 
 
-def _download(pin: PinnedWheel, dest: Path) -> Path:
+def _download(pin: PinnedWheel, dest: Path, pip_args: Sequence[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_normalized(pin.name)}.tmp-", dir=dest))
     try:
         req = tmp / "requirement.txt"
         req.write_text(f"{pin} --hash=sha256:{pin.sha256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--require-hashes", "--disable-pip-version-check", "-q", "-r", str(req),
-               "-d", str(tmp)]
+               "-d", str(tmp), *pip_args]
         log.info("fetching %s (sha256 %s...) with pip", pin, pin.sha256[:12])
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S,

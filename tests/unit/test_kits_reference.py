@@ -17,7 +17,7 @@ def test_engine_that_agrees_with_the_reference_passes(capsys):
     with fake_engine() as srv:
         result = reference.check_reference(srv, FakeReference(), **KW)
     assert result.matched == 2 * 12 and result.max_diff == 0.0
-    assert "24 greedy tokens equal to the reference" in capsys.readouterr().out
+    assert "24 greedy tokens equal to the reference, 0 near-tie stop(s); max top-k logprob difference 0.00e+00 over 72 shared" in capsys.readouterr().out
 
 
 def test_engine_whose_greedy_token_diverges_fails_naming_the_position():
