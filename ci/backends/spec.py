@@ -22,11 +22,6 @@ class Gauges:
     occupancy: str | None = None
     kv_usage: str | None = None
     spec_accept_length: str | None = None
-    # Histograms (their ``_sum``/``_count`` samples) of one step's duration
-    # (vLLM: a short request's prefill, scheduled -> first token) and of the
-    # gap between a request's tokens; ci/kits/step_occupancy.py compares them.
-    step_time_hist: str | None = None
-    token_gap_hist: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,6 @@ _VLLM_GAUGES = Gauges(
     occupancy="vllm:num_requests_running",
     kv_usage="vllm:kv_cache_usage_perc",
     spec_accept_length=None,
-    # An engine that idles between decode steps stretches the token gap but
-    # not a single step's duration (ci/kits/step_occupancy.py).
-    step_time_hist="vllm:request_prefill_time_seconds",
-    token_gap_hist="vllm:inter_token_latency_seconds",
 )
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import requests
 
@@ -190,15 +190,10 @@ class EngineClient:
         body = {"model": self.model, "messages": messages, **params}
         return self._json_ok(self.post("/v1/chat/completions", body), "/v1/chat/completions")
 
-    def stream_completion(self, prompt: str, *, on_chunk: Callable[[], None] | None = None,
-                          **params: Any) -> StreamResult:
-        """Stream /v1/completions and collect every event; see :class:`StreamResult`.
-
-        ``on_chunk`` is called after each JSON chunk arrives (e.g. to signal
-        another thread that the engine is decoding).
-        """
+    def stream_completion(self, prompt: str, **params: Any) -> StreamResult:
+        """Stream /v1/completions and collect every event; see :class:`StreamResult`."""
         body = {"model": self.model, "prompt": prompt, "stream": True, **params}
-        return self._stream("/v1/completions", body, on_chunk)
+        return self._stream("/v1/completions", body)
 
     def stream_chat(self, messages: list[dict], **params: Any) -> StreamResult:
         """Stream /v1/chat/completions and collect every event."""
@@ -227,8 +222,7 @@ class EngineClient:
             raise KitFailure(f"POST {path} -> JSON {type(data).__name__}, expected an object")
         return data
 
-    def _stream(self, path: str, body: dict,
-                on_chunk: Callable[[], None] | None = None) -> StreamResult:
+    def _stream(self, path: str, body: dict) -> StreamResult:
         result = StreamResult()
         start = time.monotonic()
         resp = self._request("POST", path, body=body, timeout_s=STREAM_CHUNK_TIMEOUT_S, stream=True)
@@ -240,8 +234,6 @@ class EngineClient:
             try:
                 for payload in parse_sse(resp.iter_lines()):
                     self._take_event(result, payload, start)
-                    if on_chunk is not None and result.chunks:
-                        on_chunk()
             except requests.RequestException as exc:
                 raise KitFailure(f"POST {path} (stream) broke after {len(result.chunks)} "
                                  f"chunks: {excerpt(str(exc))}") from None

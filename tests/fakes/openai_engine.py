@@ -51,8 +51,6 @@ FAKE_GAUGES = Gauges(
     occupancy=_PREFIX + "fwd_occupancy",
     kv_usage=_PREFIX + "kv_cache_usage_perc",
     spec_accept_length=_PREFIX + "spec_accept_length",
-    step_time_hist=_PREFIX + "request_prefill_time_seconds",
-    token_gap_hist=_PREFIX + "inter_token_latency_seconds",
 )
 
 
@@ -107,8 +105,6 @@ class Knobs:
     ignore_n: bool = False  # always one choice per prompt
     ignore_stop: bool = False  # stop strings are not applied
     structured_output: bool = True  # honour response_format json_schema
-    step_s: float = 0.002  # one engine step, as the step-time histogram reports it
-    idle_between_steps_s: float = 0.0  # idle after each decode step (a throttled scheduler)
 
 
 @dataclass
@@ -118,8 +114,6 @@ class _State:
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
     leaked: int = 0  # running slots of dropped streams never given back (leak_aborted)
-    step_hist: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count
-    gap_hist: list[float] = field(default_factory=lambda: [0.0, 0.0])
     generation_total: float = 0.0
     prompt_total: float = 0.0
     log: list[str] = field(default_factory=list)
@@ -279,15 +273,6 @@ class FakeEngine:
         series[FAKE_GAUGES.generation_tokens] = ("counter", [(0, gen)])
         series[FAKE_GAUGES.prompt_tokens] = ("counter", [(0, prompt)])
         lines = []
-        with st.lock:
-            hists = {FAKE_GAUGES.step_time_hist: list(st.step_hist),
-                     FAKE_GAUGES.token_gap_hist: list(st.gap_hist)}
-        for name, (total, count) in hists.items():
-            if name in k.missing_metrics:
-                continue
-            lines += [f"# HELP {name} fake histogram", f"# TYPE {name} histogram",
-                      f'{name}_bucket{{engine="0",le="+Inf"}} {count!r}',
-                      f'{name}_sum{{engine="0"}} {total!r}', f'{name}_count{{engine="0"}} {count!r}']
         for name, (kind, values) in series.items():
             if name in k.missing_metrics:
                 continue
@@ -424,18 +409,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(k.overlong_status, detail)
 
     def _count(self, prompt_tokens: int, completion_tokens: int) -> None:
-        st, k = self.fake.state, self.fake.knobs
+        st = self.fake.state
         with st.lock:
             st.prompt_total += prompt_tokens
-            st.generation_total += completion_tokens + k.counter_skew
-            # The engine's own timing histograms: one step for the prefill, a
-            # step plus any idle between steps for every later token.
-            if completion_tokens:
-                st.step_hist[0] += k.step_s
-                st.step_hist[1] += 1
-                gaps = completion_tokens - 1
-                st.gap_hist[0] += gaps * (k.step_s + k.idle_between_steps_s)
-                st.gap_hist[1] += gaps
+            st.generation_total += completion_tokens + self.fake.knobs.counter_skew
 
     def _choice(self, index: int, prompt: str, toks: list[str], params: dict, chat: bool) -> dict:
         finish = "length"

@@ -5,8 +5,7 @@ Put this directory first on a vLLM server's ``PYTHONPATH`` and set
 in every process of the server, and this one wraps ``EngineCore.step`` when
 ``vllm.v1.engine.core`` is first imported, so the engine core sleeps after
 each step that executed the model -- the "scheduler idles between decode
-steps" regression the step-occupancy kit (ci/kits/step_occupancy.py) exists
-to catch. Used by bench/step_occupancy.py; never by a normal run (it does
+steps" regression a busy check must catch (issue 13). Used by bench/vllm_idle_signals.py; never by a normal run (it does
 nothing without the variable).
 """
 from __future__ import annotations
