@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -62,7 +64,9 @@ def _cpu(procs):
 
 def signals(server) -> dict[str, str]:
     """The figures above for one running server."""
-    engine = [p for p in server.tree.members() if p.pid != server.tree.pid]
+    # Children of the API server by parentage: vLLM renames them (setproctitle),
+    # which hides the run tag in their environ from ProcessTree.members().
+    engine = psutil.Process(server.tree.pid).children(recursive=True)
     done = threading.Event()
     with client_for(server) as c:
         c.completion("Hello", max_tokens=2, temperature=0)
