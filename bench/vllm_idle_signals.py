@@ -36,7 +36,7 @@ from ci import runners, thresholds, tinymodel  # noqa: E402
 from ci.backends import get_backend  # noqa: E402
 from ci.kits import occupancy  # noqa: E402
 from ci.kits.client import KitFailure, client_for  # noqa: E402
-from ci.kits.metrics import counter_total, scrape  # noqa: E402
+from ci.kits.metrics import SETTLE_DEADLINE_S, SETTLE_POLL_S, counter_total, scrape  # noqa: E402
 from ci.server import Server  # noqa: E402
 
 SHIM = ROOT / "tests" / "fakes" / "vllm_throttle"
@@ -86,8 +86,13 @@ def signals(server) -> dict[str, str]:
         th.join()
         wall = time.monotonic() - t0
         cpu1 = _cpu(engine)
-        time.sleep(1.0)  # bench only: let the stats loop publish the last observations
-        itl1, pre1 = _hist(server, c, ITL), _hist(server, c, PREFILL)
+        # The stats loop publishes a beat after the response: wait for every gap.
+        deadline = time.monotonic() + SETTLE_DEADLINE_S
+        while True:
+            itl1, pre1 = _hist(server, c, ITL), _hist(server, c, PREFILL)
+            if itl1[1] - itl0[1] >= LONG_TOKENS - 1 or time.monotonic() > deadline:
+                break
+            time.sleep(SETTLE_POLL_S)
     per = {f"{name}[{pid}]": (cpu1[(pid, name)] - v) / wall
            for (pid, name), v in cpu0.items() if (pid, name) in cpu1}
     return {
