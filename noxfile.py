@@ -139,6 +139,10 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     session.run(py, "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity", external=external)
     if model == "tiny-llama":
         session.run(py, "-m", "ci.tinymodel", external=external)
+    if profile.vendor == "cpu":
+        # The real model (ci/realmodel.py): fetched and converted here, once per
+        # cache, so a failed download names itself before any engine starts.
+        session.run(py, "-m", "ci.realmodel")
     warm_flags, posargs = _split_warmup_flags(posargs)
     if warm_flags is not None:
         # `invoke warmup` / the chain's warmup step: same interpreter, so the same engine.

@@ -3,8 +3,8 @@
 ``--kiln-model NAME_OR_PATH`` (or ``$KILN_MODEL``) replaces the profile's
 default model for every test that does not name one (ci/pytest_plugin.py).
 GPU profiles default to a hub model; air-gapped runners and the device machine
-reach no hub, so they point the same suites at a directory or at kiln's tiny
-model (``tiny-llama``, written by ci/tinymodel.py).
+reach no hub, so they point the same suites at a directory or at one of kiln's
+local models (``tiny-llama``, ci/tinymodel.py; ``smollm2-135m``, ci/realmodel.py).
 """
 from __future__ import annotations
 
@@ -12,8 +12,18 @@ import os
 from pathlib import Path
 
 MODEL_ENV = "KILN_MODEL"
-# Names of local models kiln builds itself (no model hub on CI machines).
-LOCAL_MODELS = ("tiny-llama",)
+# Names of local models kiln builds itself (no model hub on CI machines): the
+# tiny random one (ci/tinymodel.py) and a real one converted from a wheel on
+# the package index (ci/realmodel.py).
+TINY_MODEL = "tiny-llama"
+REAL_MODEL = "smollm2-135m"
+LOCAL_MODELS = (TINY_MODEL, REAL_MODEL)
+# Runner vendors each local model's tests run on. The real model's bounds (the
+# reference kit's logprob tolerance, the HellaSwag floor) were measured on the
+# cpu lane only, and it is fetched from a package index that air-gapped GPU
+# runners do not reach; its tests skip elsewhere, saying so. The tiny model
+# serves everywhere.
+_LANES = {REAL_MODEL: ("cpu",)}
 # What a local directory must hold for vLLM/SGLang to load it as a HF model.
 _MODEL_DIR_MARKER = "config.json"
 
@@ -53,13 +63,25 @@ def resolve(name: str) -> tuple[str, tuple[str, ...]]:
     requests name the model the same way whatever it resolves to.
     """
     check(name)
-    if name in LOCAL_MODELS:
+    if name == TINY_MODEL:
         from ci import tinymodel  # imported lazily: it pulls numpy/tokenizers in
         return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
+    if name == REAL_MODEL:
+        from ci import realmodel  # imported lazily: a build pulls torch/transformers in
+        return str(realmodel.ensure_real_model()), ("--served-model-name", name)
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve()), ("--served-model-name", name)
     return name, ()
+
+
+def lane_skip_reason(name: str, vendor: str) -> str | None:
+    """Why tests that ask for local model ``name`` do not run on a ``vendor`` runner, or None."""
+    lanes = _LANES.get(name)
+    if lanes is None or vendor in lanes:
+        return None
+    return (f"{name} runs on the {'/'.join(lanes)} lane only: its bounds were measured there "
+            f"and it is fetched from a package index (ci/models.py)")
 
 
 def from_env() -> str | None:

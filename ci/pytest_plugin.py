@@ -184,6 +184,11 @@ def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available:
     return None
 
 
+def _lane_skip_reason(item: pytest.Item, profile: runners.Profile) -> str | None:
+    marker = item.get_closest_marker("model")
+    return models.lane_skip_reason(marker.args[0], profile.vendor) if marker and marker.args else None
+
+
 def _wants_engine(item: pytest.Item) -> bool:
     return "server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("gpus") is not None
 
@@ -205,6 +210,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in e2e:
         if item.get_closest_marker("skip"):
             continue  # skipped already (a known issue on this profile)
+        reason = _lane_skip_reason(item, profile)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            continue
         reason = capacity_skip_reason(item, profile, available)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))

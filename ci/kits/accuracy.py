@@ -162,12 +162,20 @@ def score_items(client: EngineClient, items: Sequence[MCItem], *, echo_only: boo
 
 
 def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc_norm",
-                         dataset: Path | str = DEFAULT_DATASET,
-                         limit: int | None = None) -> AccuracyResult:
-    """Score the dataset and assert ``metric`` >= ``floor``; the table prints first."""
+                         dataset: Path | str = DEFAULT_DATASET, limit: int | None = None,
+                         items: Sequence[MCItem] | None = None, name: str | None = None,
+                         summary_path: str | Path | None = None) -> AccuracyResult:
+    """Score the dataset (or ``items``) and assert ``metric`` >= ``floor``; the table prints first.
+
+    ``summary_path`` (e.g. ``$GITHUB_STEP_SUMMARY``) gets a markdown line with
+    the figures, pass or fail.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown accuracy metric {metric!r}; known: {', '.join(METRICS)}")
-    items = load_dataset(dataset)[:limit]
+    items = list(items if items is not None else load_dataset(dataset))[:limit]
+    name = name or Path(dataset).name
+    if not items:
+        raise ValueError(f"{name}: no items to score")
     echo_only = getattr(server.backend, "name", None) in ECHO_ONLY_BACKENDS
     with client_for(server) as c:
         scores = score_items(c, items, echo_only=echo_only)
@@ -180,12 +188,17 @@ def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc
     for s in scores:
         sums = " ".join(f"{v:8.2f}" for v in s.sums)
         print(f"{s.item.id:<8} {s.item.label:>4} {s.pred_acc:>3} {s.pred_norm:>4}  {sums}")
-    print(f"{n} items: acc {acc:.3f}, acc_norm {acc_norm:.3f} (chance {1 / N_ENDINGS:.2f}), "
-          f"{tied} tied; floor {floor:g} on {metric}")
+    line = (f"{n} items of {name}: acc {acc:.3f}, acc_norm {acc_norm:.3f} "
+            f"(chance {1 / N_ENDINGS:.2f}), {tied} tied; floor {floor:g} on {metric}")
+    print(line)
+    if summary_path:
+        verdict = "pass" if result.score >= floor and tied <= MAX_TIED_FRACTION * n else "FAIL"
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n{line}\n\n")
     if tied > MAX_TIED_FRACTION * n:
         raise KitFailure(f"{tied}/{n} items have tied best endings: the engine's logprobs "
                          f"carry no information")
     if result.score < floor:
         raise KitFailure(f"accuracy {metric} {result.score:.3f} < floor {floor:g} "
-                         f"over {n} items of {Path(dataset).name}")
+                         f"over {n} items of {name}")
     return result

@@ -200,6 +200,12 @@ class EngineClient:
         body = {"model": self.model, "messages": messages, "stream": True, **params}
         return self._stream("/v1/chat/completions", body)
 
+    def open_stream(self, path: str, body: dict) -> requests.Response:
+        """POST ``body`` and return the open streaming response, for a caller that reads
+        part of it and then closes it (``with client.open_stream(...) as resp``)."""
+        return self._request("POST", path, body=body, timeout_s=STREAM_CHUNK_TIMEOUT_S,
+                             stream=True)
+
     def metrics_text(self, path: str = "/metrics") -> tuple[int, str]:
         """(status, body) of the metrics endpoint; the caller decides what a 404 means."""
         resp = self.get(path)

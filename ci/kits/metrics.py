@@ -190,6 +190,30 @@ def _peak_during(server: ServerLike, name: str, load) -> tuple[float, int]:
     return seen["peak"], seen["scrapes"]
 
 
+def wait_idle(server: ServerLike, client: EngineClient, *, deadline_s: float = SETTLE_DEADLINE_S,
+              after: str = "load") -> tuple[float, int]:
+    """Poll until the running and waiting gauges both read 0; (seconds taken, scrapes).
+
+    Fails naming the values when they are still non-zero after ``deadline_s``.
+    """
+    g = server.backend.gauges
+    names = [g.running, g.waiting]
+    start = time.monotonic()
+    polls = 0
+    while True:
+        samples = scrape(server, client)
+        polls += 1
+        require(server, samples, names, "running/waiting")
+        values = {n: _gauge_sum(samples, n) for n in names}
+        if all(v == 0 for v in values.values()):
+            return time.monotonic() - start, polls
+        if time.monotonic() - start > deadline_s:
+            print(f"after {after}: {values} after {polls} scrapes")
+            raise KitFailure(f"gauges not back to 0 {deadline_s:.0f} s after {after}: "
+                             + ", ".join(f"{n}={v:g}" for n, v in values.items()))
+        time.sleep(SETTLE_POLL_S)
+
+
 def check_gauges_return_to_zero(server: ServerLike, *, requests: int = LOAD_REQUESTS,
                                 concurrency: int = LOAD_CONCURRENCY,
                                 max_tokens: int = LOAD_MAX_TOKENS,
@@ -209,23 +233,9 @@ def check_gauges_return_to_zero(server: ServerLike, *, requests: int = LOAD_REQU
             peak, peak_scrapes = max(peak, got), peak_scrapes + n
             if peak >= 1 or peak_scrapes >= MIN_PEAK_SCRAPES:
                 break
-        start = time.monotonic()
-        polls = 0
-        while True:
-            samples = scrape(server, c)
-            polls += 1
-            require(server, samples, names, "running/waiting")
-            values = {n: _gauge_sum(samples, n) for n in names}
-            if all(v == 0 for v in values.values()):
-                break
-            if time.monotonic() - start > deadline_s:
-                print(f"after load: {values} after {polls} scrapes")
-                raise KitFailure(f"gauges not back to 0 {deadline_s:.0f} s after load: "
-                                 + ", ".join(f"{n}={v:g}" for n, v in values.items()))
-            time.sleep(SETTLE_POLL_S)
+        settled_s, polls = wait_idle(server, c, deadline_s=deadline_s, after="load")
     print(f"during load: {g.running} peaked at {peak:g} over {peak_scrapes} scrapes; "
-          f"after load: running/waiting back to 0 in {time.monotonic() - start:.2f} s "
-          f"({polls} scrapes)")
+          f"after load: running/waiting back to 0 in {settled_s:.2f} s ({polls} scrapes)")
     if peak < 1 and peak_scrapes < MIN_PEAK_SCRAPES:
         raise KitFailure(f"{g.running}: only {peak_scrapes} scrapes while load ran "
                          f"({PEAK_ROUNDS} rounds): the sampler was starved, cannot tell "

@@ -37,6 +37,10 @@ VOCAB = 5000
 _GOOD_LOGPROB = -0.5
 _BAD_LOGPROB = -9.0
 _CONTEXT_LOGPROB = -2.0
+# Generated positions: the chosen token's logprob, and how far each runner-up
+# of the top-k list trails the one before it (far beyond any tie margin).
+_GEN_LOGPROB = -1.0
+_RUNNER_UP_GAP = 2.0
 
 _PREFIX = "fake:"
 FAKE_GAUGES = Gauges(
@@ -91,6 +95,16 @@ class Knobs:
     prompt_logprob: float | None = None  # every prompt logprob reads this (NaN, 0.0, ...)
     publish_lag_s: float = 0.0  # gauges read idle until a request has run this long
     busy_duty: float = 1.0  # while running, gauges read busy this fraction of each cycle
+    logprob_skew: float = 0.0  # added to every generated top-k logprob (a slightly wrong kernel)
+    diverge_at: int | None = None  # from this position on, emit the runner-up token
+    stream_differs: bool = False  # streams decode other tokens than plain requests
+    stream_delay_s: float = 0.0  # pause between stream events (so a client can drop mid-way)
+    leak_aborted: bool = False  # a stream the client drops keeps its running slot forever
+    overlong_status: int = 400  # status for a prompt longer than max_model_len
+    overlong_names_limit: bool = True  # whether that error message names the limit
+    ignore_n: bool = False  # always one choice per prompt
+    ignore_stop: bool = False  # stop strings are not applied
+    structured_output: bool = True  # honour response_format json_schema
 
 
 @dataclass
@@ -99,6 +113,7 @@ class _State:
     active: int = 0
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
+    leaked: int = 0  # running slots of dropped streams never given back (leak_aborted)
     generation_total: float = 0.0
     prompt_total: float = 0.0
     log: list[str] = field(default_factory=list)
@@ -203,6 +218,17 @@ class FakeEngine:
         return values
 
     # -- generation ---------------------------------------------------------
+    def top_logprobs(self, tokens: list[str], k: int) -> list[dict[str, float]]:
+        """Each generated position's top-``k`` (the knobs' skew and divergence applied)."""
+        out = []
+        for i, tok in enumerate(tokens):
+            top = {t: v + self.knobs.logprob_skew for t, v in top_k_of(tok, k).items()}
+            if self.knobs.diverge_at is not None and i >= self.knobs.diverge_at:
+                # The emitted token is the runner-up; the list names what it was.
+                top = {t: v + self.knobs.logprob_skew for t, v in top_k_of(_base(tok), k).items()}
+            out.append(top)
+        return out
+
     def generate(self, prompt: str, max_tokens: int, salt: str = "") -> list[str]:
         """The tokens the fake 'decodes' for ``prompt``, sleeping per token if asked."""
         n = max(0, max_tokens + self.knobs.extra_tokens)
@@ -214,14 +240,17 @@ class FakeEngine:
         for _ in range(n):
             if self.knobs.token_delay_s:
                 time.sleep(self.knobs.token_delay_s)
-            out.append(f" t{rng.randrange(VOCAB)}")
+            tok = f" t{rng.randrange(VOCAB)}"
+            if self.knobs.diverge_at is not None and len(out) >= self.knobs.diverge_at:
+                tok = _runner_up(tok)
+            out.append(tok)
         return out
 
     def metrics_text(self) -> str:
         """The Prometheus exposition the fake serves right now."""
         k, st = self.knobs, self.state
         with st.lock:
-            active, gen, prompt = st.active, st.generation_total, st.prompt_total
+            active, gen, prompt = st.active + st.leaked, st.generation_total, st.prompt_total
             since = st.busy_since
         now = time.monotonic()
         if active and (now - since < k.publish_lag_s
@@ -323,8 +352,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise _BadRequest(404, f"no route {self.path}")
             params = self._validate(body)
+            self._check_context(prompts)
         except _BadRequest as exc:
-            status = exc.status if exc.status == 404 else (fake.knobs.bad_request_status or 400)
+            status = (exc.status if exc.status != 400
+                      else (fake.knobs.bad_request_status or 400))
             self._error(status, str(exc))
             return
         with fake.state.lock:
@@ -358,8 +389,24 @@ class _Handler(BaseHTTPRequestHandler):
         temperature = body.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise _BadRequest(400, "temperature must be >= 0")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        n = body.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise _BadRequest(400, "n must be a positive integer")
+        fmt = body.get("response_format") or {}
         return {"max_tokens": max_tokens, "logprobs": body.get("logprobs"),
-                "echo": bool(body.get("echo"))}
+                "echo": bool(body.get("echo")), "n": 1 if self.fake.knobs.ignore_n else n,
+                "stop": [] if self.fake.knobs.ignore_stop else stop,
+                "json": fmt.get("type") == "json_schema" and self.fake.knobs.structured_output}
+
+    def _check_context(self, prompts: list[str]) -> None:
+        k = self.fake.knobs
+        longest = max(len(tokenize(p)) for p in prompts)
+        if longest > k.max_model_len:
+            detail = (f"maximum context length is {k.max_model_len} tokens, the prompt has "
+                      f"{longest}" if k.overlong_names_limit else "prompt too long")
+            raise _BadRequest(k.overlong_status, detail)
 
     def _count(self, prompt_tokens: int, completion_tokens: int) -> None:
         st = self.fake.state
@@ -369,24 +416,33 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _choice(self, index: int, prompt: str, toks: list[str], params: dict, chat: bool) -> dict:
         finish = "length"
-        if chat:
-            return {"index": index, "message": {"role": "assistant", "content": "".join(toks)},
-                    "finish_reason": finish}
         text = "".join(toks)
+        cuts = [text.find(s) for s in params["stop"] if s and text.find(s) >= 0]
+        if cuts:
+            text, finish = text[:min(cuts)], "stop"
+        if chat:
+            if params["json"]:
+                text = json.dumps({"name": "fake", "count": len(toks)})
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish}
         logprobs = None
         if params["logprobs"] is not None:
-            all_toks, values = list(toks), [-1.0] * len(toks)
+            tops = self.fake.top_logprobs(toks, max(1, int(params["logprobs"])))
+            all_toks, values = list(toks), [top.get(t, _GEN_LOGPROB) for t, top in zip(toks, tops)]
+            prompt_tops: list[dict | None] = []
             if params["echo"]:
                 all_toks = tokenize(prompt) + all_toks
-                values = self.fake.prompt_logprobs(prompt) + values
+                prompt_values = self.fake.prompt_logprobs(prompt)
+                prompt_tops = [None if v is None else {t: v}
+                               for t, v in zip(tokenize(prompt), prompt_values)]
+                values = prompt_values + values
                 text = prompt + text
             offsets, pos = [], 0
             for t in all_toks:
                 offsets.append(pos)
                 pos += len(t)
             logprobs = {"tokens": all_toks, "token_logprobs": values, "text_offset": offsets,
-                        "top_logprobs": [None if v is None else {t: v}
-                                         for t, v in zip(all_toks, values)]}
+                        "top_logprobs": prompt_tops + tops}
         elif params["echo"]:
             text = prompt + text
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -395,11 +451,14 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         choices, n_prompt, n_gen = [], 0, 0
         batch_salt = "batch" if fake.knobs.batch_differs and len(prompts) > 1 else ""
-        for i, prompt in enumerate(prompts):
-            toks = fake.generate(prompt, params["max_tokens"], salt=batch_salt)
-            choices.append(self._choice(i, prompt, toks, params, chat))
+        for prompt in prompts:
             n_prompt += len(tokenize(prompt))
-            n_gen += len(toks)
+            for j in range(params["n"]):
+                # Each of n choices samples its own tokens; the first is the plain one.
+                salt = batch_salt + (f"choice{j}" if j else "")
+                toks = fake.generate(prompt, params["max_tokens"], salt=salt)
+                choices.append(self._choice(len(choices), prompt, toks, params, chat))
+                n_gen += len(toks)
         self._count(n_prompt, n_gen)
         reported = n_gen + fake.knobs.usage_skew
         self._send_json(200, {
@@ -420,15 +479,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         obj = "chat.completion.chunk" if chat else "text_completion"
-        toks = fake.generate(prompt, params["max_tokens"])
+        toks = fake.generate(prompt, params["max_tokens"],
+                             salt="stream" if fake.knobs.stream_differs else "")
         for i, tok in enumerate(toks):
             last = i == len(toks) - 1
             choice: dict[str, Any] = ({"index": 0, "delta": {"content": tok}} if chat
                                       else {"index": 0, "text": tok})
             choice["finish_reason"] = "length" if last else None
-            event({"id": "cmpl-fake", "object": obj, "model": MODEL, "choices": [choice]})
+            try:
+                event({"id": "cmpl-fake", "object": obj, "model": MODEL, "choices": [choice]})
+            except (BrokenPipeError, ConnectionResetError):
+                # The client went away mid-stream: a real engine aborts the request.
+                if fake.knobs.leak_aborted:
+                    with fake.state.lock:
+                        fake.state.leaked += 1
+                return
             if fake.knobs.malformed_chunk and i == 0:
                 event("{not json")
+            if fake.knobs.stream_delay_s:
+                time.sleep(fake.knobs.stream_delay_s)
         n_prompt = len(tokenize(prompt))
         self._count(n_prompt, len(toks))
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -438,6 +507,36 @@ class _Handler(BaseHTTPRequestHandler):
                              "total_tokens": n_prompt + reported}})
         if fake.knobs.stream_done:
             event("[DONE]")
+
+
+def top_k_of(token: str, k: int) -> dict[str, float]:
+    """The fake model's top-``k`` at a position whose greedy token is ``token``."""
+    n = int(token.strip()[1:])
+    return {(token if j == 0 else f" t{(n + j) % VOCAB}"): _GEN_LOGPROB - _RUNNER_UP_GAP * j
+            for j in range(k)}
+
+
+def _runner_up(token: str) -> str:
+    return f" t{(int(token.strip()[1:]) + 1) % VOCAB}"
+
+
+def _base(runner_up: str) -> str:
+    return f" t{(int(runner_up.strip()[1:]) - 1) % VOCAB}"
+
+
+class FakeReference:
+    """The reference kit's independent decoder of the fake's 'weights': what a
+    well-behaved fake engine computes, derived without asking the engine."""
+
+    def __init__(self) -> None:
+        self._model = FakeEngine.__new__(FakeEngine)  # its decode rules, no server
+        self._model.knobs = Knobs()
+
+    def greedy(self, prompt: str, n_tokens: int, top_k: int):
+        from ci.kits.reference import Decode, Step
+
+        toks = self._model.generate(prompt, n_tokens)
+        return Decode(prompt, tuple(Step(t, _GEN_LOGPROB, top_k_of(t, top_k)) for t in toks))
 
 
 def fake_engine(backend: BackendSpec = FAKE_BACKEND, args: tuple[str, ...] = (),

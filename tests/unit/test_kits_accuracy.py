@@ -56,7 +56,7 @@ def test_floor_below_the_models_score_passes(capsys):
     with fake_engine(mc_skill=0.5) as srv:
         result = accuracy.check_accuracy_floor(srv, floor=0.4)
     assert result.acc_norm == pytest.approx(0.5) and result.n == 60
-    assert "60 items: acc 0.500, acc_norm 0.500" in capsys.readouterr().out
+    assert "60 items of mc_tiny.jsonl: acc 0.500, acc_norm 0.500" in capsys.readouterr().out
 
 
 def test_floor_above_the_models_score_fails():

@@ -1,0 +1,108 @@
+"""API-semantics kit against the fake engine: each check passes on a well-behaved engine and
+fails, naming the cause, on an engine broken in the way the check exists to catch."""
+from __future__ import annotations
+
+import pytest
+
+from ci.kits import api_semantics as sem
+from ci.kits.client import KitFailure
+from tests.fakes.openai_engine import FAKE_VLLM_LIKE, fake_engine
+
+# The fake prompt is ~15 words: a small context keeps the over-long prompt small.
+SMALL_CONTEXT = 64
+
+
+def test_every_check_passes_against_a_well_behaved_engine(capsys):
+    with fake_engine(max_model_len=SMALL_CONTEXT, stream_delay_s=0.005) as srv:
+        sem.check_stream_matches_plain(srv)
+        sem.check_stream_matches_plain(srv, chat=True)
+        sem.check_stream_abort_recovers(srv, max_tokens=200)
+        sem.check_context_limit(srv)
+        sem.check_n_choices(srv)
+        sem.check_stop_string(srv)
+        sem.check_seed_reproducible(srv)
+        sem.check_logprobs(srv)
+        assert sem.check_structured_output(srv) == {"name": "fake", "count": sem.SCHEMA_TOKENS}
+    out = capsys.readouterr().out
+    assert "engine idle again after" in out and "limit 64: HTTP 400" in out
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_stream_that_decodes_differently_from_plain_fails(chat):
+    with fake_engine(stream_differs=True) as srv:
+        with pytest.raises(KitFailure, match=r"streamed text differs from the non-streamed text "
+                                             r"at character \d+"):
+            sem.check_stream_matches_plain(srv, chat=chat)
+
+
+def test_dropped_stream_that_keeps_its_slot_fails_after_the_deadline():
+    with fake_engine(backend=FAKE_VLLM_LIKE, stream_delay_s=0.005, leak_aborted=True) as srv:
+        with pytest.raises(KitFailure, match=r"^gauges not back to 0 1 s after an aborted "
+                                             r"stream: fake:num_requests_running=1"):
+            sem.check_stream_abort_recovers(srv, max_tokens=500, deadline_s=1.0)
+
+
+@pytest.mark.parametrize("knobs, cause", [
+    ({"overlong_status": 500}, r"over-long prompt -> HTTP 500, expected 400"),
+    ({"overlong_names_limit": False}, r"over-long prompt: the 400 does not name the limit 64"),
+])
+def test_over_long_prompt_must_get_a_400_naming_the_limit(knobs, cause):
+    with fake_engine(max_model_len=SMALL_CONTEXT, **knobs) as srv:
+        with pytest.raises(KitFailure, match=cause):
+            sem.check_context_limit(srv)
+
+
+def test_engine_ignoring_n_fails():
+    with fake_engine(ignore_n=True) as srv:
+        with pytest.raises(KitFailure, match=r"^n=3: choice indices \[0\], expected \[0, 1, 2\]"):
+            sem.check_n_choices(srv)
+
+
+def test_engine_ignoring_stop_fails():
+    with fake_engine(ignore_stop=True) as srv:
+        with pytest.raises(KitFailure, match=r"^stop=' ?t\d+': text .* finish_reason 'length'; "
+                                             r"expected .* and 'stop'"):
+            sem.check_stop_string(srv)
+
+
+def test_engine_ignoring_seed_fails():
+    with fake_engine(deterministic=False) as srv:
+        with pytest.raises(KitFailure, match=r"^seed=1234 sampled different texts"):
+            sem.check_seed_reproducible(srv)
+
+
+def test_greedy_token_that_is_not_the_best_of_its_logprobs_fails():
+    with fake_engine(diverge_at=0) as srv:
+        with pytest.raises(KitFailure, match=r"^logprobs: greedy token 0 ' t\d+' \(-3.0000\) is "
+                                             r"not the best of its top list"):
+            sem.check_logprobs(srv)
+
+
+def test_engine_ignoring_the_schema_fails():
+    with fake_engine(structured_output=False) as srv:
+        with pytest.raises(KitFailure, match=r"^response_format json_schema gave text that is "
+                                             r"not JSON"):
+            sem.check_structured_output(srv)
+
+
+def test_schema_problems_are_named():
+    assert sem.schema_problems({"name": "x", "count": True, "extra": 1}, sem.SCHEMA) == [
+        "unexpected key 'extra'", "'count' is bool, expected integer"]
+    assert sem.schema_problems([], sem.SCHEMA) == ["expected an object, got list"]
+    assert sem.schema_problems({"count": 1}, sem.SCHEMA) == ["missing required 'name'"]
+
+
+class _Probe:
+    engine, version = "vllm", "0.32.0"
+
+    def __init__(self, flags):
+        self._flags = set(flags)
+
+    def has(self, flag):
+        return flag in self._flags
+
+
+def test_structured_output_probe_gives_a_reason_only_when_unsupported():
+    assert sem.structured_output_unsupported(_Probe({"--structured-outputs-config"})) is None
+    reason = sem.structured_output_unsupported(_Probe({"--port"}))
+    assert reason.startswith("vllm 0.32.0: --help has none of --structured-outputs-config")

@@ -1,0 +1,63 @@
+"""Pinned wheels through real pip, from a local --find-links directory (no index)."""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ci import pinned_wheel
+from ci.pinned_wheel import PinnedWheel
+
+LOCAL = ("--no-index", "--find-links")
+
+
+def make_wheel(where: Path, payload: bytes = b"items") -> tuple[Path, str]:
+    """A minimal valid wheel of kiln-fake-data 1.0 carrying ``payload``; (path, sha256)."""
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / "kiln_fake_data-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("kiln_fake_data/data.txt", payload)
+        zf.writestr("kiln_fake_data-1.0.dist-info/METADATA",
+                    "Metadata-Version: 2.1\nName: kiln-fake-data\nVersion: 1.0\n")
+        zf.writestr("kiln_fake_data-1.0.dist-info/WHEEL",
+                    "Wheel-Version: 1.0\nGenerator: kiln\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("kiln_fake_data-1.0.dist-info/RECORD", "")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fetch_downloads_once_then_reuses_the_verified_file(tmp_path):
+    src, digest = make_wheel(tmp_path / "index")
+    pin = PinnedWheel("kiln-fake-data", "1.0", digest)
+    got = pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
+    assert got == tmp_path / "cache" / "wheels" / src.name
+    assert pinned_wheel.sha256_of(got) == digest
+    src.unlink()  # a second fetch must not need the index at all
+    assert pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent))) == got
+    assert not list((tmp_path / "cache" / "wheels").glob(".kiln_fake_data.tmp-*"))
+
+
+def test_hash_mismatch_fails_naming_the_pin_and_pips_cause(tmp_path):
+    src, _ = make_wheel(tmp_path / "index")
+    pin = PinnedWheel("kiln-fake-data", "1.0", "0" * 64)
+    with pytest.raises(RuntimeError, match=r"^pip download kiln-fake-data==1.0 failed \(exit \d+\):"
+                                           r".*(HASH|hash)"):
+        pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
+    assert not list((tmp_path / "cache" / "wheels").glob("*.whl"))
+
+
+def test_a_corrupted_cached_wheel_is_fetched_again(tmp_path):
+    src, digest = make_wheel(tmp_path / "index")
+    pin = PinnedWheel("kiln-fake-data", "1.0", digest)
+    got = pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
+    got.write_bytes(b"torn")
+    again = pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
+    assert pinned_wheel.sha256_of(again) == digest
+
+
+def test_missing_version_fails_with_pips_reason(tmp_path):
+    src, digest = make_wheel(tmp_path / "index")
+    pin = PinnedWheel("kiln-fake-data", "2.0", digest)
+    with pytest.raises(RuntimeError, match=r"^pip download kiln-fake-data==2.0 failed"):
+        pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
