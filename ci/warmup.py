@@ -310,7 +310,16 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
     jobs: list[_Job] = []
     for n, spec in enumerate(specs, 1):
         t0 = time.monotonic()
-        model_ref, args = launch_args(profile, spec, backend)
+        try:
+            model_ref, args = launch_args(profile, spec, backend)
+        except (RuntimeError, ValueError, OSError) as exc:
+            # A model that cannot be prepared here (a local model whose source
+            # package the host cannot fetch, a missing directory) fails its own
+            # spec, like a failed launch; the other specs still warm.
+            log.warning("warmup [%d/%d] %s: model not prepared: %s", n, len(specs), spec.label, exc)
+            results[n] = WarmupResult(spec, "failed", time.monotonic() - t0, marker_path(root, spec),
+                                      f"model not prepared: {exc}")
+            continue
         parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=args,
                                       launch_env=launch_env, engine_distributions=backend.distributions,
                                       software=software, hardware=hardware, command=command)

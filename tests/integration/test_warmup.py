@@ -170,6 +170,19 @@ def test_engine_exit_is_a_failure_nonfatal_by_default_and_fatal_when_strict(tmp_
     assert err.value.results[0].state == "failed"
 
 
+def test_model_that_cannot_be_prepared_fails_its_spec_alone(tmp_path):
+    # The chain's container cannot fetch the real model's wheel; that spec
+    # fails naming why, launches nothing, and the next spec still warms.
+    specs = [WarmupSpec(str(tmp_path / "no-such-model-dir")), WarmupSpec("model-b")]
+    factory = Factory()
+    results = warm(specs, crashy(), tmp_path, factory)
+    assert [r.state for r in results] == ["failed", "cold"], format_table(results)
+    assert "model not prepared" in results[0].error and "does not exist" in results[0].error
+    assert len(factory.servers) == 1
+    with pytest.raises(WarmupFailed, match="1 of 2 warmup"):
+        warm(specs, crashy(), tmp_path, strict=True)
+
+
 def test_cold_clears_only_kiln_caches(tmp_path, monkeypatch):
     # The job's own cache settings point somewhere kiln does not own.
     users = tmp_path / "home-triton"
