@@ -12,7 +12,6 @@ before reuse, so a torn download is fetched anew instead of being trusted.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from typing import Sequence
 
 import filelock
 
+from ci.cachedir import sha256_of  # noqa: F401  (also this module's public helper)
+
 log = logging.getLogger(__name__)
 
 # pip against the index: the biggest pinned wheel is ~100 MB; ten minutes
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 600.0
 # Another process may be downloading the same wheel; it finishes well inside this.
 LOCK_TIMEOUT_S = DOWNLOAD_TIMEOUT_S + 60.0
-_HASH_CHUNK = 1 << 20
 # Lines of pip's output quoted when it fails: its cause is at the end.
 PIP_TAIL_LINES = 5
 
@@ -46,15 +46,6 @@ class PinnedWheel:
 
     def __str__(self) -> str:
         return f"{self.name}=={self.version}"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalized(name: str) -> str:

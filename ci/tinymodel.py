@@ -22,29 +22,23 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Sequence
 
-import filelock
 
-from ci import tinytokenizer
+from ci import cachedir, tinytokenizer
 from ci.tinytokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "tiny-llama"
-MANIFEST_NAME = "kiln-manifest.json"
+MANIFEST_NAME = cachedir.MANIFEST_NAME
 # Bump when the manifest layout itself changes (the source hash covers the rest).
 MANIFEST_FORMAT = 1
 # A build takes about a second; a holder stuck this long is hung, and waiting
 # on it forever would turn one wedged job into a hung CI run.
 LOCK_TIMEOUT_S = 300.0
-# Chunk size for hashing files; the weights are a few MB.
-_HASH_CHUNK = 1 << 20
 
 # --- model shape ---------------------------------------------------------------
 # head_dim 64: vLLM's CPU attention accepts {32, 64, 80, ...} and rejects 16.
@@ -102,26 +96,9 @@ def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
     The same seed always yields byte-identical weights.
     """
     target = model_dir(cache_dir, seed=seed)
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"kiln cache path {parent} is not a directory") from None
-    key = _generator_key(seed)
-    lock = filelock.FileLock(str(parent / f".{target.name}.lock"), timeout=LOCK_TIMEOUT_S)
-    try:
-        with lock:
-            if _is_complete(target, key):
-                log.info("reusing tiny model at %s", target)
-                return target
-            _sweep_leftovers(parent, target.name)
-            log.info("building tiny model (seed %d) at %s", seed, target)
-            _build_atomically(target, key, seed)
-    except filelock.Timeout:
-        raise RuntimeError(
-            f"another builder held {lock.lock_file} for over {LOCK_TIMEOUT_S:.0f}s; "
-            "is a stale build process hung?") from None
-    return target
+    return cachedir.ensure(target, _generator_key(seed), lambda tmp: _write_model(tmp, seed),
+                           manifest={"format": MANIFEST_FORMAT, "seed": seed},
+                           label=f"tiny model (seed {seed})", lock_timeout_s=LOCK_TIMEOUT_S)
 
 
 def _check_seed(seed: int) -> None:
@@ -139,66 +116,6 @@ def _generator_key(seed: int) -> str:
     h = hashlib.sha256(Path(__file__).read_bytes() + Path(tinytokenizer.__file__).read_bytes())
     h.update(f"\0seed={seed}\0format={MANIFEST_FORMAT}".encode())
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_complete(target: Path, key: str) -> bool:
-    """True when ``target`` holds a finished build of this generator, every file intact."""
-    try:
-        manifest = json.loads((target / MANIFEST_NAME).read_text())
-        files = manifest["files"]
-        if manifest.get("key") != key or not files:
-            return False
-        for name, digest in files.items():
-            if _sha256(target / name) != digest:
-                log.warning("tiny model file %s does not match its manifest; rebuilding", name)
-                return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False  # missing/torn manifest or file: a partial build
-    return True
-
-
-def _sweep_leftovers(parent: Path, name: str) -> None:
-    # Temp dirs of builders that died mid-build. Only lock holders create them
-    # and we hold the lock, so none of these is in use.
-    for stale in parent.glob(f".{name}.*-*"):
-        if stale.is_dir():
-            log.info("removing leftover %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _build_atomically(target: Path, key: str, seed: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        files = _write_model(tmp, seed)
-        manifest = {"format": MANIFEST_FORMAT, "key": key, "seed": seed,
-                    "files": {n: _sha256(tmp / n) for n in sorted(files)}}
-        # The manifest is written last: its presence marks a finished build.
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        # mkdtemp makes 0700 and safetensors writes 0600; other users of a
-        # shared cache must be able to read the model.
-        tmp.chmod(0o755)
-        for name in files:
-            (tmp / name).chmod(0o644)
-        old = None
-        if target.exists() or target.is_symlink():
-            # A directory cannot be renamed over a non-empty one: move the torn
-            # or outdated build aside first, then drop it.
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_model(dest: Path, seed: int) -> list[str]:

@@ -15,7 +15,7 @@ requires.module("numpy")
 requires.module("safetensors")
 tokenizers = requires.module("tokenizers")
 
-from ci import tinymodel  # noqa: E402
+from ci import cachedir, tinymodel  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
@@ -86,7 +86,7 @@ def test_reuse_does_not_rewrite(built):
 @pytest.mark.parametrize("damage", ["no-manifest", "truncated-weights", "missing-file"])
 def test_torn_build_is_rebuilt(built, tmp_path, damage):
     d = _copy(built, tmp_path)
-    assert tinymodel._is_complete(d, tinymodel._generator_key(0))
+    assert cachedir.is_complete(d, tinymodel._generator_key(0))
     good = (d / WEIGHTS).read_bytes()
     if damage == "no-manifest":
         (d / tinymodel.MANIFEST_NAME).unlink()
@@ -118,7 +118,7 @@ def test_concurrent_builders_agree(tmp_path):
     with ThreadPoolExecutor(3) as pool:
         paths = list(pool.map(lambda _: tinymodel.ensure_tiny_model(tmp_path), range(3)))
     assert len(set(paths)) == 1
-    assert tinymodel._is_complete(paths[0], tinymodel._generator_key(0))
+    assert cachedir.is_complete(paths[0], tinymodel._generator_key(0))
     assert sorted(p.name for p in paths[0].parent.iterdir()) == [".tiny-llama.lock", "tiny-llama"]
 
 
