@@ -104,8 +104,12 @@ def _build() -> Mapping[str, Profile]:
             # cache (the default takes GiBs of RAM per server), bf16 as vLLM-CPU
             # computes anyway. torch.compile stays on, as on real runners, so
             # the warmup's compile caches matter here too.
+            # Per-iteration timing on: the step-occupancy kit (ci/kits/steps.py)
+            # reads it from the log; one short line per engine step costs
+            # nothing measurable next to a CPU decode step.
             server_args=("--max-model-len", "1024", "--dtype", "bfloat16",
-                         "--kv-cache-memory-bytes", str(64 * 2**20)),
+                         "--kv-cache-memory-bytes", str(64 * 2**20),
+                         "--enable-logging-iteration-details"),
             # Each tiny vLLM-CPU server is ~2 GiB RSS; two fit a 24 GiB runner
             # next to the test process with room to spare.
             max_live_servers=2,

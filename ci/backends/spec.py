@@ -25,6 +25,20 @@ class Gauges:
 
 
 @dataclass(frozen=True)
+class StepTimer:
+    """Where an engine reports how long each of its steps ran (ci/kits/steps.py).
+
+    ``flag`` turns the per-step report on; ``pattern`` is a regular expression
+    matching one step's line in the server log, with the named groups
+    ``index`` (the step's number), ``gen_tokens`` (tokens it decoded) and
+    ``elapsed_ms`` (time it spent running the model).
+    """
+
+    flag: str
+    pattern: str
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """How to launch and probe one engine.
 
@@ -50,6 +64,9 @@ class BackendSpec:
     # ones included (setproctitle): the end-of-session leak scan matches these,
     # reading nothing kiln wrote. Empty: no scan (a generic command).
     process_names: tuple[str, ...] = ()
+    # Per-step timing in the server log, for the step-occupancy kit; None: the
+    # engine has none (that kit fails naming it).
+    step_timer: StepTimer | None = None
 
     def version(self) -> str | None:
         """The installed engine version in this interpreter, or None when not installed here."""

