@@ -73,3 +73,26 @@ def test_a_bad_kiln_model_is_a_usage_error_in_one_line(tmp_path):
     done = _collect(tmp_path, "--kiln-model=/no/such/model")
     assert done.returncode == 4, done.stdout + done.stderr
     assert "kiln: model directory /no/such/model does not exist" in done.stderr
+
+
+def test_the_real_model_runs_on_the_cpu_lane_only():
+    assert models.lane_skip_reason(models.REAL_MODEL, "cpu") is None
+    assert models.lane_skip_reason(models.TINY_MODEL, "nvidia") is None
+    reason = models.lane_skip_reason(models.REAL_MODEL, "nvidia")
+    assert reason and "cpu lane only" in reason
+
+
+def test_gpu_profiles_skip_real_model_tests_at_collection_and_warm_no_such_server(tmp_path):
+    # On a GPU profile the real model's tests are skipped at collection, before
+    # any server is asked for, so warmup (which reads these keys) never tries
+    # to build the model. (Were they left to the capacity check instead, this
+    # 0-GPU machine would end the run with "all e2e tests were skipped".)
+    from ci import realmodel
+    keys = tmp_path / "keys.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests/e2e/test_reference.py", "--kiln-profile=h200-1", f"--kiln-collect-keys={keys}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(keys.read_text()) == []
+    assert realmodel.MODEL_NAME == models.REAL_MODEL
