@@ -184,9 +184,10 @@ def report(c, session, junit=None, servers=None, out=None):
     """Render a run's Markdown report (verdict, repro commands, logs); appended to $GITHUB_STEP_SUMMARY when set."""
     from ci import report as reporting
 
-    md = reporting.build_report(junit or ROOT / "reports" / f"junit-{session}.xml", session,
-                                servers_path=servers, root=ROOT)
-    summary = reporting.append_step_summary(md)
+    junit = Path(junit) if junit else ROOT / "reports" / f"junit-{session}.xml"
+    md = reporting.build_report(junit, session, servers_path=servers, root=ROOT)
+    # The kits' own sections (perf table, accuracy, reference) go to the job summary too.
+    summary = reporting.append_step_summary(reporting.with_kit_summary(md, junit.parent, session))
     if out:
         Path(out).write_text(md, encoding="utf-8")
         print(f"report written to {out}" + (f" and appended to {summary}" if summary else ""))

@@ -336,8 +336,6 @@ def _report(reporting, junit: Path, opts: Options) -> str:
     out = opts.workspace / "reports" / f"report-{opts.session}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
-    kits = reporting.kit_summary_path(out.parent, opts.session)
-    if kits.is_file():  # what the kits wrote in the container, through the bind mount
-        md = md.rstrip("\n") + "\n\n" + kits.read_text(encoding="utf-8")
-    summary = reporting.append_step_summary(md)
+    # What the kits wrote in the container, through the bind mount.
+    summary = reporting.append_step_summary(reporting.with_kit_summary(md, out.parent, opts.session))
     return f"{out}" + (f", appended to {summary}" if summary else "")

@@ -414,3 +414,11 @@ def kit_summary_path(reports_dir: str | Path, session: str) -> Path:
     to it; the chain's report step appends this file to it on the host.
     """
     return Path(reports_dir) / f"kit-summary-{session}.md"
+
+
+def with_kit_summary(markdown: str, reports_dir: str | Path, session: str) -> str:
+    """``markdown`` followed by what the kits of ``session`` wrote for the job summary, if any."""
+    kits = kit_summary_path(reports_dir, session)
+    if not kits.is_file():
+        return markdown
+    return markdown.rstrip("\n") + "\n\n" + kits.read_text(encoding="utf-8")

@@ -5,9 +5,11 @@ ci/pytest_plugin.py, which pyproject.toml loads for every pytest run.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from ci import thresholds
+from ci import pytest_plugin, report, thresholds
 
 
 @pytest.fixture
@@ -31,3 +33,13 @@ def _print_beside_bounds(title: str, measured: dict[str, float], bounds: dict[st
 def beside_bounds():
     """print(title, measured, bounds): each figure next to its bound and the bound's basis."""
     return _print_beside_bounds
+
+
+@pytest.fixture
+def kit_summary(pytestconfig) -> Path:
+    """Where a kit writes its job-summary section: under reports/ (ci.report.kit_summary_path
+    says why); `invoke report` and the chain's report step append it to the job summary."""
+    path = report.kit_summary_path(pytestconfig.getoption("--kiln-reports"),
+                                   pytest_plugin.session_name(pytestconfig))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

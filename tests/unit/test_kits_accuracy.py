@@ -83,3 +83,14 @@ def test_uninformative_logprobs_fail_even_above_a_chance_floor():
 def test_unknown_metric_is_rejected():
     with pytest.raises(ValueError, match="unknown accuracy metric 'f1'"):
         accuracy.check_accuracy_floor(object(), floor=0.1, metric="f1")
+
+
+def test_the_figures_reach_the_job_summary_pass_or_fail(tmp_path):
+    summary = tmp_path / "step_summary.md"
+    with fake_engine(mc_skill=0.5) as srv:
+        accuracy.check_accuracy_floor(srv, floor=0.4, summary_path=summary)
+        with pytest.raises(KitFailure):
+            accuracy.check_accuracy_floor(srv, floor=0.6, summary_path=summary)
+    text = summary.read_text()
+    assert "### accuracy (fake-model): pass" in text and "### accuracy (fake-model): FAIL" in text
+    assert "60 items of mc_tiny.jsonl: acc 0.500, acc_norm 0.500" in text

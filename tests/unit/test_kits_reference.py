@@ -90,3 +90,14 @@ def test_min_tokens_must_fit_in_n_tokens():
         with pytest.raises(ValueError, match="need 0 < min_tokens <= n_tokens"):
             reference.check_reference(srv, FakeReference(), prompts=PROMPTS, n_tokens=4,
                                       min_tokens=5, logprob_tol=TOL, tie_margin=0.1)
+
+
+def test_the_figures_reach_the_job_summary_pass_or_fail(tmp_path):
+    summary = tmp_path / "step_summary.md"
+    with fake_engine() as srv:
+        reference.check_reference(srv, FakeReference(), summary_path=summary, **KW)
+    with fake_engine(diverge_at=5) as srv, pytest.raises(KitFailure):
+        reference.check_reference(srv, FakeReference(), summary_path=summary, **KW)
+    text = summary.read_text()
+    assert "### reference (fake-model): pass" in text and "### reference (fake-model): FAIL" in text
+    assert "24 greedy tokens equal to the reference" in text
