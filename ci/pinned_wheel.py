@@ -12,6 +12,7 @@ before reuse, so a torn download is fetched anew instead of being trusted.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import subprocess
@@ -85,6 +86,10 @@ def fetch(pin: PinnedWheel, cache_dir: Path, *, pip_args: Sequence[str] = ()) ->
 
 
 def _download(pin: PinnedWheel, dest: Path, pip_args: Sequence[str]) -> Path:
+    if importlib.util.find_spec("pip") is None:
+        # uv builds venvs without pip; the e2e-cpu lock pins one for this.
+        raise RuntimeError(f"cannot fetch {pin}: pip is not installed in {sys.executable} "
+                           f"(requirements/e2e-cpu.txt pins it; install that lock)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{_normalized(pin.name)}.tmp-", dir=dest))
     try:
         req = tmp / "requirement.txt"

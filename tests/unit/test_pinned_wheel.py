@@ -61,3 +61,15 @@ def test_missing_version_fails_with_pips_reason(tmp_path):
     pin = PinnedWheel("kiln-fake-data", "2.0", digest)
     with pytest.raises(RuntimeError, match=r"^pip download kiln-fake-data==2.0 failed"):
         pinned_wheel.fetch(pin, tmp_path / "cache", pip_args=(*LOCAL, str(src.parent)))
+
+
+def test_an_interpreter_without_pip_fails_naming_it_and_leaves_nothing(tmp_path, monkeypatch):
+    # A venv uv built has no pip; the fetch says so instead of pip's "No module named pip".
+    src, digest = make_wheel(tmp_path / "src")
+    real_find_spec = pinned_wheel.importlib.util.find_spec
+    monkeypatch.setattr(pinned_wheel.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pip" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match=r"pip is not installed in .*requirements/e2e-cpu.txt"):
+        pinned_wheel.fetch(PinnedWheel("kiln-fake-data", "1.0", digest), tmp_path / "cache",
+                           pip_args=(*LOCAL, str(src.parent)))
+    assert [p.name for p in (tmp_path / "cache" / "wheels").iterdir()] == [".kiln_fake_data.lock"]
