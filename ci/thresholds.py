@@ -203,9 +203,12 @@ _CPU = Thresholds(
         long_max_tokens=2048, interval_s=0.05, max_rounds=8,
         # bench/step_occupancy.py (tiny model, 256-token requests, 3 runs each):
         # healthy 0.882-0.915; the engine core idling 2 ms after each step
-        # 0.360-0.730, 10 ms 0.253-0.408. 0.75 sits between with room for a
-        # loaded runner's scheduling noise on the healthy side.
-        step_busy_min=Bound(0.75, _CPU_WHY + ": step occupancy healthy 0.88-0.92, idling 2 ms "
+        # 0.360-0.730, 10 ms 0.253-0.408. Inside a fresh-clone e2e-cpu run,
+        # with the real model's server alive beside it: 0.822 (1.1 ms between
+        # steps against 0.3-0.4 ms alone). 0.65 keeps that much room for a
+        # busier runner and still fails an engine idling ~3 ms per 5 ms step.
+        step_busy_min=Bound(0.65, _CPU_WHY + ": step occupancy healthy 0.88-0.92 alone, 0.82 "
+                                  "in e2e-cpu beside the real model's server; idling 2 ms "
                                   "between steps 0.36-0.73, 10 ms 0.25-0.41 "
                                   "(bench/step_occupancy.py)")),
     accuracy_floors=MappingProxyType({
