@@ -95,15 +95,18 @@ def pull(c, image, mirror=None, attempts=None):
         "device": "allocated GPU: NVIDIA index/UUID, AMD render node (renderD128) (repeatable)",
         "shm_size": "shared memory size, e.g. 16g",
         "mount": "HOST_PATH=CONTAINER_PATH[:ro] (repeatable): HF cache, workspace",
-        "env": "KEY=VALUE passed to the container (repeatable)",
+        "env": "KEY=VALUE, or a bare KEY taken from this shell's environment, passed to the "
+               "container (repeatable)",
         "command": "command line to run in the container (default: the image's)",
+        "entrypoint": "entrypoint replacing the image's (e.g. /usr/bin/env, so --command runs "
+                      "instead of an engine image's server)",
         "run_tag": "label for this run's containers (default $KILN_RUN_TAG, the GitHub run id, or 'local')",
         "runner": "runner name label; stale cleanup only touches this runner's containers "
                   "(default $RUNNER_NAME)",
     },
 )
 def start(c, image, vendor="cpu", device=None, shm_size=None, mount=None, env=None, command="",
-          run_tag=None, runner=None):
+          entrypoint="", run_tag=None, runner=None):
     """Start an engine container after removing stale kiln containers of earlier runs."""
     containers, docker_client, _ = _docker_modules()
     try:
@@ -112,8 +115,9 @@ def start(c, image, vendor="cpu", device=None, shm_size=None, mount=None, env=No
         spec = containers.ContainerSpec(
             image=image, run_tag=tag, vendor=vendor, device_ids=tuple(device or ()), shm_size=shm_size,
             mounts=containers.parse_assignments(mount or (), "--mount"),
-            env=containers.parse_assignments(env or (), "--env"),
-            command=shlex.split(command) or None, runner=runner)
+            env=containers.parse_env(env or (), os.environ),
+            command=shlex.split(command) or None, entrypoint=shlex.split(entrypoint) or None,
+            runner=runner)
         with docker_client.session() as client:
             containers.cleanup_stale(client, tag, runner=runner)
             handle = containers.start(client, spec)

@@ -300,8 +300,13 @@ def _start_command(spec_args: dict) -> str:
     for host, inside in spec_args["mounts"].items():
         words += ["--mount", f"{host}={inside}"]
     for k in spec_args["env"]:
-        words += ["--env", f"{k}=${k}" if k in PASSTHROUGH_ENV else f"{k}={spec_args['env'][k]}"]
-    return shlex.join(words) + f" --run-tag {spec_args['run_tag']}"
+        # A passed-through variable by name only: the pasting shell supplies its value.
+        words += ["--env", k if k in PASSTHROUGH_ENV else f"{k}={spec_args['env'][k]}"]
+    # The keep-alive, not the image's own entrypoint (an engine image's would
+    # start its server and the exec steps would race it).
+    words += ["--entrypoint", shlex.join(spec_args["entrypoint"]),
+              "--command", shlex.join(spec_args["command"])]
+    return shlex.join(words + ["--run-tag", spec_args["run_tag"]])
 
 
 def _start(holder: dict, spec_args: dict, opts: Options) -> str:

@@ -154,6 +154,25 @@ def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def parse_env(items: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``--env`` items: ``KEY=VALUE``, or a bare ``KEY`` whose value comes from ``environ``.
+
+    The bare form (docker's ``-e NAME``) keeps a credential off the command
+    line: a rerun command names the variable, the shell that pastes it
+    supplies the value. A bare name that is not set is left out.
+    """
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ContainerError(f"bad --env {item!r}: expected KEY=VALUE or a variable name")
+        if sep:
+            pairs[key] = value
+        elif key in environ:
+            pairs[key] = environ[key]
+    return pairs
+
+
 def _render_node(device_id: str, dev_root: Path) -> Path:
     match = _RENDER_RE.match(str(device_id).strip())
     minor = int(match.group(1)) if match else -1

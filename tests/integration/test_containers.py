@@ -7,6 +7,7 @@ exactly the engine that needs the kill half of "stop with timeout then kill".
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -213,3 +214,30 @@ def test_container_of_a_killed_owner_is_reaped_a_live_owners_is_not(docker_env, 
     # Another run's container whose owner still runs: another job on this host.
     assert containers.cleanup_stale(docker_client, "run-now") == []
     assert exists(docker_client, alive.name)
+
+
+def test_invoke_start_takes_an_entrypoint_and_env_by_name(docker_env, docker_client, tmp_path):
+    # What the chain's rerun line for its start step relies on: the image's
+    # entrypoint replaced, and a passed-through variable named, not written out.
+    secret = "s3cr3t-" + tmp_path.name[-6:]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")},
+           "DOCKER_HOST": docker_env.daemon.base_url, "KILN_TEST_PASSED": secret}
+    root = Path(__file__).resolve().parents[2]
+    tag = "run-entry"
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "start", docker_env.run_image, "--entrypoint", "/bin/sh",
+         "--command", "-c 'echo passed=$KILN_TEST_PASSED; exec sleep 300'",
+         "--env", "KILN_TEST_PASSED", "--env", "KILN_UNSET_HERE", "--run-tag", tag],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert secret not in done.stdout + done.stderr
+        box = next(c for c in docker_client.containers.list(all=True)
+                   if c.labels.get(containers.LABEL_RUN_TAG) == tag)
+        assert box.attrs["Config"]["Entrypoint"] == ["/bin/sh"]
+        assert f"KILN_TEST_PASSED={secret}" in box.attrs["Config"]["Env"]
+        assert not any(e.startswith("KILN_UNSET_HERE") for e in box.attrs["Config"]["Env"])
+    finally:
+        stopped = subprocess.run([sys.executable, "-m", "invoke", "stop", "--run-tag", tag, "--timeout", "1"],
+                                 cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr

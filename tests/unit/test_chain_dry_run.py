@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ci import chain
+
 ROOT = Path(__file__).resolve().parents[2]
 # One `invoke ci --dry-run` imports the chain and discovers GPUs: ~1 s here;
 # the bound only stops a hung subprocess from hanging the suite.
@@ -79,7 +81,7 @@ def test_h100_4_dry_run_prints_every_step_in_order_with_devices_and_no_secret(tm
     for name, value in secret_env.items():
         if name != "KILN_REGISTRY_USER":
             assert value not in out, f"{name}'s value leaked into the dry-run output"
-    assert "HF_TOKEN=$HF_TOKEN" in shown["start"]
+    assert "--env HF_TOKEN " in shown["start"] and "$HF_TOKEN" not in shown["start"]
 
     assert shown["pull"].startswith("invoke pull docker.io/vllm/vllm-openai:")
     start = shlex.split(shown["start"])
@@ -88,6 +90,9 @@ def test_h100_4_dry_run_prints_every_step_in_order_with_devices_and_no_secret(tm
     assert [start[i + 1] for i, w in enumerate(start) if w == "--device"] == ["0", "1", "2", "3"]
     assert start[start.index("--shm-size") + 1] == "16g"
     assert f"{ROOT}=/workspace" in [start[i + 1] for i, w in enumerate(start) if w == "--mount"]
+    # Pasted, it starts what the chain started: the keep-alive, not the image's own server.
+    assert shlex.split(start[start.index("--entrypoint") + 1]) == ["/usr/bin/env"]
+    assert tuple(shlex.split(start[start.index("--command") + 1])) == chain.KEEPALIVE
 
     # warmup and e2e run in the container, in the profile's nox session, after nox's bootstrap.
     assert _in_container(shown["warmup"]) == ["python3", "-m", "nox", "-s", "e2e-h100-4", "--", "--kiln-warmup"]
