@@ -94,10 +94,10 @@ class CrashWatch:
     def _exits_by_itself(self) -> bool:
         deadline = time.monotonic() + SELF_EXIT_GRACE_S
         while time.monotonic() < deadline and not self._quit.is_set():
-            tree = self.server.tree
-            if tree is not None and tree.poll() is not None:
+            code = self.server.exit_code()
+            if code is not None:
                 log.info("crash signature in %s, and the engine exited by itself (code %s)",
-                         self.server.key, tree.poll())
+                         self.server.key, code)
                 return True
             self._quit.wait(0.02)  # bounded poll on the exit
         return False
@@ -107,6 +107,6 @@ class CrashWatch:
         log.error("crash signature (%s) in %s: %s; stopping its process tree now", name, self.server.key, line[:300])
         # Server.terminate() on a server whose tree is not yet assigned would
         # only mark it stopped; the tree is set right after spawn, so wait for it.
-        while self.server.tree is None and not self._quit.wait(self.interval_s):
+        while not self.server.launched() and not self._quit.wait(self.interval_s):
             pass
         self.server.terminate()

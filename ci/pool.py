@@ -17,22 +17,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ci import alloc
-from ci.crashwatch import CrashWatch
-from ci.server import Server, ServerError, ServerExited, stop_many
+from ci.launch import ServerKey, start_watched
+from ci.server import Server, ServerError, stop_many
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerKey:
-    """What makes two servers interchangeable for a test."""
-
-    model: str
-    tp: int = 1
-    args: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
 
 
 class PoolError(ServerError):
@@ -83,10 +71,10 @@ class ServerPool:
                 raise PoolError(f"launch of {key} already failed in this run: {first.cause}",
                                 first.tail, first.log_path)
             entry = self._live.get(key)
-            if entry is not None and entry.server.tree is not None and entry.server.tree.poll() is not None:
-                code = entry.server.tree.poll()
+            if entry is not None and entry.server.exit_code() is not None:
+                code = entry.server.exit_code()
                 log.error("server %s died between tests (exit %s); relaunching", key, code)
-                entry.server.record.error = f"exited with code {code} between tests"
+                entry.server.note_error(f"exited with code {code} between tests")
                 self._retire(key)
                 entry = None
             if entry is None:
@@ -94,7 +82,7 @@ class ServerPool:
                 server = self._factory(key, self._place(key))
                 self.launches += 1
                 try:
-                    self._start_watched(server)
+                    start_watched(server)
                 except ServerError as exc:
                     self._failed[key] = exc
                     self._retired.append(server)
@@ -108,31 +96,6 @@ class ServerPool:
             entry.busy = True
             return entry.server
 
-    @staticmethod
-    def _start_watched(server: Server) -> None:
-        """Start ``server``; a crash signature in its log ends the launch at once.
-
-        An engine whose worker died while the API process lingers would
-        otherwise hold the launch for its whole timeout (240 s on CPU, 10 min
-        on GPU) with the cause already in the log.
-        """
-        watch = CrashWatch(server).start()
-        try:
-            server.start()
-        except ServerError as exc:
-            watch.stop()
-            if watch.fired:
-                name, line = watch.fired
-                # The engine may have exited on its own as the line was logged
-                # (the watch and the exit race): then say its code too.
-                code = server.tree.poll() if server.tree is not None else None
-                how = f"; it exited with code {code}" if code is not None and code > 0 else ""
-                raise ServerExited(f"crash signature ({name}) in the log during launch: {line}{how}",
-                                   exc.tail, exc.log_path) from exc
-            raise
-        finally:
-            watch.stop()  # before any later stop: shutdown tracebacks are not crashes
-
     def release(self, server: Server, nodeid: str | None = None) -> None:
         """Give a borrowed server back; ``nodeid`` is recorded for the report."""
         with self._lock:
@@ -141,7 +104,7 @@ class ServerPool:
                     entry.busy = False
                     entry.last_used = time.monotonic()
                     if nodeid:
-                        server.record.tests.append(nodeid)
+                        server.note_test(nodeid)
                     return
         log.warning("release of a server the pool does not hold: %s", server.key)
 
@@ -191,7 +154,7 @@ class ServerPool:
     def write_records(self, path: Path) -> None:
         """Write every server's timeline to ``path`` (JSON), for the report."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = [s.record.to_dict() for s in self.servers()]
+        data = [s.record_dict() for s in self.servers()]
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)

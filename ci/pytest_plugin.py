@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from ci import (alloc, caches, cgroups, compat, gpu, gpu_smi, gpumem, known_issues, models, procfs,
+from ci import (alloc, caches, cgroups, gpu, gpu_smi, gpumem, known_issues, launch, models, procfs,
                 reaper, runners, warmup_markers)
 from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
-from ci.pool import ServerKey, ServerPool, key_from_marker
+from ci.launch import ServerKey
+from ci.pool import ServerPool, key_from_marker
 from ci.server import Server
 from ci.warmup_specs import WarmupSpec
 
@@ -88,36 +89,9 @@ def session_name(config: pytest.Config) -> str:
     return os.environ.get(SESSION_ENV) or profile_of(config).session
 
 
-def resolve_model(name: str) -> tuple[str, tuple[str, ...]]:
-    """Model reference to pass to the engine, and the args that name it in the API."""
-    return models.resolve(name)
-
-
-def launch_args(profile: runners.Profile, key: ServerKey,
-                backend: BackendSpec | None = None) -> tuple[str, tuple[str, ...]]:
-    """(model reference, full launch args) for ``key`` on ``profile`` — warmup uses the same.
-
-    With a ``backend`` whose version is known, flags the installed engine does
-    not accept are dropped with a warning when the profile added them, and
-    fail the launch (naming a version that has them) when the test asked for
-    them (ci.compat; the engine's --help is parsed once per version).
-    """
-    model, naming = resolve_model(key.model)
-    # tp>1 servers get the profile's multi-GPU args too (ci/runners.py says why).
-    tp_args = profile.tp_args if key.tp > 1 else ()
-    args = (*profile.server_args, *tp_args, *naming, *key.args)
-    if backend is None or backend.version() is None:
-        return model, args  # a generic command: nothing to probe against
-    probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())
-    requested = [a.split("=", 1)[0] for a in (*naming, *key.args) if a.startswith("--")]
-    try:
-        return model, tuple(compat.filter_flags(probe, args, requested=requested))
-    except RuntimeError as exc:
-        if isinstance(exc, compat.FeatureUnavailable):
-            raise
-        # No usable --help: launch as asked; the engine rejects what it lacks, loudly.
-        log.warning("cannot probe %s flags (%s); launching with the args as given", backend.name, exc)
-        return model, args
+# The launch path lives in ci/launch.py (pytest-free: warmup and the chain use it too).
+resolve_model = models.resolve
+launch_args = launch.launch_args
 
 
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
@@ -126,19 +100,12 @@ def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
 
     def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
-        model, args = launch_args(profile, key, backend)
         # A launch that relies on caches `invoke warmup` filled: if it fails,
         # the report suggests `invoke warmup --cold` (a poisoned cache).
         spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)
         warm = warmup_markers.marker_path(caches.default_root(), spec).exists()
-        return Server(
-            backend, model, tp=key.tp, args=args,
-            # The caches `invoke warmup` filled: same dirs, same env order.
-            env={**caches.engine_cache_env(backend.name, caches.default_root()), **profile.env},
-            log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
-            key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
-            warm_dependent=warm,
-        )
+        return launch.build_server(profile, backend, key, log_dir=log_dir, devices=devices,
+                                   memory=memory, warm_dependent=warm)
 
     return make
 

@@ -176,6 +176,26 @@ class Server:
     def command(self) -> list[str]:
         return self.backend.command(self.model, self.port, self.tp, self.args)
 
+    def launched(self) -> bool:
+        """True once the engine's process tree exists (a crash watch may then stop it)."""
+        return self.tree is not None
+
+    def exit_code(self) -> int | None:
+        """The engine's exit code once its root has exited; None while it runs or before launch."""
+        return self.tree.poll() if self.tree is not None else None
+
+    def note_error(self, text: str) -> None:
+        """Record why this server went wrong (the report shows it beside the server)."""
+        self.record.error = text
+
+    def note_test(self, nodeid: str) -> None:
+        """Record a test this server served (for the report)."""
+        self.record.tests.append(nodeid)
+
+    def record_dict(self) -> dict:
+        """This server's record, as the report reads it from servers-<session>.json."""
+        return self.record.to_dict()
+
     def log_tail(self, n: int | None = None) -> str:
         return logtail.read_tail(self.log_path, n or self.tail_lines)
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 import requests
 
-from ci import alloc, caches, runners, warmup_key
+from ci import alloc, caches, launch, runners, warmup_key
 from ci.backends import BackendSpec, get_backend
 from ci.crashwatch import CrashWatch
 from ci.server import Server
@@ -148,13 +148,12 @@ def _warm_one(job: _Job, devices: tuple[int, ...], run: _Run) -> WarmupResult:
     job.started = time.monotonic()
     server = None
     try:
-        # The same env the e2e pool gives servers (caches first, the profile's
-        # env over them); Server narrows the devices from ``vendor``.
-        env = {**caches.engine_cache_env(run.backend.name, run.root), **dict(run.profile.env)}
-        server = run.server_factory(run.backend, job.model_ref, tp=job.spec.tp, args=job.args, env=env,
-                                    log_dir=run.log_dir, launch_timeout_s=run.launch_timeout_s,
-                                    devices=devices, vendor=run.vendor, memory=run.memory,
-                                    key=job.spec.label)
+        # Built as the e2e pool builds its servers (ci/launch.py): the same
+        # env, devices and memory guard, from the args computed for the marker.
+        server = launch.build_server(run.profile, run.backend, job.spec.key, log_dir=run.log_dir,
+                                     devices=devices, memory=run.memory, cache_root=run.root,
+                                     launch_timeout_s=run.launch_timeout_s,
+                                     launched=(job.model_ref, job.args), factory=run.server_factory)
         with run.lock:
             run.live[id(job)] = server
         job.enter("launching", f" on GPUs {list(devices)}" if devices else "")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ci import runners
+from ci import launch, runners
 
 REPO = Path(__file__).resolve().parent.parent
 # pytest --collect-only of the e2e suites only imports modules; two minutes
@@ -40,8 +40,13 @@ class WarmupSpec:
     tests: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def key(self) -> launch.ServerKey:
+        """The pool's key for this spec."""
+        return launch.ServerKey(self.model, self.tp, tuple(self.args))
+
+    @property
     def label(self) -> str:
-        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
+        return str(self.key)
 
 
 def load_specs(path: Path) -> list[WarmupSpec]:
@@ -94,7 +99,5 @@ def select(specs: Sequence[WarmupSpec], models: Sequence[str]) -> list[WarmupSpe
 
 def launch_args(profile: runners.Profile, spec: WarmupSpec,
                 backend: object = None) -> tuple[str, tuple[str, ...]]:
-    """(model reference, full launch args) exactly as ci.pytest_plugin's factory builds them."""
-    from ci.pool import ServerKey  # noqa: PLC0415
-    from ci.pytest_plugin import launch_args as plugin_launch_args  # noqa: PLC0415  (pulls pytest in)
-    return plugin_launch_args(profile, ServerKey(spec.model, spec.tp, tuple(spec.args)), backend)
+    """(model reference, full launch args) exactly as the e2e pool builds them (ci/launch.py)."""
+    return launch.launch_args(profile, spec.key, backend)

@@ -56,7 +56,10 @@ def test_contracts_hold_on_the_tree(tree):
     ("procs", "import pytest", "Host utilities import no engine code", "ci.procs -> pytest"),
     ("server", "import pytest", "The core imports no pytest", "ci.server -> pytest"),
     ("report", "from ci import pool", "The report reads records", "ci.report -> ci.pool"),
-], ids=["host->server", "host->pytest", "core->pytest", "report->pool"])
+    # What warmup_specs did before ci/launch.py: the plugin's launch args (and pytest with them).
+    ("warmup_specs", "from ci.pytest_plugin import launch_args", "Warmup builds servers without pytest",
+     "ci.warmup_specs -> ci.pytest_plugin"),
+], ids=["host->server", "host->pytest", "core->pytest", "report->pool", "warmup->plugin"])
 def test_a_backwards_import_breaks_its_contract(tree, module, line, contract, chain):
     plant(tree, module, line)
     result = lint_imports(tree)
