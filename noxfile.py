@@ -31,7 +31,7 @@ import nox
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))
 
-from ci import locks, pipconfig, runners  # noqa: E402  (needs the repo root on sys.path)
+from ci import artefacts, locks, pipconfig, runners  # noqa: E402  (needs the repo root on sys.path)
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -146,7 +146,7 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
                     external=external)
         return
     shard_spec, posargs = sharding.split_shard_arg(posargs)
-    junit = REPORTS / f"junit-{profile.session}.xml"
+    junit = artefacts.junit(REPORTS, profile.session)
     # Options alone (`-- -x --kiln-backend ...`) still mean the e2e suites, not
     # pytest's testpaths (which would pull in kiln's own unit tests).
     targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]

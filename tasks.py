@@ -22,6 +22,8 @@ from invoke import Exit, task
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from ci import artefacts  # noqa: E402  (needs the repo root on sys.path; stdlib only)
+
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                     datefmt="%H:%M:%S")
 
@@ -188,7 +190,7 @@ def report(c, session, junit=None, servers=None, out=None):
     """Render a run's Markdown report (verdict, repro commands, logs); appended to $GITHUB_STEP_SUMMARY when set."""
     from ci import report as reporting
 
-    junit = Path(junit) if junit else ROOT / "reports" / f"junit-{session}.xml"
+    junit = Path(junit) if junit else artefacts.junit(ROOT / "reports", session)
     md = reporting.build_report(junit, session, servers_path=servers, root=ROOT)
     # The kits' own sections (perf table, accuracy, reference) go to the job summary too.
     summary = reporting.append_step_summary(reporting.with_kit_summary(md, junit.parent, session))
@@ -210,7 +212,7 @@ def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_onl
     from ci import github
     from ci import report as reporting
 
-    md = reporting.build_report(junit or ROOT / "reports" / f"junit-{session}.xml", session,
+    md = reporting.build_report(junit or artefacts.junit(ROOT / "reports", session), session,
                                 servers_path=servers, root=ROOT)
     try:
         outcome, cid = github.post_report(md, session, pr=int(pr) if pr else None, repo=repo,

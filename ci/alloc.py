@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Mapping, Sequence
+from ci import ansi
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 # and fine for 16; past this many subsets (a 32-GPU box) we fall back to
 # consecutive windows so a pool decision never costs seconds.
 MAX_COMBINATIONS = 20_000
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # nvidia-smi underlines the header row with escapes
 _GPU = re.compile(r"^GPU(\d+)$")
 
 
@@ -50,7 +50,8 @@ def parse_topo(text: str) -> Topology:
 
     Raises ValueError when there is no GPU matrix in ``text``.
     """
-    lines = [_ANSI.sub("", line).rstrip("\n") for line in text.splitlines()]
+    # nvidia-smi underlines the header row with escape sequences.
+    lines = [ansi.strip(line).rstrip("\n") for line in text.splitlines()]
     # The header row starts with an empty cell: "\tGPU0\tGPU1\t...\tNUMA Affinity".
     header_at = next((i for i, line in enumerate(lines)
                       if line.startswith("\t") and "GPU0" in [c.strip() for c in line.split("\t")]), None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from ci import redact, runners
+from ci import artefacts, redact, runners
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     spec_args = container_spec_args(opts, r.env) if in_container else {}
     holder: dict = {}
     failed: StepFailed | None = None
-    junit = opts.workspace / "reports" / f"junit-{opts.session}.xml"
+    junit = artefacts.junit(opts.workspace / "reports", opts.session)
     if not opts.dry_run:
         # A JUnit file (or kit summary) left by an earlier run must never be reported as this one.
         junit.unlink(missing_ok=True)
@@ -338,7 +338,7 @@ def _host_step(argv: list[str], cwd: Path, timeout: float, name: str):
 
 def _report(reporting, junit: Path, opts: Options) -> str:
     md = reporting.build_report(junit, opts.session, root=opts.workspace)
-    out = opts.workspace / "reports" / f"report-{opts.session}.md"
+    out = artefacts.report(opts.workspace / "reports", opts.session)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
     # What the kits wrote in the container, through the bind mount.

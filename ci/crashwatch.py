@@ -14,6 +14,7 @@ import re
 import threading
 import time
 
+from ci import ansi
 from ci.server import Server
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ CRASH_SIGNATURES = (
 # Lines with a signature's words that are not crashes (sglang warns it is
 # "reducing max_m ... to avoid out of memory" and carries on).
 BENIGN = re.compile(r"(?i)avoid(?:ing)? out of memory")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # An engine that logs a traceback and exits on its own is best reported by its
 # exit (code + log tail); the watch waits this long for that before it stops
 # the tree itself. The exit reaches kiln through the supervisor in milliseconds.
@@ -82,7 +82,7 @@ class CrashWatch:
                 continue  # not launched yet
             offset += len(data)
             # A line still being written stays in ``partial`` until its newline.
-            lines = (partial + _ANSI.sub("", data.decode("utf-8", errors="replace"))).split("\n")
+            lines = (partial + ansi.strip(data.decode("utf-8", errors="replace"))).split("\n")
             partial = lines.pop()
             for line in lines:
                 name = crash_signature(line)

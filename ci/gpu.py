@@ -13,6 +13,7 @@ ignores CUDA_VISIBLE_DEVICES, so the logical -> physical mapping is kiln's job
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ci.gpu_smi import (
     NVIDIA_SMI_QUERY, ROCM_SMI_QUERY, SMI_TIMEOUT_S, SmiError, SmiRow, parse_amd_smi,
@@ -175,13 +176,28 @@ def optional_module(name: str):
         raise ToolAbsent(f"python module {name} not installed ({exc})") from None
 
 
-def _nvml_call(nvml, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` between nvmlInit and nvmlShutdown; NVML's init is refcounted."""
+@contextlib.contextmanager
+def nvml_session(nvml: Any) -> Iterator[Any]:
+    """``nvml`` between nvmlInit and nvmlShutdown: the one NVML session kiln opens.
+
+    NVML's init is refcounted, so nested sessions are cheap. nvmlInit's error
+    propagates (the caller says what it could not read); a failing shutdown
+    is logged and never masks the block's own outcome.
+    """
     nvml.nvmlInit()
     try:
-        return fn()
+        yield nvml
     finally:
-        nvml.nvmlShutdown()
+        try:
+            nvml.nvmlShutdown()
+        except Exception as err:  # noqa: BLE001  (any NVML error; the block's outcome wins)
+            log.warning("nvmlShutdown failed: %s", err)
+
+
+def _nvml_call(nvml, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` inside an NVML session."""
+    with nvml_session(nvml):
+        return fn()
 
 
 def _text(value: Any) -> str:

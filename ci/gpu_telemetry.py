@@ -8,11 +8,13 @@ library initialised for the loop instead of paying init on every poll.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Iterable, Mapping, Protocol
 
-from ci.gpu import IMPORT, Discovery, TelemetryError, ToolAbsent, find_tool, optional_module
+from ci.gpu import (IMPORT, Discovery, TelemetryError, ToolAbsent, find_tool, nvml_session,
+                    optional_module)
 from ci.gpu_smi import (
     NVIDIA_SMI_APPS_QUERY, NVIDIA_SMI_QUERY, ROCM_SMI_QUERY, SMI_TIMEOUT_S, SmiError,
     parse_amd_smi_memory, parse_nvidia_smi_apps, parse_nvidia_smi_gpus, parse_rocm_smi, run_tool,
@@ -57,23 +59,23 @@ class NvmlTelemetry(_Base):
     def __init__(self, nvml: Any = IMPORT):
         try:
             self._nvml = optional_module("pynvml") if nvml is IMPORT else nvml
+            self._sessions: list[contextlib.ExitStack] = []
         except ToolAbsent as exc:
             raise TelemetryError(f"nvml: {exc}") from None
         if self._nvml is None:
             raise TelemetryError("nvml: pynvml not available")
 
     def __enter__(self):
+        session = contextlib.ExitStack()
         try:
-            self._nvml.nvmlInit()
+            session.enter_context(nvml_session(self._nvml))
         except Exception as exc:
             raise self._fail("init", exc) from exc
+        self._sessions.append(session)  # nested `with telemetry:` blocks each hold one
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception as err:  # shutdown failing must not mask the loop's own outcome
-            log.warning("nvmlShutdown failed: %s", err)
+        self._sessions.pop().close()
 
     def _each(self, devices: Iterable[int], what: str, read) -> dict:
         with self:

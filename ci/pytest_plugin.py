@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import (alloc, caches, cgroups, gpu, gpu_smi, gpumem, known_issues, launch, models, procfs,
+from ci import (alloc, artefacts, caches, cgroups, gpu, gpu_smi, gpumem, known_issues, launch, models, procfs,
                 reaper, runners, warmup_markers)
 from ci.backends import BackendSpec, get_backend
 from ci.gpu_telemetry import telemetry_for
@@ -275,7 +275,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         pool.close()
         _check_nothing_left(session)
     finally:
-        records = Path(config.getoption("--kiln-reports")) / f"servers-{session_name(config)}.json"
+        records = artefacts.servers(config.getoption("--kiln-reports"), session_name(config))
         pool.write_records(records)
         prev = config.stash.get(_PREV_SIGTERM, None)
         if prev is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 from urllib.parse import quote
+from ci import ansi, logtail
 
 REDACTED = "***"
 ZWSP = "\u200b"
@@ -60,17 +61,6 @@ _TOKEN_SHAPES = (
     re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]{3,}(?=@)"),
 )
 
-_ANSI = re.compile(
-    r"""
-      \x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?   # OSC: titles, hyperlinks (never across lines)
-    | \x1b\[[0-?]*[ -/]*[@-~]                # CSI: colours, cursor moves
-    | \x1b[PX^_][^\x1b\n]*(?:\x1b\\)?        # DCS / SOS / PM / APC strings
-    | \x1b[ -/]*[0-~]                        # two-byte and charset escapes
-    | \x9b[0-?]*[ -/]*[@-~]                  # 8-bit CSI
-    | \#x1B\[[0-?]*[ -/]*[@-~]             # CSI as pytest's JUnit writer escapes it
-    """,
-    re.VERBOSE,
-)
 # Control bytes (bar tab/newline/CR), DEL, C1 controls, bidi overrides (which can
 # reorder how a comment reads), and the replacement character from undecodable
 # bytes: each run becomes one visible marker.
@@ -165,7 +155,7 @@ def _resolve_cr(line: str) -> str:
 
 def clean(text: str) -> str:
     """Strip ANSI escapes and control bytes, collapse binary junk, resolve ``\\r``."""
-    text = _ANSI.sub("", text)
+    text = ansi.strip(text)
     lines = [_resolve_cr(line) for line in text.split("\n")]
     return _JUNK.sub(JUNK_MARK, "\n".join(lines))
 
@@ -254,13 +244,11 @@ def read_log_tail(path: str | Path, redactor: Redactor, max_lines: int = MAX_SEC
     """The sanitised last lines of the log at ``path``, reading only its last ``max_bytes``."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            start = max(0, size - max_bytes)
-            fh.seek(start)
-            text = decode(fh.read(max_bytes))
+        data, size = logtail.read_end(path, max_bytes)
     except OSError as exc:
         return Tail((), f"log {path} unreadable: {exc.strerror or exc}")
+    start = size - len(data)
+    text = decode(data)
     if start > 0:
         # The first line read is a fragment that may start mid-secret: drop it.
         # One enormous line has no newline to cut at; cut at the first space.

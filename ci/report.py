@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ci import artefacts
 from ci.junit import ERROR, FAILED, PASSED, SKIPPED, XFAILED, CaseResult, JUnitError, RunResult, read_junit
 from ci.redact import (MAX_SECTION_LINES, Redactor, Tail, code_span, fence, html_text, read_log_tail,
                        sanitize, sanitize_lines)
@@ -385,7 +386,7 @@ def build_report(junit_path: str | Path, session: str, *, servers_path: str | Pa
     env = dict(os.environ) if env is None else env
     redactor = Redactor.from_env(env, extra_secrets)
     junit_path = Path(junit_path)
-    servers, note = load_servers(servers_path or junit_path.with_name(f"servers-{session}.json"))
+    servers, note = load_servers(servers_path or artefacts.servers(junit_path.parent, session))
     notes = [note] if note else []
     try:
         run = read_junit(junit_path, root=root or Path.cwd())
@@ -413,7 +414,7 @@ def kit_summary_path(reports_dir: str | Path, session: str) -> Path:
     host's $GITHUB_STEP_SUMMARY file is not mounted there, so kits never write
     to it; the chain's report step appends this file to it on the host.
     """
-    return Path(reports_dir) / f"kit-summary-{session}.md"
+    return artefacts.kit_summary(reports_dir, session)
 
 
 def with_kit_summary(markdown: str, reports_dir: str | Path, session: str) -> str:

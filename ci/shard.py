@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from ci import artefacts
 from ci.junit import SKIPPED, XFAILED, CaseResult, JUnitError, read_junit
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     nodeids = parse_collected(output or "")
     # The previous run's JUnit of this session, when present (the workflows upload it as
     # an artifact; restoring it before a sharded run is not wired yet).
-    history = [p for p in (reports_dir / f"junit-{name}.xml",) if p.is_file()]
+    history = [p for p in (artefacts.junit(reports_dir, name),) if p.is_file()]
     estimates = estimates_from_junit(history, Path.cwd())
     chosen = select(nodeids, estimates, shard, groups_from_keys(keys_file))
     if not chosen:

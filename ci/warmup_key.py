@@ -152,19 +152,17 @@ def nvidia_details(indices: Sequence[int], *, nvml: Any = None) -> tuple[list[st
             import pynvml as nvml  # noqa: PLC0415  (optional; nvidia-ml-py)
         except ImportError as exc:
             raise RuntimeError(f"pynvml not installed ({exc})") from None
+    from ci import gpu  # noqa: PLC0415  (this module runs standalone as the probe: nothing from ci/ at the top)
     try:
-        nvml.nvmlInit()
-    except Exception as exc:
+        with gpu.nvml_session(nvml):
+            caps = []
+            for i in indices:
+                major, minor = nvml.nvmlDeviceGetCudaComputeCapability(nvml.nvmlDeviceGetHandleByIndex(i))
+                caps.append(f"{major}.{minor}")
+            driver = nvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:  # noqa: BLE001  (any NVML error: the caller falls back to nvidia-smi)
         raise RuntimeError(f"NVML: {exc}") from None
-    try:
-        caps = []
-        for i in indices:
-            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(nvml.nvmlDeviceGetHandleByIndex(i))
-            caps.append(f"{major}.{minor}")
-        driver = nvml.nvmlSystemGetDriverVersion()
-        return caps, driver.decode() if isinstance(driver, bytes) else str(driver)
-    finally:
-        nvml.nvmlShutdown()
+    return caps, driver.decode() if isinstance(driver, bytes) else str(driver)
 
 
 def _smi_details(indices: Sequence[int]) -> tuple[list[str], str | None]:
