@@ -22,24 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ci import runners, tinymodel  # noqa: E402
-from ci.backends import get_backend  # noqa: E402
+from bench import throttled  # noqa: E402
 from ci.kits import steps  # noqa: E402
-from ci.server import Server  # noqa: E402
-
-SHIM = ROOT / "tests" / "fakes" / "vllm_throttle"
 
 
 def measure(idle_ms: float, runs: int, log_dir: Path) -> list[steps.StepOccupancy]:
-    profile = runners.get_profile("cpu")
-    env = dict(profile.env)
-    if idle_ms:
-        env.update(PYTHONPATH=str(SHIM), KILN_THROTTLE_IDLE_S=str(idle_ms / 1000.0))
-    server = Server(get_backend(profile.backend), str(tinymodel.ensure_tiny_model()),
-                    args=(*profile.server_args, "--served-model-name", "tiny-llama"), env=env,
-                    log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
-                    key=f"bench-steps-{idle_ms:g}ms")
-    server.start()
+    server = throttled.tiny_server(idle_ms, log_dir)
     try:
         return [steps.check_step_occupancy(server, threshold=0.0) for _ in range(runs)]
     finally:

@@ -32,14 +32,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ci import runners, thresholds, tinymodel  # noqa: E402
-from ci.backends import get_backend  # noqa: E402
+from bench import throttled  # noqa: E402
+from ci import thresholds  # noqa: E402
 from ci.kits import occupancy  # noqa: E402
 from ci.kits.client import KitFailure, client_for  # noqa: E402
 from ci.kits.metrics import SETTLE_DEADLINE_S, SETTLE_POLL_S, counter_total, scrape  # noqa: E402
-from ci.server import Server  # noqa: E402
-
-SHIM = ROOT / "tests" / "fakes" / "vllm_throttle"
 LONG_TOKENS = 640
 PROBES = 3
 ITL = "vllm:inter_token_latency_seconds"
@@ -104,16 +101,8 @@ def signals(server) -> dict[str, str]:
 
 
 def run(idle_ms: float, log_dir: Path) -> dict[str, str]:
-    profile = runners.get_profile("cpu")
     occ = thresholds.for_profile("cpu").occupancy
-    env = dict(profile.env)
-    if idle_ms:
-        env.update(PYTHONPATH=str(SHIM), KILN_THROTTLE_IDLE_S=str(idle_ms / 1000.0))
-    server = Server(get_backend(profile.backend), str(tinymodel.ensure_tiny_model()),
-                    args=(*profile.server_args, "--served-model-name", "tiny-llama"), env=env,
-                    log_dir=log_dir, launch_timeout_s=profile.launch_timeout_s,
-                    key=f"bench-idle-{idle_ms:g}ms")
-    server.start()
+    server = throttled.tiny_server(idle_ms, log_dir)
     try:
         figures = signals(server)
         try:

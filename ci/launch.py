@@ -17,7 +17,7 @@ import logging
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ci import caches, compat, models, runners
 from ci.backends import BackendSpec
@@ -77,15 +77,18 @@ def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey,
                  log_dir: Path, devices: tuple[int, ...] = (), memory: object = None,
                  cache_root: Path | None = None, launch_timeout_s: float | None = None,
                  warm_dependent: bool = False, launched: tuple[str, Sequence[str]] | None = None,
+                 extra_env: Mapping[str, str] | None = None,
                  factory: Callable[..., Server] = Server) -> Server:
     """The (not yet started) server for ``key``: resolved model and args, env, devices, memory guard.
 
     ``launched`` is a (model reference, args) pair already computed by
     :func:`launch_args` (warmup computes them once for its cache key).
+    ``extra_env`` goes over the usual environment (a benchmark's fault shim).
     """
     model, args = launched if launched is not None else launch_args(profile, key, backend)
     return factory(backend, model, tp=key.tp, args=tuple(args),
-                   env=engine_env(backend, profile, cache_root), log_dir=log_dir,
+                   env={**engine_env(backend, profile, cache_root), **(extra_env or {})},
+                   log_dir=log_dir,
                    launch_timeout_s=launch_timeout_s or profile.launch_timeout_s,
                    key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
                    warm_dependent=warm_dependent)
