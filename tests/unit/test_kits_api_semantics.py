@@ -52,37 +52,20 @@ def test_over_long_prompt_must_get_a_400_naming_the_limit(knobs, cause):
             sem.check_context_limit(srv)
 
 
-def test_engine_ignoring_n_fails():
-    with fake_engine(ignore_n=True) as srv:
-        with pytest.raises(KitFailure, match=r"^n=3: choice indices \[0\], expected \[0, 1, 2\]"):
-            sem.check_n_choices(srv)
-
-
-def test_engine_ignoring_stop_fails():
-    with fake_engine(ignore_stop=True) as srv:
-        with pytest.raises(KitFailure, match=r"^stop=' ?t\d+': text .* finish_reason 'length'; "
-                                             r"expected .* and 'stop'"):
-            sem.check_stop_string(srv)
-
-
-def test_engine_ignoring_seed_fails():
-    with fake_engine(deterministic=False) as srv:
-        with pytest.raises(KitFailure, match=r"^seed=1234 sampled different texts"):
-            sem.check_seed_reproducible(srv)
-
-
-def test_greedy_token_that_is_not_the_best_of_its_logprobs_fails():
-    with fake_engine(diverge_at=0) as srv:
-        with pytest.raises(KitFailure, match=r"^logprobs: greedy token 0 ' t\d+' \(-3.0000\) is "
-                                             r"not the best of its top list"):
-            sem.check_logprobs(srv)
-
-
-def test_engine_ignoring_the_schema_fails():
-    with fake_engine(structured_output=False) as srv:
-        with pytest.raises(KitFailure, match=r"^response_format json_schema gave text that is "
-                                             r"not JSON"):
-            sem.check_structured_output(srv)
+@pytest.mark.parametrize(("knobs", "check", "cause"), [
+    ({"ignore_n": True}, sem.check_n_choices, r"^n=3: choice indices \[0\], expected \[0, 1, 2\]"),
+    ({"ignore_stop": True}, sem.check_stop_string,
+     r"^stop=' ?t\d+': text .* finish_reason 'length'; expected .* and 'stop'"),
+    ({"deterministic": False}, sem.check_seed_reproducible, r"^seed=1234 sampled different texts"),
+    ({"diverge_at": 0}, sem.check_logprobs,
+     r"^logprobs: greedy token 0 ' t\d+' \(-3.0000\) is not the best of its top list"),
+    ({"structured_output": False}, sem.check_structured_output,
+     r"^response_format json_schema gave text that is not JSON"),
+], ids=["n-ignored", "stop-ignored", "seed-ignored", "greedy-not-best", "schema-ignored"])
+def test_an_engine_that_breaks_the_parameter_fails_naming_it(knobs, check, cause):
+    with fake_engine(**knobs) as srv:
+        with pytest.raises(KitFailure, match=cause):
+            check(srv)
 
 
 def test_schema_problems_are_named():
