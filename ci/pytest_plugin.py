@@ -269,14 +269,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     pool = config.stash.get(_POOL_KEY, None)
     if pool is None:
         return
-    if not pool.servers():
-        return  # nothing launched (unit tests): no records to write
     try:
-        pool.close()
+        if pool.servers():  # nothing launched (unit tests): no servers to stop, no records
+            try:
+                pool.close()
+            finally:
+                pool.write_records(artefacts.servers(config.getoption("--kiln-reports"),
+                                                     session_name(config)))
+        # Whether or not the pool launched anything: an engine a test started
+        # by other means must not outlive the session either.
         _check_nothing_left(session)
     finally:
-        records = artefacts.servers(config.getoption("--kiln-reports"), session_name(config))
-        pool.write_records(records)
         prev = config.stash.get(_PREV_SIGTERM, None)
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)

