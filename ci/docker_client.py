@@ -34,6 +34,10 @@ class DockerError(RuntimeError):
     """A docker-side failure kiln can explain in one line (tasks turn it into ``invoke.Exit``)."""
 
 
+class ContainerError(DockerError):
+    """A container could not be created, started or stopped as asked."""
+
+
 class DockerUnavailable(DockerError):
     """No Docker daemon answers at the configured address."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import docker.types
 import pytest
 
-from ci import containers
+from ci import container_devices, containers
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def dev(tmp_path) -> Path:
 
 
 def test_nvidia_gets_a_device_request_for_exactly_the_allocated_ids(dev):
-    opts = containers.device_options("nvidia", ["2", "3"], dev_root=dev)
+    opts = container_devices.device_options("nvidia", ["2", "3"], dev_root=dev)
     (req,) = opts["device_requests"]
     assert isinstance(req, docker.types.DeviceRequest)
     assert req.device_ids == ["2", "3"] and req.capabilities == [["gpu"]]
@@ -31,11 +31,11 @@ def test_nvidia_gets_a_device_request_for_exactly_the_allocated_ids(dev):
 
 def test_nvidia_uuids_pass_through(dev):
     uuid = "GPU-3d93a8b4-0000-1111-2222-333344445555"
-    assert containers.device_options("nvidia", [uuid], dev_root=dev)["device_requests"][0].device_ids == [uuid]
+    assert container_devices.device_options("nvidia", [uuid], dev_root=dev)["device_requests"][0].device_ids == [uuid]
 
 
 def test_amd_gets_kfd_and_the_allocated_render_nodes(dev):
-    opts = containers.device_options("amd", ["renderD129", "130"], dev_root=dev)
+    opts = container_devices.device_options("amd", ["renderD129", "130"], dev_root=dev)
     assert opts["devices"] == [
         f"{dev}/kfd:/dev/kfd:rwm",
         f"{dev}/dri/renderD129:/dev/dri/renderD129:rwm",
@@ -47,7 +47,7 @@ def test_amd_gets_kfd_and_the_allocated_render_nodes(dev):
 
 
 def test_amd_accepts_full_render_paths(dev):
-    opts = containers.device_options("amd", ["/dev/dri/renderD128"], dev_root=dev)
+    opts = container_devices.device_options("amd", ["/dev/dri/renderD128"], dev_root=dev)
     assert opts["devices"][1] == f"{dev}/dri/renderD128:/dev/dri/renderD128:rwm"
 
 
@@ -55,27 +55,27 @@ def test_amd_accepts_full_render_paths(dev):
                                          (["renderD140"], "missing")])
 def test_amd_bad_or_missing_nodes_are_clear_errors(dev, ids, needle):
     with pytest.raises(containers.ContainerError, match=needle):
-        containers.device_options("amd", ids, dev_root=dev)
+        container_devices.device_options("amd", ids, dev_root=dev)
 
 
 def test_amd_without_kfd_is_an_error(dev):
     (dev / "kfd").unlink()
     with pytest.raises(containers.ContainerError, match="kfd"):
-        containers.device_options("amd", ["renderD128"], dev_root=dev)
+        container_devices.device_options("amd", ["renderD128"], dev_root=dev)
 
 
 @pytest.mark.parametrize("vendor, ids, needle", [("nvidia", [], "no device ids"), ("amd", [], "no device ids"),
                                                  ("cpu", ["0"], "no GPUs"), ("intel", [], "unknown vendor")])
 def test_vendor_and_ids_must_agree(dev, vendor, ids, needle):
     with pytest.raises(containers.ContainerError, match=needle):
-        containers.device_options(vendor, ids, dev_root=dev)
+        container_devices.device_options(vendor, ids, dev_root=dev)
 
 
 def test_infiniband_is_added_whenever_present(dev):
-    assert containers.device_options("cpu", [], dev_root=dev) == {}
+    assert container_devices.device_options("cpu", [], dev_root=dev) == {}
     (dev / "infiniband").mkdir()
     for vendor, ids in (("cpu", []), ("nvidia", ["0"]), ("amd", ["renderD128"])):
-        opts = containers.device_options(vendor, ids, dev_root=dev)
+        opts = container_devices.device_options(vendor, ids, dev_root=dev)
         assert f"{dev}/infiniband:/dev/infiniband:rwm" in opts["devices"]
         assert opts["cap_add"] == ["IPC_LOCK"]
         assert opts["ulimits"][0]["Name"] == "memlock" and opts["ulimits"][0]["Hard"] == -1
