@@ -22,7 +22,7 @@ from invoke import Exit, task
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from ci import artefacts  # noqa: E402  (needs the repo root on sys.path; stdlib only)
+from ci import artefacts, jobsummary  # noqa: E402  (needs the repo root on sys.path; stdlib only)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                     datefmt="%H:%M:%S")
@@ -193,7 +193,7 @@ def report(c, session, junit=None, servers=None, out=None):
     junit = Path(junit) if junit else artefacts.junit(ROOT / "reports", session)
     md = reporting.build_report(junit, session, servers_path=servers, root=ROOT)
     # The kits' own sections (perf table, accuracy, reference) go to the job summary too.
-    summary = reporting.append_step_summary(reporting.with_kit_summary(md, junit.parent, session))
+    summary = jobsummary.publish(md, junit.parent, session)
     if out:
         Path(out).write_text(md, encoding="utf-8")
         print(f"report written to {out}" + (f" and appended to {summary}" if summary else ""))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from ci import artefacts, redact, runners
+from ci import artefacts, jobsummary, redact, runners
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     if not opts.dry_run:
         # A JUnit file (or kit summary) left by an earlier run must never be reported as this one.
         junit.unlink(missing_ok=True)
-        reporting.kit_summary_path(junit.parent, opts.session).unlink(missing_ok=True)
+        artefacts.kit_summary(junit.parent, opts.session).unlink(missing_ok=True)
     if not opts.dry_run:
         from ci import reaper  # a chain killed earlier on this host may have left its trees
         for done in reaper.reap():
@@ -341,6 +341,6 @@ def _report(reporting, junit: Path, opts: Options) -> str:
     out = artefacts.report(opts.workspace / "reports", opts.session)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
-    # What the kits wrote in the container, through the bind mount.
-    summary = reporting.append_step_summary(reporting.with_kit_summary(md, out.parent, opts.session))
+    # With what the kits wrote in the container, through the bind mount.
+    summary = jobsummary.publish(md, out.parent, opts.session)
     return f"{out}" + (f", appended to {summary}" if summary else "")

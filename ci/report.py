@@ -395,31 +395,3 @@ def build_report(junit_path: str | Path, session: str, *, servers_path: str | Pa
         notes.append(f"no test results: {exc}")
     return render_report(run, session, profile=profile_for(session), servers=servers, env=env,
                          redactor=redactor, notes=notes, max_chars=max_chars)
-
-
-def append_step_summary(markdown: str, env: Mapping[str, str] | None = None) -> Path | None:
-    """Append ``markdown`` to ``$GITHUB_STEP_SUMMARY`` when set; the path written, or None."""
-    target = (os.environ if env is None else env).get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return None
-    with open(target, "a", encoding="utf-8") as fh:
-        fh.write(markdown if markdown.endswith("\n") else markdown + "\n")
-    return Path(target)
-
-
-def kit_summary_path(reports_dir: str | Path, session: str) -> Path:
-    """Where the e2e kits of ``session`` write their job-summary sections.
-
-    Always under reports/ (a bind mount inside `invoke ci`'s container): the
-    host's $GITHUB_STEP_SUMMARY file is not mounted there, so kits never write
-    to it; the chain's report step appends this file to it on the host.
-    """
-    return artefacts.kit_summary(reports_dir, session)
-
-
-def with_kit_summary(markdown: str, reports_dir: str | Path, session: str) -> str:
-    """``markdown`` followed by what the kits of ``session`` wrote for the job summary, if any."""
-    kits = kit_summary_path(reports_dir, session)
-    if not kits.is_file():
-        return markdown
-    return markdown.rstrip("\n") + "\n\n" + kits.read_text(encoding="utf-8")

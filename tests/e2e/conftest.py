@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import pytest_plugin, report, thresholds
+from ci import artefacts, pytest_plugin, thresholds
 
 
 @pytest.fixture
@@ -37,9 +37,9 @@ def beside_bounds():
 
 @pytest.fixture
 def kit_summary(pytestconfig) -> Path:
-    """Where a kit writes its job-summary section: under reports/ (ci.report.kit_summary_path
-    says why); `invoke report` and the chain's report step append it to the job summary."""
-    path = report.kit_summary_path(pytestconfig.getoption("--kiln-reports"),
+    """Where a kit writes its job-summary section: under reports/ (ci/jobsummary.py says why);
+    `invoke report` and the chain's report step append it to the job summary."""
+    path = artefacts.kit_summary(pytestconfig.getoption("--kiln-reports"),
                                    pytest_plugin.session_name(pytestconfig))
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

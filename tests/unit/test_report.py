@@ -16,7 +16,6 @@ import pytest
 from ci import junit, repro, report
 from ci.redact import Redactor
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 SECRET = "hf_" + "Qw3rTy" * 6  # 39 chars, a plausible Hugging Face token
 TIMEOUT_S = 120  # one pytest collection in a subprocess; generous for a loaded 2-core box
@@ -362,39 +361,6 @@ def test_junit_errors_name_the_file(tmp_path):
         junit.read_junit(bad)
     with pytest.raises(junit.JUnitError, match="no such JUnit file"):
         junit.read_junit(tmp_path / "missing.xml")
-
-
-def test_step_summary_appends_only_when_set(tmp_path):
-    summary = tmp_path / "summary.md"
-    summary.write_text("earlier step\n")
-    assert report.append_step_summary("# kiln", {"GITHUB_STEP_SUMMARY": str(summary)}) == summary
-    assert report.append_step_summary("more\n", {"GITHUB_STEP_SUMMARY": str(summary)}) == summary
-    assert summary.read_text() == "earlier step\n# kiln\nmore\n"
-    assert report.append_step_summary("# kiln", {}) is None
-
-
-def test_the_kits_sections_follow_the_report_when_there_are_any(tmp_path):
-    assert report.with_kit_summary("# kiln\n", tmp_path, "e2e-cpu") == "# kiln\n"
-    report.kit_summary_path(tmp_path, "e2e-cpu").write_text("### accuracy (m): pass\n")
-    assert report.with_kit_summary("# kiln\n", tmp_path, "e2e-cpu") == "# kiln\n\n### accuracy (m): pass\n"
-    assert report.with_kit_summary("# kiln\n", tmp_path, "e2e-h200-1") == "# kiln\n"
-
-
-def test_invoke_report_puts_the_kits_sections_in_the_job_summary(tmp_path):
-    reports = tmp_path / "reports"
-    reports.mkdir()
-    (reports / "junit-e2e-cpu.xml").write_text(
-        '<testsuite name="pytest" tests="1"><testcase classname="t" name="test_a" time="0.1"/></testsuite>')
-    report.kit_summary_path(reports, "e2e-cpu").write_text("### reference (m): pass\n\n120 tokens\n")
-    summary = tmp_path / "summary.md"
-    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
-    done = subprocess.run([sys.executable, "-m", "invoke", "report", "--session", "e2e-cpu",
-                           "--junit", str(reports / "junit-e2e-cpu.xml"), "--out", str(tmp_path / "r.md")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = summary.read_text()
-    assert "### reference (m): pass" in text and "120 tokens" in text
-    assert text.index("`e2e-cpu` passed") < text.index("### reference")  # the report, then the kits
 
 
 def test_a_stop_that_needed_sigkill_is_said_out_loud(tmp_path):
