@@ -73,6 +73,14 @@ def engine_env(backend: BackendSpec, profile: runners.Profile,
             **dict(profile.env)}
 
 
+def memory_guard(discovery: object) -> object:
+    """The device-memory guard every GPU launch gets: per-device baselines before it, a
+    release wait after its stop, sticky failures in the host-wide ledger (ci/gpumem.py)."""
+    from ci import gpumem  # noqa: PLC0415  (GPU runners only)
+    from ci.gpu_telemetry import telemetry_for  # noqa: PLC0415
+    return gpumem.DeviceMemoryGuard(telemetry_for(discovery), gpumem.ReleaseLedger(gpumem.ledger_dir()))
+
+
 def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey, *,
                  log_dir: Path, devices: tuple[int, ...] = (), memory: object = None,
                  cache_root: Path | None = None, launch_timeout_s: float | None = None,

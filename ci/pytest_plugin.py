@@ -24,7 +24,6 @@ import pytest
 from ci import (alloc, artefacts, caches, cgroups, gpu, gpu_smi, gpumem, known_issues, launch, models, procfs,
                 reaper, runners, warmup_markers)
 from ci.backends import BackendSpec, get_backend
-from ci.gpu_telemetry import telemetry_for
 from ci.launch import ServerKey
 from ci.pool import ServerPool, key_from_marker
 from ci.server import Server
@@ -252,8 +251,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     found = _discovery(config)
     memory, topology, visible = None, None, ()
     if found is not None:
-        telemetry = telemetry_for(found)
-        memory = gpumem.DeviceMemoryGuard(telemetry, gpumem.ReleaseLedger(gpumem.ledger_dir()))
+        memory = launch.memory_guard(found)
         topology = _topology(found)
         visible = found.visible
     config.stash[_POOL_KEY] = ServerPool(_factory(config, memory), max_live=profile.max_live_servers,

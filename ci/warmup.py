@@ -260,13 +260,6 @@ def _schedule(jobs: list[_Job], run: _Run, visible: Sequence[int], results: dict
                 results[id(job)] = fut.result()
 
 
-def _memory_guard(discovery):
-    """The e2e pool's device-memory guard: baseline before launch, wait for release after stop."""
-    from ci import gpumem  # noqa: PLC0415  (GPU runners only)
-    from ci.gpu_telemetry import telemetry_for  # noqa: PLC0415
-    return gpumem.DeviceMemoryGuard(telemetry_for(discovery), gpumem.ReleaseLedger(gpumem.ledger_dir()))
-
-
 def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend: BackendSpec | str | None = None,
                root: Path | None = None, cold: bool = False, strict: bool = False, log_dir: Path | None = None,
                launch_timeout_s: float | None = None, request_timeout_s: float = REQUEST_TIMEOUT_S,
@@ -298,7 +291,7 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
             discovery = gpu.discover()
         visible = discovery.visible
     if memory is _AUTO:
-        memory = _memory_guard(discovery) if vendor != "cpu" else None
+        memory = launch.memory_guard(discovery) if vendor != "cpu" else None
     if hardware is None:
         hardware = warmup_key.hardware_facts(vendor, discovery=discovery)
     distributions = tuple(dict.fromkeys((*backend.distributions, *warmup_key.VERSIONED_DISTRIBUTIONS)))
