@@ -196,10 +196,11 @@ def test_stop_run_stops_every_container_of_that_run_only(docker_env, docker_clie
 def test_container_of_a_killed_owner_is_reaped_a_live_owners_is_not(docker_env, docker_client, tmp_path,
                                                                      started):
     # The owner a SIGKILLed `invoke ci` leaves behind: a process that is gone.
-    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # It lives until its stdin closes: long enough to be labelled, then gone.
+    dead = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     dead_label = containers.owner_label(dead.pid)
-    dead.kill()
-    dead.wait()
+    dead.stdin.close()
+    dead.wait(10)
     orphan = containers.start(docker_client, spec(docker_env, "run-dead", "/bin/sleep", "300",
                                                   owner=dead_label), tmp_path / "a.log")
     alive = containers.start(docker_client, spec(docker_env, "run-alive", "/bin/sleep", "300",

@@ -298,6 +298,8 @@ LEAK_SESSION = textwrap.dedent('''
     from pathlib import Path
 
     OUT = Path(os.environ["LEAK_DIR"])
+    # Stays until the outer test kills it; a stop file (or 300 s) ends it
+    # should that test die first.
     ESCAPE = """
     import os, sys, time, setproctitle
     if os.fork():
@@ -307,7 +309,9 @@ LEAK_SESSION = textwrap.dedent('''
         os._exit(0)
     setproctitle.setproctitle("VLLM::EngineCore")
     open(sys.argv[1], "w").write(str(os.getpid()))
-    time.sleep(300)
+    stop, deadline = sys.argv[1] + ".stop", time.monotonic() + 300
+    while time.monotonic() < deadline and not os.path.exists(stop):
+        time.sleep(0.1)  # bounded poll on the stop file
     """
 
     def test_an_engine_escapes_while_another_jobs_engine_starts():
@@ -318,7 +322,8 @@ LEAK_SESSION = textwrap.dedent('''
             time.sleep(0.02)  # bounded wait for the outer test's bystander
         assert (OUT / "escaped.pid").exists() and (OUT / "bystander-started").exists()
 ''')
-BYSTANDER = "import setproctitle, time; setproctitle.setproctitle('VLLM::Worker_TP0'); time.sleep(300)"
+# Another job's engine: lives until its stdin (a pipe from this test) closes.
+BYSTANDER = "import setproctitle, sys; setproctitle.setproctitle('VLLM::Worker_TP0'); sys.stdin.read()"
 
 
 def test_the_session_scan_fails_on_an_escaped_engine_and_ignores_another_jobs(tmp_path):
@@ -333,7 +338,7 @@ def test_the_session_scan_fails_on_an_escaped_engine_and_ignores_another_jobs(tm
     bystander = escaped = None
     try:
         _wait((tmp_path / "session-running").exists, UP_DEADLINE_S, "the child session's test")
-        bystander = subprocess.Popen([sys.executable, "-c", BYSTANDER])
+        bystander = subprocess.Popen([sys.executable, "-c", BYSTANDER], stdin=subprocess.PIPE)
         _wait(lambda: "VLLM::" in procfs.label(bystander.pid), UP_DEADLINE_S, "the bystander's rename")
         (tmp_path / "bystander-started").write_text("1")
         out, _ = session.communicate(timeout=UP_DEADLINE_S * 2)
@@ -345,9 +350,9 @@ def test_the_session_scan_fails_on_an_escaped_engine_and_ignores_another_jobs(tm
     finally:
         session.kill() if session.poll() is None else None
         if bystander is not None:
-            bystander.kill()
-            bystander.wait()
-        if escaped is not None and "VLLM::EngineCore" in procfs.label(escaped):
-            os.kill(escaped, signal.SIGKILL)  # ours: started by this test, checked by name and pid
+            bystander.stdin.close()  # its end: it returns from the read and exits
+            bystander.wait(UP_DEADLINE_S)
+        (tmp_path / "escaped.pid.stop").write_text("1")  # the escaped process's own way out
+        if escaped is not None:
             _wait(lambda: procfs.stat(escaped) is None or procfs.stat(escaped).state == "Z",
-                  UP_DEADLINE_S, "the escaped process to die")
+                  UP_DEADLINE_S, "the escaped process to end")
