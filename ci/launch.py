@@ -125,8 +125,3 @@ def start_watched(server: Server) -> None:
         raise
     finally:
         watch.stop()  # before any later stop: shutdown tracebacks are not crashes
-
-
-def key_label(model: str, tp: int, args: Sequence[str]) -> str:
-    """The key string of (model, tp, args), as every report and marker shows it."""
-    return str(ServerKey(model, tp, tuple(args)))

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 PROFILE_ENV = "KILN_PROFILE"
 SESSION_ENV = "KILN_SESSION"
 REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
-LOCAL_MODELS = models.LOCAL_MODELS  # kept for callers of the old name
 _POOL_KEY = pytest.StashKey[ServerPool]()
 _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
@@ -86,11 +85,6 @@ def profile_of(config: pytest.Config) -> runners.Profile:
 
 def session_name(config: pytest.Config) -> str:
     return os.environ.get(SESSION_ENV) or profile_of(config).session
-
-
-# The launch path lives in ci/launch.py (pytest-free: warmup and the chain use it too).
-resolve_model = models.resolve
-launch_args = launch.launch_args
 
 
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):

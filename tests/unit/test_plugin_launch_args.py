@@ -10,7 +10,7 @@ import pytest
 from ci import compat, runners
 from ci.backends import BackendSpec
 from ci.pool import ServerKey
-from ci.pytest_plugin import launch_args
+from ci.launch import launch_args
 
 ENGINE = textwrap.dedent("""
     import argparse
@@ -62,12 +62,11 @@ def test_generic_backends_are_not_probed(tmp_path):
 def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
     from ci import runners
     from ci.pool import ServerKey
-    from ci.pytest_plugin import launch_args as plugin_launch_args
 
     h200 = runners.get_profile("h200-2")
-    _, tp2 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
-    _, tp1 = plugin_launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
+    _, tp2 = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    _, tp1 = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
     assert tp2[:2] == ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
     assert "--compilation-config" not in tp1
-    _, h100 = plugin_launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    _, h100 = launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
     assert "--compilation-config" not in h100
