@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ci.kits.client import KitFailure, ServerLike, client_for
+# The gauge kit's long prompt and warm-up request: the two kits load the engine alike.
+from ci.kits.occupancy import LONG_PROMPT, WARMUP_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ log = logging.getLogger(__name__)
 # a loaded runner) is small against the span: ~0.5 s of decode on the tiny
 # model on 2 cores, and hundreds of steps to average over.
 LONG_MAX_TOKENS = 256
-LONG_PROMPT = "Write a very long story about a lighthouse, a storm and a ship:"
-WARMUP_MAX_TOKENS = 4
 # Fewer decode steps than this in the log is no measurement: the timer is off
 # or the log lost lines.
 MIN_STEPS = 32
