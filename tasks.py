@@ -22,7 +22,7 @@ from invoke import Exit, task
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from ci import artefacts, jobsummary  # noqa: E402  (needs the repo root on sys.path; stdlib only)
+from ci.report import artefacts, jobsummary  # noqa: E402  (needs the repo root on sys.path; stdlib only)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                     datefmt="%H:%M:%S")
@@ -33,8 +33,8 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
             "force": "with --clear-held: forget them even if memory is still held"})
 def gpus(c, json=False, clear_held=False, force=False):
     """Show the GPUs kiln sees, how it found them (NVML / nvidia-smi / AMD tools / none), which are visible."""
-    from ci import gpu, gpumem
-    from ci.gpu_telemetry import telemetry_for
+    from ci.host import gpu, gpumem
+    from ci.host.gpu_telemetry import telemetry_for
 
     try:
         found = gpu.discover()
@@ -52,7 +52,7 @@ def gpus(c, json=False, clear_held=False, force=False):
 @task(help={"json": "print the rails as JSON instead of text"})
 def ib(c, json=False):
     """List ACTIVE RDMA ports (native InfiniBand before RoCE) and the devices engines should use."""
-    from ci import ib as rdma
+    from ci.host import ib as rdma
 
     rails = rdma.active_rails()
     print(rdma.to_json(rails) if json else rdma.describe(rails))
@@ -60,7 +60,7 @@ def ib(c, json=False):
 
 def _docker_modules():
     # Imported per task: `invoke -l` and the GPU tasks must work without the docker SDK.
-    from ci import containers, docker_client, images
+    from ci.images import containers, docker_client, pull as images
     return containers, docker_client, images
 
 
@@ -149,7 +149,7 @@ def stop(c, run_tag=None, timeout=None):
 @task(help={"dry_run": "only say what would be stopped or removed"})
 def reap(c, dry_run=False):
     """Stop engine trees and chain containers whose owner process is gone (never another live job's)."""
-    from ci import reaper
+    from ci.host import reaper
 
     done = reaper.reap(dry_run=dry_run)
     for result in done:
@@ -174,7 +174,7 @@ def reap(c, dry_run=False):
 @task(help={"cache_dir": "kiln cache root (default $KILN_CACHE_DIR or .kiln/cache)", "seed": "weight seed"})
 def tinymodel(c, cache_dir=None, seed=0):
     """Build (or reuse) the tiny Llama model the cpu profile serves, and print its directory."""
-    from ci import tinymodel as tm
+    from ci.engine import tinymodel as tm
 
     try:
         print(tm.ensure_tiny_model(Path(cache_dir) if cache_dir else None, seed=int(seed)))
@@ -188,7 +188,7 @@ def tinymodel(c, cache_dir=None, seed=0):
             "out": "write the Markdown here instead of printing it"})
 def report(c, session, junit=None, servers=None, out=None):
     """Render a run's Markdown report (verdict, repro commands, logs); appended to $GITHUB_STEP_SUMMARY when set."""
-    from ci import report as reporting
+    from ci.report import render as reporting
 
     junit = Path(junit) if junit else artefacts.junit(ROOT / "reports", session)
     md = reporting.build_report(junit, session, servers_path=servers, root=ROOT)
@@ -209,8 +209,8 @@ def report(c, session, junit=None, servers=None, out=None):
             "update_only": "edit an existing sticky comment, never open one (green runs)"})
 def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_only=False):
     """Create or update this session's sticky PR comment; token from $GITHUB_TOKEN (never printed)."""
-    from ci import github
-    from ci import report as reporting
+    from ci.report import github
+    from ci.report import render as reporting
 
     md = reporting.build_report(junit or artefacts.junit(ROOT / "reports", session), session,
                                 servers_path=servers, root=ROOT)
@@ -226,7 +226,7 @@ def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_onl
             "input": "the runner pool a workflow_dispatch asked for (mi300, mi325)"})
 def route(c, event, input=None):
     """Print pool=, matrix=, count= for $GITHUB_OUTPUT (pull_request -> MI300, schedule -> MI325)."""
-    from ci import routing
+    from ci.profiles import routing
 
     try:
         print(routing.format_outputs(routing.outputs(event, input)), end="")
@@ -235,7 +235,7 @@ def route(c, event, input=None):
 
 
 @task(iterable=["model"], help={
-    "profile": "runner profile (ci/runners.py) whose e2e declarations say what to warm (default cpu)",
+    "profile": "runner profile (ci/profiles/runners.py) whose e2e declarations say what to warm (default cpu)",
     "cold": "ignore markers and clear kiln's caches for the selected specs first",
     "strict": "fail when any warmup fails (default: report and go on)",
     "model": "warm only this model (repeatable; default: every model the e2e tests declare)",
@@ -243,7 +243,7 @@ def route(c, event, input=None):
 })
 def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=False):
     """Warm the engines' JIT caches for the e2e tests' own server declarations; warm specs cost nothing."""
-    from ci import runners
+    from ci.profiles import runners
 
     try:
         prof = runners.get_profile(profile)
@@ -268,7 +268,7 @@ def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=Fa
 def wheelhouse(c, engine, dest=None, python="3.12", present=None, exclude=None, constraint=None,
                requirement=None):
     """On a connected host: wheels of ENGINE + what the runner lacks, for `nox -s e2e-<gpu> -- --kiln-wheelhouse DIR`."""
-    from ci import wheelhouse as wh
+    from ci.install import wheelhouse as wh
 
     out = Path(dest) if dest else ROOT / "wheelhouse" / f"{engine.replace('==', '-')}-py{python}"
     argv = [engine, "--dest", str(out), "--python", python]
@@ -288,7 +288,7 @@ def _after_double_dash() -> list[str]:
 
 
 @task(iterable=["mirror", "device"], help={
-    "profile": "runner profile (ci/runners.py), e.g. h100-4 or cpu",
+    "profile": "runner profile (ci/profiles/runners.py), e.g. h100-4 or cpu",
     "image": "engine image to run in (default: the profile's; pulled unless already local)",
     "mirror": "registry mirror HOST:PORT tried before the image's registry (repeatable)",
     "cold": "cold JIT warmup (clear kiln's caches first)",
@@ -301,14 +301,15 @@ def _after_double_dash() -> list[str]:
 def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=False, device=None,
        reuse_venv=False, run_tag=None):
     """pull -> start -> warmup -> e2e -> report -> stop, in the profile's container (or on the host)."""
-    from ci import chain, runners
+    from ci import chain
+    from ci.profiles import runners
 
     try:
         prof = runners.get_profile(profile)
         devices = tuple(device or ())
         if not devices and prof.vendor == "nvidia":
             devices = chain.default_devices(prof, _visible_gpus(dry_run))
-        from ci import containers
+        from ci.images import containers
         tag = containers.check_run_tag(run_tag) if run_tag else containers.run_tag_from_env()
     except (ValueError, RuntimeError) as exc:
         raise Exit(f"ci: {exc}") from None
@@ -321,7 +322,7 @@ def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=Fals
 
 
 def _visible_gpus(dry_run: bool) -> tuple[int, ...]:
-    from ci import gpu
+    from ci.host import gpu
 
     try:
         return gpu.discover().visible

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ci import procfs, procs  # noqa: E402
+from ci.host import procfs, procs  # noqa: E402
 from tests.fakes.renaming_engine import NAMES  # noqa: E402
 
 ENGINE = ROOT / "tests" / "fakes" / "renaming_engine.py"
@@ -83,7 +83,7 @@ HARNESS = textwrap.dedent("""
     import sys, threading
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from ci import procs
+    from ci.host import procs
     tree = procs.ProcessTree.spawn(sys.argv[3:], log_path=Path(sys.argv[2]))
     print(tree.pid, flush=True)
     threading.Event().wait()
@@ -93,9 +93,9 @@ VLLM_HARNESS = textwrap.dedent("""
     import sys, threading, time
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
-    from ci import tinymodel
-    from ci.backends import get_backend
-    from ci.server import Server
+    from ci.engine import tinymodel
+    from ci.engine.backends import get_backend
+    from ci.engine.server import Server
     model = str(tinymodel.ensure_tiny_model())
     t0 = time.time()
     srv = Server(get_backend("vllm-cpu"), model, args=["--max-model-len", "512", "--kv-cache-memory-bytes",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci.backends import generic  # noqa: E402
-from ci.server import Server, ServerExited  # noqa: E402
+from ci.engine.backends import generic  # noqa: E402
+from ci.engine.server import Server, ServerExited  # noqa: E402
 
 FAULT_ENGINE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "fault_engine.py"
 GOAL_S = 1.0

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ci import gpu  # noqa: E402
-from ci.gpu_telemetry import telemetry_for  # noqa: E402
+from ci.host import gpu  # noqa: E402
+from ci.host.gpu_telemetry import telemetry_for  # noqa: E402
 
 HEADROOM = 256 * 2**20  # CUDA context leftovers of other processes, not ours
 CHILD_TIMEOUT_S = 480

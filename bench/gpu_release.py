@@ -13,13 +13,13 @@ names, reported as "goal"):
    "concurrent" (wait_released already polling when the kill lands: pure
    polling lag) and "after reap" (Server's order: kill, reap, then wait).
    Goal: detection <= 100 ms after NVML shows the memory free.
-3. The same through ci.procs.ProcessTree.stop() (SIGTERM, graceful exit).
+3. The same through ci.host.procs.ProcessTree.stop() (SIGTERM, graceful exit).
 4. A server that leaves a setsid grandchild holding memory: killed by its
    process group (plain subprocess) the grandchild survives, wait_released
    fails, the ReleaseLedger makes it sticky and the next launch (a real
-   ci.server.Server) is refused naming device, bytes and PIDs. Then the same
-   server under ci.procs.ProcessTree, whose tag finds and kills the grandchild.
-5. ci.server.stop_many on two fake servers sharing this GPU (one-GPU machine).
+   ci.engine.server.Server) is refused naming device, bytes and PIDs. Then the same
+   server under ci.host.procs.ProcessTree, whose tag finds and kills the grandchild.
+5. ci.engine.server.stop_many on two fake servers sharing this GPU (one-GPU machine).
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ci import gpu  # noqa: E402
-from ci.gpu_telemetry import NvmlTelemetry  # noqa: E402
-from ci.gpumem import (  # noqa: E402
+from ci.host import gpu  # noqa: E402
+from ci.host.gpu_telemetry import NvmlTelemetry  # noqa: E402
+from ci.host.gpumem import (  # noqa: E402
     GIB, HEADROOM_BYTES, DeviceHeld, DeviceMemoryGuard, ReleaseError, ReleaseLedger, take_baselines,
     wait_released,
 )
@@ -164,7 +164,7 @@ def release_round(device: int, gib: float, env: dict, workdir: Path) -> dict:
 
 
 def procs_round(device: int, gib: float, env: dict, workdir: Path) -> dict:
-    from ci import procs
+    from ci.host import procs
     tele = NvmlTelemetry()
     base = take_baselines(tele, [device])
     port = free_port()
@@ -206,9 +206,9 @@ def kill_our_grandchild(pid_file: Path) -> bool:
 
 
 def leak_round(device: int, env: dict, workdir: Path) -> dict:
-    from ci import procs
-    from ci.backends import generic
-    from ci.server import Server
+    from ci.engine.backends import generic
+    from ci.engine.server import Server
+    from ci.host import procs
     result: dict = {}
     tele = NvmlTelemetry()
     ledger = ReleaseLedger(workdir / "state")
@@ -248,7 +248,7 @@ def leak_round(device: int, env: dict, workdir: Path) -> dict:
     result["after_cleanup_wait_ms"] = released.elapsed_s * 1e3
     result["cleared"] = ledger.clear(telemetry=tele)
     ledger.check_launchable([device])
-    # Same leak under ci.procs: the grandchild carries the run tag and is stopped with the tree.
+    # Same leak under ci.host.procs: the grandchild carries the run tag and is stopped with the tree.
     pid_file2 = workdir / "leak2.pid"
     port = free_port()
     tree = procs.ProcessTree.spawn(server_argv(port, 4, "--leak-grandchild", "--grandchild-gib", "4",
@@ -279,8 +279,8 @@ def _alive(pid: int | None) -> bool:
 
 
 def stop_many_round(device: int, workdir: Path) -> dict:
-    from ci.backends import generic
-    from ci.server import Server, stop_many
+    from ci.engine.backends import generic
+    from ci.engine.server import Server, stop_many
     tele = NvmlTelemetry()
     guard = DeviceMemoryGuard(tele, ReleaseLedger())
     backend = generic(f"{{python}} {SERVER} --port {{port}} --gib 8 --max-lifetime-s {FAKE_LIFETIME_S}")
@@ -338,13 +338,13 @@ def main() -> int:
         print(f"   goal: detection <= {GOAL_DETECT_S * 1e3:.0f} ms after NVML shows it free: "
               f"{'met' if worst <= GOAL_DETECT_S * 1e3 else 'NOT met'} (worst {worst:.1f} ms)")
         out["procs_round"] = procs_round(args.device, args.gib, env, workdir)
-        print(f"\n3. ci.procs.ProcessTree.stop (SIGTERM) then wait_released: {out['procs_round']}")
+        print(f"\n3. ci.host.procs.ProcessTree.stop (SIGTERM) then wait_released: {out['procs_round']}")
         out["leak_round"] = leak_round(args.device, env, workdir)
         print("\n4. setsid grandchild:")
         for k, v in out["leak_round"].items():
             print(f"   {k}: {v}")
         out["stop_many_round"] = stop_many_round(args.device, workdir)
-        print(f"\n5. ci.server.stop_many, two servers on GPU {args.device}: {out['stop_many_round']}")
+        print(f"\n5. ci.engine.server.stop_many, two servers on GPU {args.device}: {out['stop_many_round']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -5,7 +5,7 @@
 #   bench/gpu_stage.sh OUT_DIR [WORK_DIR]      # on a connected host, repo root
 #
 # OUT_DIR gets part-00, part-01, ... (each <= $KILN_STAGE_CHUNK) of one tar:
-#   wheels/          a kiln wheelhouse (ci/wheelhouse.py): vLLM's dependencies that
+#   wheels/          a kiln wheelhouse (ci/install/wheelhouse.py): vLLM's dependencies that
 #                    the image lacks (bench/h200-image-packages.txt), nox, invoke,
 #                    the harness, and zstandard (the image has no zstd)
 #   engine.tar.zst   the vLLM wheel unpacked, minus its FA2 library (below)
@@ -21,7 +21,7 @@ mkdir -p "$out" "$work"
 # Left out (--exclude): kernels packages vLLM lists that the tiny-model path on
 # Hopper never imports (with FlashInfer's sampler off, VLLM_USE_FLASHINFER_SAMPLER=0):
 # together hundreds of MB, more than the transfer budget; and fastapi's CLI extras.
-python3 -m ci.wheelhouse "$engine" nox==2026.10.20 invoke==3.0.3 zstandard==0.25.0 \
+python3 -m ci.install.wheelhouse "$engine" nox==2026.10.20 invoke==3.0.3 zstandard==0.25.0 \
   -r requirements/e2e-gpu.txt --python 3.12 --dest "$work/wheels" \
   --present bench/h200-image-packages.txt -c bench/gpu_stage_constraints.txt \
   --exclude tilelang --exclude nvidia-cutlass-dsl --exclude quack-kernels \

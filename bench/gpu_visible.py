@@ -3,10 +3,10 @@
     PYTHONUNBUFFERED=1 python3 bench/gpu_visible.py [--json-out FILE]
 
 For each CUDA_VISIBLE_DEVICES value it runs torch in a fresh subprocess
-(device_count plus a first allocation) and compares with ci.gpu.discover()
+(device_count plus a first allocation) and compares with ci.host.gpu.discover()
 through NVML and through nvidia-smi (NVML hidden). It also checks that both
 sources list the same UUIDs as ``nvidia-smi -L``, and prints the raw
-``nvidia-smi topo -m`` text so ci.alloc's parser can be checked against it.
+``nvidia-smi topo -m`` text so ci.host.alloc's parser can be checked against it.
 Exit status 1 when any row disagrees.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import alloc, gpu  # noqa: E402
+from ci.host import alloc, gpu  # noqa: E402
 
 # A torch subprocess imports torch and initialises CUDA: ~3-10 s; 120 s means hung.
 TORCH_TIMEOUT_S = 120.0

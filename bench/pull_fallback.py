@@ -4,7 +4,7 @@
 
 Starts its own dockerd and docker-registry instances (tests/integration/docker_env.py;
 root and Debian's docker.io + docker-registry needed), then times
-``ci.images.pull`` from call to image-on-disk with one mirror that
+``ci.images.pull.pull`` from call to image-on-disk with one mirror that
 
 * refuses connections (a bound, non-listening port), and
 * black-holes them (accepts TCP, never answers),
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import images  # noqa: E402
+from ci.images import pull as images  # noqa: E402
 from tests.integration.docker_env import BlackHole, RefusedPort, docker_env, engine_unavailable_reason  # noqa: E402
 
 GOALS_S = {"refused": 1.0, "black-holed": 3.0}

@@ -3,7 +3,7 @@
     python bench/shard.py [--seed 1] [--json-out F]
 
 For generated but realistic e2e suites, prints for n = 2, 4, 8 shards:
-- makespan / lower bound of LPT packing (ci.shard.assign), where the lower
+- makespan / lower bound of LPT packing (ci.session.shard.assign), where the lower
   bound is max(largest item, total / n) — no split can beat it;
 - round-robin in collection order, the naive split, for comparison;
 - for the server suite, what the shards really pay when every shard that
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci.shard import assign  # noqa: E402
+from ci.session.shard import assign  # noqa: E402
 
 GOAL = 1.05
 SHARDS = (2, 4, 8)

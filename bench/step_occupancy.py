@@ -8,7 +8,7 @@ args (which turn on vLLM's per-iteration timing); a non-zero value puts
 tests/fakes/vllm_throttle on PYTHONPATH, so the engine core sleeps that long
 after every step that ran the model. Each server is measured ``--runs`` times
 with one long streamed request. It prints every figure and, per throttle, the
-ratio of its median to the healthy median: the bound in ci/thresholds.py must
+ratio of its median to the healthy median: the bound in ci/kits/thresholds.py must
 sit between them.
 """
 from __future__ import annotations

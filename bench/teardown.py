@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci import runners, tinymodel  # noqa: E402
-from ci.backends import get_backend  # noqa: E402
-from ci.server import Server, stop_many  # noqa: E402
+from ci.engine import tinymodel
+from ci.engine.backends import get_backend  # noqa: E402
+from ci.engine.server import Server, stop_many  # noqa: E402
+from ci.profiles import runners  # noqa: E402
 
 GOAL_RATIO = 1.25
 USER_HZ = os.sysconf("SC_CLK_TCK")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ci import launch, runners
-from ci.backends import get_backend
-from ci.server import Server
+from ci.engine import launch
+from ci.engine.backends import get_backend
+from ci.engine.server import Server
+from ci.profiles import runners
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "fakes" / "vllm_throttle"

@@ -1,8 +1,8 @@
 """Does a Triton cache warmed by kiln make the next launch of a torch/triton program faster?
 
-Each round clears kiln's cache tree for one engine kind (ci.caches.clear), then
+Each round clears kiln's cache tree for one engine kind (ci.engine.caches.clear), then
 launches the same small program twice as fresh processes with the
-environment ci.caches.engine_cache_env gives engines (TRITON_CACHE_DIR and
+environment ci.engine.caches.engine_cache_env gives engines (TRITON_CACHE_DIR and
 TORCHINDUCTOR_CACHE_DIR inside kiln's tree): the first launch compiles into
 the empty cache (cold), the second finds the kernels there (warm). Printed per
 round: first-call time of each @triton.jit kernel (compile + launch), of a
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ci import caches  # noqa: E402  (stdlib only: fine without kiln's test deps)
+from ci.engine import caches  # noqa: E402  (stdlib only: fine without kiln's test deps)
 
 ENGINE = "vllm"  # any engine kind: the Triton/Inductor variables are common to all
 # One child: torch import + three kernel compiles + one Inductor compile; a

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import throttled  # noqa: E402
-from ci import thresholds  # noqa: E402
+from ci.kits import thresholds  # noqa: E402
 from ci.kits import occupancy  # noqa: E402
 from ci.kits.client import KitFailure, client_for  # noqa: E402
 from ci.kits.metrics import SETTLE_DEADLINE_S, SETTLE_POLL_S, counter_total, scrape  # noqa: E402

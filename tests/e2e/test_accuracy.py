@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from ci import thresholds, tinymodel
+from ci.engine import tinymodel
+from ci.engine.realmodel import MODEL_NAME as REAL_MODEL, SERVE_ARGS
+from ci.kits import thresholds
 from ci.kits import accuracy, hellaswag
-from ci.realmodel import MODEL_NAME as REAL_MODEL, SERVE_ARGS
 
 def test_accuracy_is_above_the_floor(server, kiln_profile, kiln_thresholds):
     # These tests run the profile's default model (no model marker; --kiln-model replaces it).
@@ -35,7 +36,7 @@ def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, 
     floors = thresholds.for_profile(kiln_profile.name).accuracy_floors
     if REAL_MODEL not in floors:
         pytest.skip(f"no measured {REAL_MODEL} floor for profile {kiln_profile.name} "
-                    f"(ci/thresholds.py); it is measured on the cpu lane")
+                    f"(ci/kits/thresholds.py); it is measured on the cpu lane")
     floor = floors[REAL_MODEL]
     items = hellaswag.load_hellaswag(tinymodel.default_cache_dir())
     result = accuracy.check_accuracy_floor(

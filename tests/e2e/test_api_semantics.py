@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ci import compat, realmodel
+from ci.engine import compat, realmodel
 from ci.kits import api_semantics as sem
 
 

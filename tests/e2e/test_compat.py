@@ -1,7 +1,7 @@
-"""Capability probe against the real engine (ci/compat.py): its --help parse is complete."""
+"""Capability probe against the real engine (ci/engine/compat.py): its --help parse is complete."""
 from __future__ import annotations
 
-from ci import compat
+from ci.engine import compat
 
 
 def test_help_probe_knows_every_flag_the_server_was_launched_with(server):

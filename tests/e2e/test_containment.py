@@ -14,9 +14,9 @@ import signal
 
 import pytest
 
-from ci import procfs
-from ci.pool import ServerKey
-from ci.pytest_plugin import new_engine_processes
+from ci.host import procfs
+from ci.session.pool import ServerKey
+from ci.session.pytest_plugin import new_engine_processes
 
 # The engine is stopped: nothing can happen during a grace period, so a short
 # one keeps this test from waiting the profile's full 15 s.

@@ -4,8 +4,8 @@ What these exercise beyond one GPU: the pool's placement (disjoint devices,
 eviction of an idle server when short), ``CUDA_VISIBLE_DEVICES`` mapping of two
 devices, per-device release waits, and ``stop_many`` of servers on different
 GPUs at session end. On profiles with fewer than 2 GPUs they are skipped for
-capacity, with the reason (ci/pytest_plugin.py). tp>1 servers get the
-profile's ``tp_args`` (h200: eager mode, no custom all-reduce; ci/runners.py).
+capacity, with the reason (ci/session/pytest_plugin.py). tp>1 servers get the
+profile's ``tp_args`` (h200: eager mode, no custom all-reduce; ci/profiles/runners.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import psutil
 import pytest
 import requests
 
-from ci.gpu_telemetry import NvmlTelemetry
-from ci.pool import ServerKey
+from ci.host.gpu_telemetry import NvmlTelemetry
+from ci.session.pool import ServerKey
 
 # Bounds a completion on a ready server: a wedged engine, not a slow one.
 REQUEST_TIMEOUT_S = 60.0

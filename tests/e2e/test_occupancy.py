@@ -24,7 +24,7 @@ def test_engine_does_not_idle_between_steps(server, kiln_thresholds, record_prop
     bound = kiln_thresholds.occupancy.step_busy_min
     if bound is None:
         pytest.skip(f"no step-occupancy bound measured for profile {kiln_thresholds.profile} "
-                    f"(ci/thresholds.py; measured on the cpu lane)")
+                    f"(ci/kits/thresholds.py; measured on the cpu lane)")
     if server.backend.step_timer is None:
         pytest.skip(f"{server.backend.name} reports no per-step timing")
     result = steps.check_step_occupancy(server, threshold=bound.value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ci import realmodel
+from ci.engine import realmodel
 from ci.kits import reference
 from ci.kits.hf_reference import HFReference
 

@@ -1,4 +1,4 @@
-"""A stand-in for the pynvml module, passed to ci.gpu / ci.gpu_telemetry as ``nvml=``.
+"""A stand-in for the pynvml module, passed to ci.host.gpu / ci.host.gpu_telemetry as ``nvml=``.
 
 It keeps NVML's contract that matters to kiln: every query needs nvmlInit
 first (init is refcounted), errors are NVMLError with a ``value`` code, and

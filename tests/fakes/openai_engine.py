@@ -23,8 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ci.backends.spec import BackendSpec, Gauges
-from ci.backends.vllm import VLLM_STEP_TIMER
+from ci.engine.backends.spec import BackendSpec, Gauges
+from ci.engine.backends.vllm import VLLM_STEP_TIMER
 
 MODEL = "fake-model"
 # serve_forever checks for shutdown this often; the default 0.5 s would add

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import containers
+from ci.images import containers
 from tests import requires
 from tests.integration import chain_image
 from tests.integration import docker_env as dk

@@ -1,4 +1,4 @@
-"""ci/containers.py against a real dockerd: labels, logs, stop/kill, stale cleanup by label only.
+"""ci/images/containers.py against a real dockerd: labels, logs, stop/kill, stale cleanup by label only.
 
 The runnable test image holds the host's /bin/sh, /bin/sleep and /bin/cat
 (docker_env.build_rootfs_tar); ``sleep`` as PID 1 ignores SIGTERM, which is
@@ -16,7 +16,7 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from ci import containers
+from ci.images import containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 
@@ -61,7 +61,7 @@ def started():
 
 
 def test_start_labels_logs_then_stop_kills_after_timeout(docker_env, docker_client, tmp_path, started, caplog):
-    caplog.set_level("INFO", logger="ci.containers")
+    caplog.set_level("INFO", logger="ci.images.containers")
     log_path = tmp_path / "c.log"
     c = containers.start(docker_client, spec(docker_env, "run-a", "/bin/sh", "-c",
                                              "echo engine up; echo to stderr >&2; exec sleep 300"), log_path)
@@ -91,7 +91,7 @@ def test_sigterm_is_honoured_before_the_kill(docker_env, docker_client, tmp_path
 
 
 def test_container_that_exits_by_itself_reports_code_and_tail(docker_env, docker_client, tmp_path, started, caplog):
-    caplog.set_level("INFO", logger="ci.containers")
+    caplog.set_level("INFO", logger="ci.images.containers")
     c = containers.start(docker_client, spec(docker_env, "run-a", "/bin/sh", "-c", "echo boom >&2; exit 3"),
                          tmp_path / "c.log")
     started.append(c)
@@ -137,7 +137,7 @@ def test_missing_image_is_an_error_not_a_pull(docker_env, docker_client, tmp_pat
 
 
 def test_command_that_cannot_start_leaves_no_container(docker_env, docker_client, tmp_path, caplog):
-    caplog.set_level("INFO", logger="ci.containers")
+    caplog.set_level("INFO", logger="ci.images.containers")
     with pytest.raises(containers.ContainerError, match="did not start") as err:
         containers.start(docker_client, spec(docker_env, "run-bad", "/no/such/binary"), tmp_path / "c.log")
     assert "\n" not in str(err.value)

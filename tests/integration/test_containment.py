@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import cgroups, procfs, procs, reaper, registry
+from ci.host import cgroups, procfs, procs, reaper, registry
 from tests.fakes.renaming_engine import NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_whole_engine_stopped_front_end_included(tmp_path, containment):
 HARNESS = textwrap.dedent("""
     import os, sys, threading
     from pathlib import Path
-    from ci import procs
+    from ci.host import procs
 
     def test_hold_a_tree(tmp_path):
         tree = procs.ProcessTree.spawn(
@@ -289,7 +289,7 @@ def test_orphans_of_a_crashed_root_get_sigterm_first(tmp_path, containment):
     assert all(procfs.stat(k) is None or procfs.stat(k).zombie for k in kids)
 
 
-# The end-of-session scan of the plugin (ci/pytest_plugin.py), seen from outside:
+# The end-of-session scan of the plugin (ci/session/pytest_plugin.py), seen from outside:
 # a child session whose test lets an engine-named process escape by double fork,
 # while another job's engine (a child of this process, not of the session)
 # starts beside it. Only the escaped one is the session's, and it fails the run.
@@ -330,7 +330,7 @@ def test_the_session_scan_fails_on_an_escaped_engine_and_ignores_another_jobs(tm
     (tmp_path / "test_leak.py").write_text(LEAK_SESSION)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LEAK_DIR": str(tmp_path)}
     env.pop("PYTEST_ADDOPTS", None)
-    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_leak.py"), "-p", "ci.pytest_plugin",
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_leak.py"), "-p", "ci.session.pytest_plugin",
             "-p", "no:cacheprovider", f"--rootdir={tmp_path}", "--kiln-profile=cpu",
             f"--kiln-reports={tmp_path / 'reports'}"]
     session = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from ci import github, report
-from ci.github import MARKER, GitHub, GitHubError
+from ci.report import github, render as report
+from ci.report.github import MARKER, GitHub, GitHubError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 BOT_TOKEN = "ghs_" + "b0tT0ken" * 5

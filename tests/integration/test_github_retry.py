@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ci import github
-from ci.github import GitHub, GitHubError
+from ci.report import github
+from ci.report.github import GitHub, GitHubError
 
 TOKEN = "ghs_" + "r3tryT0k" * 5
 REPO = "kiln-org/engine"

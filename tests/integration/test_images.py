@@ -1,4 +1,4 @@
-"""ci/images.py against a real dockerd and real docker-registry instances on 127.0.0.1.
+"""ci/images/pull.py against a real dockerd and real docker-registry instances on 127.0.0.1.
 
 Each pull starts with the test image absent from the daemon (``no_test_image``)
 and registry logs tell which registry actually served the manifest.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import docker_client, images
+from ci.images import docker_client, pull as images
 from tests.integration.docker_env import BlackHole, DockerDaemon, FlakyProxy, RefusedPort
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]

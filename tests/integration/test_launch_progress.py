@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ci import server as server_mod
-from ci.backends import generic
-from ci.server import Server, ServerTimeout
+from ci.engine import server as server_mod
+from ci.engine.backends import generic
+from ci.engine.server import Server, ServerTimeout
 
 FAULT_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fault_engine.py"
 # Progress every 0.4 s over a 2.5 s deadline: several lines, in about 3 s of test.
@@ -19,7 +19,7 @@ DEADLINE_S = 2.5
 
 def test_waiting_launch_logs_progress_until_its_deadline(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(server_mod, "PROGRESS_INTERVAL_S", INTERVAL_S)
-    caplog.set_level("INFO", logger="ci.server")
+    caplog.set_level("INFO", logger="ci.engine.server")
     cmd = f"{{python}} {shlex.quote(str(FAULT_ENGINE))} --port {{port}} --mode unhealthy"
     s = Server(generic(cmd, name="fault-unhealthy"), "fault-model", log_dir=tmp_path,
                launch_timeout_s=DEADLINE_S, grace_s=2.0)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from ci import procs
-from ci.backends import generic
-from ci.pool import PoolError, ServerKey, ServerPool
-from ci.server import Server, ServerExited
-from ci.warmup_markers import marker_path
-from ci.warmup_specs import WarmupSpec
+from ci.engine.backends import generic
+from ci.engine.server import Server, ServerExited
+from ci.host import procs
+from ci.session.pool import PoolError, ServerKey, ServerPool
+from ci.warmup.markers import marker_path
+from ci.warmup.specs import WarmupSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_ENGINE = ROOT / "tests" / "fakes" / "fault_engine.py"
@@ -138,7 +138,7 @@ def _run_child(tmp_path: Path, *extra: str, block: bool = False):
            "KILN_CACHE_DIR": str(tmp_path / "cache")}
     if block:
         env["BLOCK"] = str(tmp_path / "blocked")
-    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_child.py"), "-p", "ci.pytest_plugin",
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_child.py"), "-p", "ci.session.pytest_plugin",
             "-p", "no:cacheprovider", f"--rootdir={tmp_path}", "--kiln-profile=cpu",
             f"--kiln-backend={_fault_backend()}", f"--kiln-reports={tmp_path / 'reports'}",
             f"--junitxml={tmp_path / 'junit.xml'}", *extra]
@@ -205,7 +205,7 @@ CAPACITY_FILE = textwrap.dedent('''
 
 def _run_capacity(tmp_path: Path, profile: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_cap.py").write_text(CAPACITY_FILE)
-    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_cap.py"), "-p", "ci.pytest_plugin",
+    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_cap.py"), "-p", "ci.session.pytest_plugin",
             "-p", "no:cacheprovider", f"--rootdir={tmp_path}", f"--kiln-profile={profile}",
             f"--kiln-backend={_fault_backend()}", f"--kiln-reports={tmp_path / 'reports'}", "-rs"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "-1"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ci import ports, procfs, procs
-from ci.backends import generic
-from ci.server import Server, ServerExited, ServerTimeout, stop_many
+from ci.engine.backends import generic
+from ci.engine.server import Server, ServerExited, ServerTimeout, stop_many
+from ci.host import ports, procfs, procs
 
 FAULT_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fault_engine.py"
 # The fault engine is a small Python process: ready in well under a second.
@@ -46,7 +46,7 @@ def _assert_nothing_left(server: Server, bystanders=()) -> None:
 
 
 def test_ready_then_stop_leaves_nothing(tmp_path, caplog):
-    caplog.set_level("INFO", logger="ci.server")
+    caplog.set_level("INFO", logger="ci.engine.server")
     s = _server(tmp_path, "ok", "--ready-after", "0.3").start()
     assert s.record.ready is not None and s.record.ready >= s.record.launched
     assert "is ready" in caplog.text and "fault engine pid" in caplog.text  # tail on success too
@@ -87,7 +87,7 @@ def test_health_503_forever_hits_deadline_with_bounded_polls(tmp_path):
     assert 2.0 <= time.monotonic() - t0 < 2.0 + 3.0
     assert "HTTP 503" in err.value.cause
     # One poll per interval at most (+1 for the first): no busy spin.
-    from ci.server import HEALTH_POLL_INTERVAL_S
+    from ci.engine.server import HEALTH_POLL_INTERVAL_S
     assert 1 <= s.health_polls <= 2.0 / HEALTH_POLL_INTERVAL_S + 2
     _assert_nothing_left(s)
 

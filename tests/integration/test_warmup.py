@@ -1,7 +1,7 @@
 """Warmup against real processes: cold then warm, timeouts, crash signatures, --cold, GPU scheduling.
 
 Engines are the fakes in tests/fakes (fault_engine.py, crashy_engine.py),
-launched through ``ci.backends.generic`` by the real Server on 127.0.0.1.
+launched through ``ci.engine.backends.generic`` by the real Server on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from ci import caches, procs, runners
-from ci.backends import generic
-from ci.server import Server
-from ci.warmup import WarmupFailed, WarmupSpec, format_table, run_warmup
+from ci.engine import caches
+from ci.engine.backends import generic
+from ci.engine.server import Server
+from ci.host import procs
+from ci.profiles import runners
+from ci.warmup.run import WarmupFailed, WarmupSpec, format_table, run_warmup
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 CPU = runners.get_profile("cpu")
@@ -274,7 +276,7 @@ def test_no_server(): pass
 
 
 def test_specs_come_from_the_tests_own_declarations(tmp_path):
-    from ci.warmup import WarmupError, collect_specs, load_specs, select
+    from ci.warmup.run import WarmupError, collect_specs, load_specs, select
     (tmp_path / "e2e").mkdir()
     (tmp_path / "e2e" / "test_decl.py").write_text(E2E_TESTS)
     specs = collect_specs("cpu", tmp_path / "e2e")

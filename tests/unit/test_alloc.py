@@ -1,4 +1,4 @@
-"""ci.alloc: topology parsing, device choice for tp, LRU eviction plans."""
+"""ci.host.alloc: topology parsing, device choice for tp, LRU eviction plans."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ci.alloc import IdleServer, NoCapacity, Plan, Topology, choose, parse_topo, plan
+from ci.host.alloc import IdleServer, NoCapacity, Plan, Topology, choose, parse_topo, plan
 
 # `nvidia-smi topo -m` on an 8x H100 SXM box (NVSwitch: every pair NV18), two
 # NUMA nodes, two NICs, written in the layout captured on the H200 below: the

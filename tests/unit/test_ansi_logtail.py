@@ -1,7 +1,8 @@
-"""ci.ansi (one escape stripper for every reader) and ci.logtail (one reader from a log's end)."""
+"""ci.text.ansi (one escape stripper for every reader) and ci.text.logtail (one reader from a log's end)."""
 from __future__ import annotations
 
-from ci import ansi, crashwatch, logtail
+from ci.engine import crashwatch
+from ci.text import ansi, logtail
 
 
 def test_every_kind_of_escape_goes():

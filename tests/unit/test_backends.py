@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ci.backends import get_backend
-from ci.pool import ServerKey, key_from_marker
+from ci.engine.backends import get_backend
+from ci.session.pool import ServerKey, key_from_marker
 
 
 @pytest.mark.parametrize("name, tp, expect", [

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ci import caches
-from ci.crashwatch import crash_signature
+from ci.engine import caches
+from ci.engine.crashwatch import crash_signature
 
 
 def test_env_points_every_cache_inside_the_engine_tree(tmp_path):

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from ci import compat
-from ci.backends import generic
-from ci.compat import FeatureUnavailable, FlagProbe, HelpCache
+from ci.engine import compat
+from ci.engine.backends import generic
+from ci.engine.compat import FeatureUnavailable, FlagProbe, HelpCache
 
 
 def servicer(model, *, port=0, enable_metrics=False):  # a stand-in engine entry point
@@ -36,7 +36,7 @@ def test_accepts_keyword_reads_the_signature():
 
 def test_filter_kwargs_drops_and_warns_unless_requested(caplog):
     kwargs = {"port": 1, "enable_lora": True}
-    with caplog.at_level(logging.WARNING, logger="ci.compat"):
+    with caplog.at_level(logging.WARNING, logger="ci.engine.compat"):
         assert compat.filter_kwargs(servicer, kwargs, engine="sglang", version="0.4.0") == {"port": 1}
     assert "sglang 0.4.0 does not support keyword 'enable_lora'; running without it" in caplog.text
     with pytest.raises(FeatureUnavailable, match=r"^keyword 'enable_lora' was requested but sglang "
@@ -105,7 +105,7 @@ def test_filter_flags_drops_a_missing_flag_with_its_values(tmp_path, fake_help, 
     argv, _ = fake_help
     probe = FlagProbe("vllm", "0.31.0", argv("--port,--max-model-len"), cache=HelpCache(tmp_path / "f.json"))
     args = ["--max-model-len", "512", "--speculative-config", "a", "b", "--port=9", "--kv-offset", "-1"]
-    with caplog.at_level(logging.WARNING, logger="ci.compat"):
+    with caplog.at_level(logging.WARNING, logger="ci.engine.compat"):
         kept = compat.filter_flags(probe, args)
     assert kept == ["--max-model-len", "512", "--port=9"]
     assert "vllm 0.31.0 does not support flag --speculative-config; running without it" in caplog.text

@@ -1,4 +1,4 @@
-"""ci/containers.py without an engine: device requests per vendor, mounts, labels, run tags."""
+"""ci/images/containers.py without an engine: device requests per vendor, mounts, labels, run tags."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 import docker.types
 import pytest
 
-from ci import container_devices, containers
+from ci.images import container_devices, containers
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""ci.engine_env: add-only installs into a real interpreter (a venv made here), offline.
+"""ci.install.engine_env: add-only installs into a real interpreter (a venv made here), offline.
 
 The venv stands for the engine's interpreter (an engine image's Python or a dev
 box's venv); wheels come from a local find-links dir (tests/unit/test_wheelhouse.py
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import engine_env
-from ci.engine_env import EngineEnvError
+from ci.install import engine_env
+from ci.install.engine_env import EngineEnvError
 from tests.unit.test_wheelhouse import make_wheel
 
 
@@ -78,6 +78,6 @@ def test_cli_reports_one_line_on_a_bad_interpreter(capsys):
 
 
 def test_gpu_requirements_are_lower_bounds_never_pins():
-    from ci import wheelhouse
+    from ci.install import wheelhouse
     for line in wheelhouse.read_requirements(Path("requirements/e2e-gpu.txt")):
         assert "==" not in line, line

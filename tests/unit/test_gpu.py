@@ -1,4 +1,4 @@
-"""ci.gpu: CUDA_VISIBLE_DEVICES rules, discovery sources and their failures, telemetry."""
+"""ci.host.gpu: CUDA_VISIBLE_DEVICES rules, discovery sources and their failures, telemetry."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ci import gpu
-from ci.gpu import GpuDiscoveryError, TelemetryError, child_env, discover, visible_for, visible_indices
-from ci.gpu_telemetry import AmdCliTelemetry, NoTelemetry, NvidiaSmiTelemetry, NvmlTelemetry, telemetry_for
+from ci.host import gpu
+from ci.host.gpu import GpuDiscoveryError, TelemetryError, child_env, discover, visible_for, visible_indices
+from ci.host.gpu_telemetry import AmdCliTelemetry, NoTelemetry, NvidiaSmiTelemetry, NvmlTelemetry, telemetry_for
 from tests.fakes.nvml import NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_UNKNOWN, FakeGpu, FakeNvml, two_gpus
 
 U0 = "GPU-3d93aaaa-0000-0000-0000-000000000000"
@@ -308,7 +308,7 @@ def test_no_telemetry_refuses_any_device():
 def test_gpu_module_does_not_import_torch():
     # A forked worker must still be able to initialise CUDA: kiln never does it first.
     import subprocess
-    code = "import sys, ci.gpu, ci.gpu_telemetry, ci.gpumem, ci.alloc; print('torch' in sys.modules)"
+    code = "import sys, ci.host.gpu, ci.host.gpu_telemetry, ci.host.gpumem, ci.host.alloc; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONPATH": "."})
     assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""ci.gpumem: release waits (poll, deadline, fail closed) and the sticky ledger."""
+"""ci.host.gpumem: release waits (poll, deadline, fail closed) and the sticky ledger."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from ci.gpu import TelemetryError
-from ci.gpu_telemetry import NvmlTelemetry
-from ci.gpumem import (
+from ci.host.gpu import TelemetryError
+from ci.host.gpu_telemetry import NvmlTelemetry
+from ci.host.gpumem import (
     GIB, HEADROOM_BYTES, DeviceHeld, DeviceMemoryGuard, Held, ReleaseError, ReleaseLedger, ledger_dir, lowest,
     take_baselines, wait_released,
 )
@@ -251,7 +251,7 @@ def test_concurrent_records_all_land(tmp_path):
     assert sorted(ReleaseLedger(tmp_path, boot_id="b").held()) == list(range(8))
 
 
-# ---------------------------------------------------------------- the guard (ci.server.MemoryGuard)
+# ---------------------------------------------------------------- the guard (ci.engine.server.MemoryGuard)
 
 class Device:
     """A device whose memory the test moves by hand."""

@@ -1,10 +1,10 @@
-"""ci.ib on fake sysfs trees built under tmp_path (no monkeypatching)."""
+"""ci.host.ib on fake sysfs trees built under tmp_path (no monkeypatching)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ci import ib
+from ci.host import ib
 
 STATES = {"ACTIVE": "4: ACTIVE", "DOWN": "1: DOWN", "INIT": "2: INIT"}
 

@@ -1,4 +1,4 @@
-"""ci/images.py and ci/docker_client.py without an engine: refs, config, backoff, classification, deadlines."""
+"""ci/images/pull.py and ci/images/docker_client.py without an engine: refs, config, backoff, classification, deadlines."""
 from __future__ import annotations
 
 import socket
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ci import docker_client, images
+from ci.images import docker_client, pull as images
 
 # --- image references ------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""ci/jobsummary.py: the report, then the kits' sections, appended to $GITHUB_STEP_SUMMARY."""
+"""ci/report/jobsummary.py: the report, then the kits' sections, appended to $GITHUB_STEP_SUMMARY."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ci import artefacts, jobsummary
+from ci.report import artefacts, jobsummary
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import pytest
 
 from ci.kits import perf
 from ci.kits.client import KitFailure
-from ci.thresholds import Bound, PerfBudget
+from ci.kits.thresholds import Bound, PerfBudget
 from tests.fakes.openai_engine import fake_engine
 
 GENEROUS = PerfBudget(requests=6, concurrency=3, max_tokens=8,

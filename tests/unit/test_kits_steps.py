@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ci.backends import VLLM_CPU
+from ci.engine.backends import VLLM_CPU
 from ci.kits import steps
 from ci.kits.client import KitFailure
 from tests.fakes.openai_engine import FAKE_BACKEND, FAKE_VLLM_LIKE, fake_engine
@@ -37,7 +37,7 @@ def test_a_trailing_line_of_the_previous_request_is_not_counted():
 
 
 def test_vllm_backends_turn_the_timer_on_with_the_cpu_profile():
-    from ci import runners
+    from ci.profiles import runners
     assert VLLM_CPU.step_timer.flag in runners.get_profile("cpu").server_args
 
 

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from ci import known_issues
-from ci.known_issues import Decision, KnownIssue
+from ci.session import known_issues
+from ci.session.known_issues import Decision, KnownIssue
 
 pytest_plugins = ["pytester"]
 
@@ -49,7 +49,7 @@ def test_profiles_may_be_positional():
 # The hook code the pytest plugin carries, verbatim (see the report).
 HOOKS = textwrap.dedent("""
     import pytest
-    from ci import known_issues
+    from ci.session import known_issues
 
     def pytest_addoption(parser):
         parser.addoption("--kiln-profile", default="cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import locks, pipconfig
+from ci.install import locks, pipconfig
 
 SERVE_TIMEOUT_S = 10  # teardown's wait for the server thread
 SERVER_POLL_S = 0.02  # serve_forever's shutdown check (default 0.5 s slows teardown)

@@ -1,4 +1,4 @@
-"""ci.models and --kiln-model: hub ids, local directories and kiln's local models."""
+"""ci.engine.models and --kiln-model: hub ids, local directories and kiln's local models."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import models
+from ci.engine import models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_gpu_profiles_skip_real_model_tests_at_collection_and_warm_no_such_serve
     # any server is asked for, so warmup (which reads these keys) never tries
     # to build the model. (Were they left to the capacity check instead, this
     # 0-GPU machine would end the run with "all e2e tests were skipped".)
-    from ci import realmodel
+    from ci.engine import realmodel
     keys = tmp_path / "keys.json"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",

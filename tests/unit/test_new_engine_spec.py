@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ci import backends, caches
-from ci.backends.spec import COMMON_CACHES, BackendSpec, StepTimer
-from ci.backends.vllm import VLLM_STEP_TIMER
+from ci.engine import backends, caches
+from ci.engine.backends.spec import COMMON_CACHES, BackendSpec, StepTimer
+from ci.engine.backends.vllm import VLLM_STEP_TIMER
 from ci.kits import accuracy, api, decode, metrics, occupancy, steps
 from ci.kits.client import KitFailure
 from tests.fakes.openai_engine import FAKE_BACKEND, fake_engine

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import pinned_wheel
-from ci.pinned_wheel import PinnedWheel
+from ci.install import pinned_wheel
+from ci.install.pinned_wheel import PinnedWheel
 
 LOCAL = ("--no-index", "--find-links")
 

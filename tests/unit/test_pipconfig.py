@@ -1,4 +1,4 @@
-"""ci.pipconfig: pip's settings carried to uv; package sources probed on 127.0.0.1 only."""
+"""ci.install.pipconfig: pip's settings carried to uv; package sources probed on 127.0.0.1 only."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ci import pipconfig
+from ci.install import pipconfig
 from tests import requires
 
 SERVE_TIMEOUT_S = 10

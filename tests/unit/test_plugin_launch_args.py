@@ -7,10 +7,12 @@ import textwrap
 
 import pytest
 
-from ci import compat, runners
-from ci.backends import BackendSpec
-from ci.pool import ServerKey
-from ci.launch import launch_args
+from ci.engine import compat
+from ci.host import cachedir
+from ci.engine.backends import BackendSpec
+from ci.engine.launch import launch_args
+from ci.profiles import runners
+from ci.session.pool import ServerKey
 
 ENGINE = textwrap.dedent("""
     import argparse
@@ -23,7 +25,7 @@ ENGINE = textwrap.dedent("""
 
 @pytest.fixture
 def backend(tmp_path, monkeypatch):
-    monkeypatch.setenv(compat.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cachedir.ROOT_ENV, str(tmp_path / "cache"))
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
     # "pytest" stands in for the engine's distribution: installed, so the version is known.
@@ -54,14 +56,14 @@ def test_a_flag_the_test_asked_for_fails_loudly(backend):
 
 
 def test_generic_backends_are_not_probed(tmp_path):
-    from ci.backends import generic
+    from ci.engine.backends import generic
     _, args = launch_args(_profile("--anything"), ServerKey("m", 1, ("--b",)), generic("x --port {port}"))
     assert args == ("--anything", "--b")
 
 
 def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
-    from ci import runners
-    from ci.pool import ServerKey
+    from ci.profiles import runners
+    from ci.session.pool import ServerKey
 
     h200 = runners.get_profile("h200-2")
     _, tp2 = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))

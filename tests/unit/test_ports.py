@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ci import ports
+from ci.host import ports
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def test_two_reservations_never_share_a_port_even_with_the_same_rng_seed():
 def test_reservation_is_host_wide_across_processes(tmp_path):
     held = ports.reserve()
     try:
-        code = (f"import ci.ports as p, sys\n"
+        code = (f"import ci.host.ports as p, sys\n"
                 f"try:\n    p.hold({held.port})\nexcept p.PortError as e:\n    print(e); sys.exit(7)\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                              env={**__import__("os").environ, ports.LOCK_DIR_ENV: str(ports.lock_dir())})

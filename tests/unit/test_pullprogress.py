@@ -1,9 +1,9 @@
-"""ci.pullprogress: layers and bytes from dockerd's pull stream, said on a timer, stalls included."""
+"""ci.images.pullprogress: layers and bytes from dockerd's pull stream, said on a timer, stalls included."""
 from __future__ import annotations
 
 import threading
 
-from ci.pullprogress import PullProgress, reporting
+from ci.images.pullprogress import PullProgress, reporting
 
 # A real thread ticks on this interval; the test waits (bounded) for its lines.
 TICK_S = 0.05

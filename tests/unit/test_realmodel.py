@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ci import realmodel
+from ci.engine import realmodel
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import tracemalloc
 
 import pytest
 
-from ci import redact
-from ci.redact import REDACTED, ZWSP, Redactor
+from ci.text import redact
+from ci.text.redact import REDACTED, ZWSP, Redactor
 
 TOKEN = "ghs_" + "A1b2C3d4" * 5  # 44 chars, shaped like a GitHub token
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import junit, repro, report
-from ci.redact import Redactor
+from ci.report import junit, repro, render as report
+from ci.text.redact import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 SECRET = "hf_" + "Qw3rTy" * 6  # 39 chars, a plausible Hugging Face token
@@ -137,7 +137,7 @@ def test_all_skipped_is_not_green_and_groups_reasons():
     ("sampler not implemented", "xfailed", "expected failure (xfail)"),
 ])
 def test_skip_categories_match_the_plugins_reasons(message, outcome, category):
-    # The reasons as ci/pytest_plugin.py and ci/known_issues.py word them.
+    # The reasons as ci/session/pytest_plugin.py and ci/session/known_issues.py word them.
     assert report.skip_category(junit.CaseResult("t.py::t", outcome, 0.0, message)) == category
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from ci import routing
-from ci.routing import RoutingError
-from ci.runners import PROFILES
+from ci.profiles import routing
+from ci.profiles.routing import RoutingError
+from ci.profiles.runners import PROFILES
 
 
 @dataclass(frozen=True)

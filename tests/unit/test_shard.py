@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import shard
-from ci.shard import Shard, ShardError
+from ci.session import shard
+from ci.session.shard import Shard, ShardError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 

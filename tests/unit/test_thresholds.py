@@ -6,11 +6,11 @@ from types import MappingProxyType
 
 import pytest
 
-from ci import thresholds
+from ci.kits import thresholds
 from ci.kits.metrics import AGGREGATIONS
 from ci.kits.occupancy import MODES
-from ci.runners import PROFILES
-from ci.thresholds import Bound
+from ci.kits.thresholds import Bound
+from ci.profiles.runners import PROFILES
 
 
 def test_every_profile_has_thresholds_and_nothing_else_does():
@@ -81,7 +81,7 @@ def test_a_missing_profile_model_pair_fails_in_one_line_naming_both_and_where():
         thresholds.for_profile("h200-1", "/models/my-llama")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "'/models/my-llama'" in msg and "'h200-1'" in msg and "ci/thresholds.py" in msg
+    assert "'/models/my-llama'" in msg and "'h200-1'" in msg and "ci/kits/thresholds.py" in msg
 
 
 def test_pairs_pick_their_own_perf_budget():

@@ -1,4 +1,4 @@
-"""ci.tinymodel: the locally written tiny Llama model (no engine needed)."""
+"""ci.engine.tinymodel: the locally written tiny Llama model (no engine needed)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,8 @@ requires.module("numpy")
 requires.module("safetensors")
 tokenizers = requires.module("tokenizers")
 
-from ci import cachedir, tinymodel  # noqa: E402
+from ci.engine import tinymodel  # noqa: E402
+from ci.host import cachedir  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]

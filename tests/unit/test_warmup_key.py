@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ci import warmup_key as wk
+from ci.warmup import key as wk
 
 BASE = dict(
     backend="sglang",
@@ -209,7 +209,7 @@ def test_engine_python():
 
 def test_probe_in_another_interpreter_runs_the_stdlib_probe(tmp_path):
     # Another path to this interpreter: the probe runs as a
-    # child (python -I ci/warmup_key.py --probe), exactly as for a foreign venv,
+    # child (python -I ci/warmup/key.py --probe), exactly as for a foreign venv,
     # and must agree with the in-process answer.
     # A wrapper script, not a symlink: a symlink outside the venv's bin/ loses
     # the venv (pyvenv.cfg is looked up beside the link) and sees other packages.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import warmup
-from ci.warmup import MARKER_FORMAT, WarmupSpec, marker_path, read_marker, write_marker
+from ci.warmup import run as warmup
+from ci.warmup.run import MARKER_FORMAT, WarmupSpec, marker_path, read_marker, write_marker
 
 KEY = "a" * 64
 PARTS = {"format": "1", "model": "tiny-llama", "dist:torch": "2.13.0+cpu"}
@@ -40,7 +40,7 @@ def test_roundtrip(tmp_path):
 def test_torn_or_malformed_marker_is_absent_and_logged(tmp_path, caplog, text, reason):
     path = tmp_path / "m.json"
     path.write_text(text)
-    with caplog.at_level(logging.WARNING, logger="ci.warmup"):
+    with caplog.at_level(logging.WARNING, logger="ci.warmup.run"):
         assert read_marker(path, KEY) is None
     assert reason in caplog.text and str(path) in caplog.text
 
@@ -49,7 +49,7 @@ def test_foreign_marker_is_absent_and_says_what_changed(tmp_path, caplog):
     path = tmp_path / "m.json"
     write_marker(path, _record(key="b" * 64))
     now = dict(PARTS, **{"dist:torch": "2.14.0+cpu"})
-    with caplog.at_level(logging.WARNING, logger="ci.warmup"):
+    with caplog.at_level(logging.WARNING, logger="ci.warmup.run"):
         assert read_marker(path, KEY, now) is None
     assert "another version key" in caplog.text
     assert "dist:torch: 2.13.0+cpu -> 2.14.0+cpu" in caplog.text

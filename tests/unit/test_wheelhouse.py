@@ -1,4 +1,4 @@
-"""ci.wheelhouse: the dependency walk, on wheels made here and served by a local find-links dir.
+"""ci.install.wheelhouse: the dependency walk, on wheels made here and served by a local find-links dir.
 
 pip itself does every download (``--no-index --find-links``: nothing leaves the
 machine); the wheels are real zip files with real METADATA.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import wheelhouse
-from ci.wheelhouse import Target, WheelhouseError
+from ci.install import wheelhouse
+from ci.install.wheelhouse import Target, WheelhouseError
 
 # Pure-Python wheels: their tags match any --platform the walk asks for.
 TAG = "py3-none-any"

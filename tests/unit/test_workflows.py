@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import routing
-from ci.runners import PROFILES
+from ci.profiles import routing
+from ci.profiles.runners import PROFILES
 from tests import requires
 
 ROOT = Path(__file__).resolve().parents[2]

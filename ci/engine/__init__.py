@@ -1,0 +1,11 @@
+"""One real inference server: engines as specs, the launch path, its life and its crash watch.
+
+``backends/`` holds one spec per engine (command, endpoints, every engine
+fact); ``launch`` is the single pytest-free path from a server key to a
+started, watched ``server.Server`` (model resolution, args, environment,
+memory guard); ``crashwatch`` ends a launch at the first crash signature;
+``compat`` probes what the installed engine accepts; ``caches`` owns the JIT
+cache directories; ``models``/``tinymodel``/``realmodel`` are the models a run
+serves. May import ``ci.profiles``, ``ci.install``, ``ci.host``, ``ci.text``;
+never pytest, a test session, warmup or the report.
+"""

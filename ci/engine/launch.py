@@ -1,0 +1,128 @@
+"""One launch path: how a server for a key is built and started, for the pool and for warmup alike.
+
+pytest-free, so the warmup CLI and the chain use it without importing pytest.
+A :class:`ServerKey` (model, tp, args) names what makes two servers
+interchangeable. :func:`launch_args` resolves the model (a hub id, a
+directory, or one of kiln's local models) and composes the args: the
+profile's, the tp>1 extras, those that name the served model, then the key's
+own, with flags the installed engine lacks dropped or refused (ci.engine.compat).
+:func:`build_server` adds the environment (kiln's cache directories, then the
+profile's), the devices and the device-memory guard; :func:`start_watched`
+starts it under a crash watch, so a crash signature in the log ends a launch
+at once instead of at its timeout.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ci.engine import caches, compat, models
+from ci.engine.backends import BackendSpec
+from ci.engine.crashwatch import CrashWatch
+from ci.engine.server import Server, ServerError, ServerExited
+from ci.profiles import runners
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    """What makes two servers interchangeable for a test."""
+
+    model: str
+    tp: int = 1
+    args: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
+
+
+def launch_args(profile: runners.Profile, key: ServerKey,
+                backend: BackendSpec | None = None) -> tuple[str, tuple[str, ...]]:
+    """(model reference, full launch args) for ``key`` on ``profile``.
+
+    With a ``backend`` whose version is known, flags the installed engine does
+    not accept are dropped with a warning when the profile added them, and
+    fail the launch (naming a version that has them) when the test asked for
+    them (ci.engine.compat; the engine's --help is parsed once per version).
+    """
+    model, naming = models.resolve(key.model)
+    # tp>1 servers get the profile's multi-GPU args too (ci/profiles/runners.py says why).
+    tp_args = profile.tp_args if key.tp > 1 else ()
+    args = (*profile.server_args, *tp_args, *naming, *key.args)
+    if backend is None or backend.version() is None:
+        return model, args  # a generic command: nothing to probe against
+    probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())
+    requested = [a.split("=", 1)[0] for a in (*naming, *key.args) if a.startswith("--")]
+    try:
+        return model, tuple(compat.filter_flags(probe, args, requested=requested))
+    except RuntimeError as exc:
+        if isinstance(exc, compat.FeatureUnavailable):
+            raise
+        # No usable --help: launch as asked; the engine rejects what it lacks, loudly.
+        log.warning("cannot probe %s flags (%s); launching with the args as given", backend.name, exc)
+        return model, args
+
+
+def engine_env(backend: BackendSpec, profile: runners.Profile,
+               cache_root: Path | None = None) -> dict[str, str]:
+    """The environment every launch gets: kiln's cache directories, then the profile's own."""
+    return {**caches.engine_cache_env(backend.name, cache_root or caches.default_root()),
+            **dict(profile.env)}
+
+
+def memory_guard(discovery: object) -> object:
+    """The device-memory guard every GPU launch gets: per-device baselines before it, a
+    release wait after its stop, sticky failures in the host-wide ledger (ci/host/gpumem.py)."""
+    from ci.host import gpumem  # noqa: PLC0415  (GPU runners only)
+    from ci.host.gpu_telemetry import telemetry_for  # noqa: PLC0415
+    return gpumem.DeviceMemoryGuard(telemetry_for(discovery), gpumem.ReleaseLedger(gpumem.ledger_dir()))
+
+
+def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey, *,
+                 log_dir: Path, devices: tuple[int, ...] = (), memory: object = None,
+                 cache_root: Path | None = None, launch_timeout_s: float | None = None,
+                 warm_dependent: bool = False, launched: tuple[str, Sequence[str]] | None = None,
+                 extra_env: Mapping[str, str] | None = None,
+                 factory: Callable[..., Server] = Server) -> Server:
+    """The (not yet started) server for ``key``: resolved model and args, env, devices, memory guard.
+
+    ``launched`` is a (model reference, args) pair already computed by
+    :func:`launch_args` (warmup computes them once for its cache key).
+    ``extra_env`` goes over the usual environment (a benchmark's fault shim).
+    """
+    model, args = launched if launched is not None else launch_args(profile, key, backend)
+    return factory(backend, model, tp=key.tp, args=tuple(args),
+                   env={**engine_env(backend, profile, cache_root), **(extra_env or {})},
+                   log_dir=log_dir,
+                   launch_timeout_s=launch_timeout_s or profile.launch_timeout_s,
+                   key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
+                   warm_dependent=warm_dependent)
+
+
+def start_watched(server: Server) -> None:
+    """Start ``server``; a crash signature in its log ends the launch at once.
+
+    An engine whose worker died while the API process lingers would otherwise
+    hold the launch for its whole timeout (240 s on CPU, 10 min on GPU) with
+    the cause already in the log.
+    """
+    watch = CrashWatch(server).start()
+    try:
+        server.start()
+    except ServerError as exc:
+        watch.stop()
+        if watch.fired:
+            name, line = watch.fired
+            # The engine may have exited on its own as the line was logged
+            # (the watch and the exit race): then say its code too.
+            code = server.exit_code()
+            how = f"; it exited with code {code}" if code is not None and code > 0 else ""
+            raise ServerExited(f"crash signature ({name}) in the log during launch: {line}{how}",
+                               exc.tail, exc.log_path) from exc
+        raise
+    finally:
+        watch.stop()  # before any later stop: shutdown tracebacks are not crashes

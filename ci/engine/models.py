@@ -1,0 +1,89 @@
+"""Which model a run serves: a hub id, a local directory, or one of kiln's own local models.
+
+``--kiln-model NAME_OR_PATH`` (or ``$KILN_MODEL``) replaces the profile's
+default model for every test that does not name one (ci/session/pytest_plugin.py).
+GPU profiles default to a hub model; air-gapped runners and the device machine
+reach no hub, so they point the same suites at a directory or at one of kiln's
+local models (``tiny-llama``, ci/engine/tinymodel.py; ``smollm2-135m``, ci/engine/realmodel.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MODEL_ENV = "KILN_MODEL"
+# Names of local models kiln builds itself (no model hub on CI machines): the
+# tiny random one (ci/engine/tinymodel.py) and a real one converted from a wheel on
+# the package index (ci/engine/realmodel.py).
+TINY_MODEL = "tiny-llama"
+REAL_MODEL = "smollm2-135m"
+LOCAL_MODELS = (TINY_MODEL, REAL_MODEL)
+# Runner vendors each local model's tests run on. The real model's bounds (the
+# reference kit's logprob tolerance, the HellaSwag floor) were measured on the
+# cpu lane only, and it is fetched from a package index that air-gapped GPU
+# runners do not reach; its tests skip elsewhere, saying so. The tiny model
+# serves everywhere.
+_LANES = {REAL_MODEL: ("cpu",)}
+# What a local directory must hold for vLLM/SGLang to load it as a HF model.
+_MODEL_DIR_MARKER = "config.json"
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be served; one line naming it and the cause."""
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "org/name" (or "name"); anything rooted, relative-dotted or
+    # home-relative is meant as a directory, and a missing one must not be
+    # sent to the hub as an id.
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def check(name: str) -> str:
+    """``name`` unchanged when it is servable as given; ModelError (one line) otherwise."""
+    if not name or not name.strip():
+        raise ModelError("empty model name (--kiln-model / $KILN_MODEL)")
+    if name in LOCAL_MODELS:
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / _MODEL_DIR_MARKER).is_file():
+            raise ModelError(f"model directory {name} has no {_MODEL_DIR_MARKER}: "
+                             "not a Hugging Face model folder")
+        return name
+    if _looks_like_path(name) or path.exists():
+        raise ModelError(f"model directory {name} does not exist (or is not a directory)")
+    return name  # a hub id: the engine resolves it
+
+
+def resolve(name: str) -> tuple[str, tuple[str, ...]]:
+    """(reference for the engine's --model, args that make the API answer to ``name``).
+
+    Local models and directories are served under the name the tests use, so
+    requests name the model the same way whatever it resolves to.
+    """
+    check(name)
+    if name == TINY_MODEL:
+        from ci.engine import tinymodel  # imported lazily: it pulls numpy/tokenizers in
+        return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
+    if name == REAL_MODEL:
+        from ci.engine import realmodel  # imported lazily: a build pulls torch/transformers in
+        return str(realmodel.ensure_real_model()), ("--served-model-name", name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), ("--served-model-name", name)
+    return name, ()
+
+
+def lane_skip_reason(name: str, vendor: str) -> str | None:
+    """Why tests that ask for local model ``name`` do not run on a ``vendor`` runner, or None."""
+    lanes = _LANES.get(name)
+    if lanes is None or vendor in lanes:
+        return None
+    return (f"{name} runs on the {'/'.join(lanes)} lane only: its bounds were measured there "
+            f"and it is fetched from a package index (ci/engine/models.py)")
+
+
+def from_env() -> str | None:
+    """The model ``$KILN_MODEL`` names, or None."""
+    return os.environ.get(MODEL_ENV) or None

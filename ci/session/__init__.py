@@ -1,0 +1,8 @@
+"""The pytest side of an e2e session: the plugin, the server pool, shards, known issues.
+
+``pytest_plugin`` (``-p ci.session.pytest_plugin``) gives tests the ``model``
+marker and the ``server`` fixture, backed by ``pool``'s session-wide servers
+(built by ``ci.engine.launch``); ``envinfo`` prints what the run is on;
+``shard`` splits a session across machines; ``known_issues`` skips by profile.
+The only package that imports pytest. May import every floor below it.
+"""

@@ -1,0 +1,374 @@
+"""pytest glue for e2e suites: the ``model`` marker, the ``server`` fixture and the pool.
+
+Loaded for every pytest run (``-p ci.session.pytest_plugin`` in pyproject.toml). A test says what it needs::
+
+    @pytest.mark.model("tiny-llama", tp=1, args=["--max-num-seqs", "8"])
+    def test_chat(server): ...
+
+and borrows the one server for that key; the pool launches each key once per
+run and stops everything with ``stop_many`` at session end. The fixture is
+function-scoped with try/finally, because class-scoped teardown never ran
+under pytest-parallel and leaked pool references (sglang #24222).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ci.engine import caches, launch, models
+from ci.engine.backends import BackendSpec, get_backend
+from ci.engine.launch import ServerKey
+from ci.engine.server import Server
+from ci.host import alloc, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
+from ci.profiles import runners
+from ci.report import artefacts
+from ci.session import known_issues
+from ci.session.pool import ServerPool, key_from_marker
+from ci.warmup import markers as warmup_markers
+from ci.warmup.specs import WarmupSpec
+
+log = logging.getLogger(__name__)
+
+PROFILE_ENV = "KILN_PROFILE"
+SESSION_ENV = "KILN_SESSION"
+REPORTS_DIR_ENV = "KILN_REPORTS_DIR"
+_POOL_KEY = pytest.StashKey[ServerPool]()
+_PREV_SIGTERM = pytest.StashKey[object]()
+_DISCOVERY = pytest.StashKey[gpu.Discovery]()
+_SERVER = pytest.StashKey[Server]()
+_BASELINE = pytest.StashKey[set]()
+DISRUPTIVE = "kiln_disruptive"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kiln")
+    group.addoption("--kiln-profile", default=os.environ.get(PROFILE_ENV, "cpu"),
+                    help="runner profile from ci/profiles/runners.py (default: $KILN_PROFILE or cpu)")
+    group.addoption("--kiln-model", default=models.from_env(), metavar="NAME_OR_PATH",
+                    help="serve this model wherever a test asks for the profile's default: a hub "
+                         "id, a local model directory or one of kiln's local models "
+                         f"({', '.join(models.LOCAL_MODELS)}) (default: ${models.MODEL_ENV})")
+    group.addoption("--kiln-backend", default=None,
+                    help="override the profile's backend (e.g. generic:<template>)")
+    group.addoption("--kiln-reports", default=os.environ.get(REPORTS_DIR_ENV, "reports"),
+                    help="where server logs and server records go")
+    group.addoption(known_issues.STRICT_OPTION, action="store_true", default=False,
+                    help="run known_issue tests on their profiles as strict xfail, so a stale "
+                         "marker (the test passes now) fails the run")
+    group.addoption("--kiln-collect-keys", default=None, metavar="PATH",
+                    help="write the server keys the collected tests need to PATH (JSON) — "
+                         "warmup reads the same declarations the tests use")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
+    config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
+    config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
+    config.addinivalue_line("markers", f"{DISRUPTIVE}: leaves its server unusable (stops or kills "
+                                       f"it); runs after every other test")
+
+
+def profile_of(config: pytest.Config) -> runners.Profile:
+    """The run's profile, its default model replaced by ``--kiln-model`` when given."""
+    profile = runners.get_profile(config.getoption("--kiln-profile"))
+    model = config.getoption("--kiln-model", None)
+    if not model:
+        return profile
+    try:
+        models.check(model)
+    except models.ModelError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+    return dataclasses.replace(profile, default_model=model)
+
+
+def session_name(config: pytest.Config) -> str:
+    return os.environ.get(SESSION_ENV) or profile_of(config).session
+
+
+def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
+    profile = profile_of(config)
+    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
+
+    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
+        # A launch that relies on caches `invoke warmup` filled: if it fails,
+        # the report suggests `invoke warmup --cold` (a poisoned cache).
+        spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)
+        warm = warmup_markers.marker_path(caches.default_root(), spec).exists()
+        return launch.build_server(profile, backend, key, log_dir=log_dir, devices=devices,
+                                   memory=memory, warm_dependent=warm)
+
+    return make
+
+
+def _discovery(config: pytest.Config) -> gpu.Discovery | None:
+    """GPU discovery for this run, once; None on CPU profiles (no GPU is used there)."""
+    if profile_of(config).vendor == "cpu":
+        return None
+    found = config.stash.get(_DISCOVERY, None)
+    if found is None:
+        try:
+            found = gpu.discover()
+        except gpu.GpuDiscoveryError as exc:
+            # Never "0 GPUs, everything skipped, green": a broken tool is an error.
+            raise pytest.UsageError(f"kiln: GPU discovery failed: {exc}") from None
+        config.stash[_DISCOVERY] = found
+    return found
+
+
+def gpu_need(item: pytest.Item, key: ServerKey) -> int:
+    """GPUs a test needs: its model's tp, or more when ``@pytest.mark.gpus(n)`` says so."""
+    marker = item.get_closest_marker("gpus")
+    n = marker.args[0] if marker and marker.args else 0
+    if not isinstance(n, int) or n < 0:
+        raise pytest.UsageError(f"{item.nodeid}: gpus marker needs a non-negative int, got {n!r}")
+    return max(n, key.tp)
+
+
+def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available: int) -> str | None:
+    """Why ``item`` cannot run on this machine, or None when it fits."""
+    key = server_key(item, profile)
+    need = gpu_need(item, key)
+    if profile.vendor == "cpu":
+        marker = item.get_closest_marker("gpus")
+        if marker and marker.args and marker.args[0] > 0:
+            return f"capacity: needs {marker.args[0]} GPU(s); the cpu profile has none"
+        if key.tp > 1:
+            return f"capacity: {key.model} tp={key.tp} needs {key.tp} GPUs; the cpu profile serves tp=1"
+        return None
+    if need > available:
+        return (f"capacity: {key.model} tp={key.tp} needs {need} GPU(s), "
+                f"{available} available on this runner")
+    return None
+
+
+def _lane_skip_reason(item: pytest.Item, profile: runners.Profile) -> str | None:
+    marker = item.get_closest_marker("model")
+    return models.lane_skip_reason(marker.args[0], profile.vendor) if marker and marker.args else None
+
+
+def _wants_engine(item: pytest.Item) -> bool:
+    return "server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("gpus") is not None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    known_issues.apply(items, profile_of(config).name, strict=config.getoption(known_issues.STRICT_OPTION))
+    # A test that breaks its server goes last, so no other test borrows a
+    # broken server or pays for a relaunch (the sort is stable).
+    items.sort(key=lambda item: item.get_closest_marker(DISRUPTIVE) is not None)
+    e2e = [item for item in items if _wants_engine(item)]
+    if not e2e:
+        return
+    profile = profile_of(config)
+    found = _discovery(config)
+    available = len(found.visible) if found else 0
+    capacity: list[str] = []
+    runnable = 0
+    for item in e2e:
+        if item.get_closest_marker("skip"):
+            continue  # skipped already (a known issue on this profile)
+        reason = _lane_skip_reason(item, profile)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            continue
+        reason = capacity_skip_reason(item, profile, available)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            capacity.append(reason)
+        else:
+            runnable += 1
+    if capacity and not runnable:
+        # sglang #24222: a 0-GPU runner skipped everything and went green.
+        raise pytest.UsageError(
+            f"kiln: all {len(e2e)} e2e tests were skipped ({len(capacity)} for capacity) on profile "
+            f"{profile.name} ({available} GPU(s) available) — this run would test nothing. "
+            f"First reason: {capacity[0]}")
+
+
+def _topology(found: gpu.Discovery) -> alloc.Topology | None:
+    """NVLink/NUMA layout from ``nvidia-smi topo -m``; None (consecutive devices) when unknown."""
+    if found.vendor != "nvidia" or len(found.visible) < 2:
+        return None
+    try:
+        return alloc.parse_topo(gpu_smi.run_tool(["nvidia-smi", "topo", "-m"]))
+    except (gpu_smi.SmiError, ValueError, OSError) as exc:
+        log.warning("no GPU topology (%s): tp>1 servers get consecutive devices", exc)
+        return None
+
+
+def _on_sigterm(signum, frame):
+    # CI cancels a job with SIGTERM; turning it into KeyboardInterrupt lets
+    # pytest unwind fixtures, so the pool still stops every server.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    path = session.config.getoption("--kiln-collect-keys")
+    if not path:
+        return
+    profile = profile_of(session.config)
+    keys: dict[str, dict] = {}
+    for item in session.items:
+        if "server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("skip"):
+            key = server_key(item, profile)
+            keys.setdefault(str(key), {"model": key.model, "tp": key.tp, "args": list(key.args),
+                                       "tests": []})["tests"].append(item.nodeid)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(list(keys.values()), indent=1))
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"kiln: {line}")
+    else:
+        log.warning("%s", line)
+
+
+def engine_processes(backend: BackendSpec) -> list[procfs.Stat]:
+    """Live processes that look like ``backend``'s by name or command line (no tag, no registry)."""
+    return procfs.matching(backend.process_names) if backend.process_names else []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    profile = profile_of(config)
+    # Trees a killed run on this host left behind are stopped first (never a
+    # live owner's): their engines would hold memory, ports and GPUs.
+    for done in reaper.reap():
+        _say(config, done.line())
+    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    config.stash[_BASELINE] = {st.identity for st in engine_processes(backend)}
+    found = _discovery(config)
+    memory, topology, visible = None, None, ()
+    if found is not None:
+        memory = launch.memory_guard(found)
+        topology = _topology(found)
+        visible = found.visible
+    config.stash[_POOL_KEY] = ServerPool(_factory(config, memory), max_live=profile.max_live_servers,
+                                         gpus=visible, topology=topology)
+    try:
+        config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded runs): leave signals alone
+        pass
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    pool = config.stash.get(_POOL_KEY, None)
+    if pool is None:
+        return
+    try:
+        if pool.servers():  # nothing launched (unit tests): no servers to stop, no records
+            try:
+                pool.close()
+            finally:
+                pool.write_records(artefacts.servers(config.getoption("--kiln-reports"),
+                                                     session_name(config)))
+        # Whether or not the pool launched anything: an engine a test started
+        # by other means must not outlive the session either.
+        _check_nothing_left(session)
+    finally:
+        prev = config.stash.get(_PREV_SIGTERM, None)
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def new_engine_processes(config: pytest.Config) -> list[procfs.Stat]:
+    """Engine-looking processes that are new since the session started and can be this run's.
+
+    Another job on the same host may start an engine meanwhile: its processes
+    hang below a live process of its own (its supervisor, its harness). Ours
+    either still hang below this process, or -- had they escaped -- below
+    nothing but engine processes up to init, where orphans go. Decided from
+    the process table alone, not from kiln's records.
+    """
+    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    before = config.stash.get(_BASELINE, set())
+    found = engine_processes(backend)
+    engines = {st.pid for st in found}
+    snap = procfs.table()
+    me = os.getpid()
+    leaked = []
+    for st in found:
+        if st.identity in before:
+            continue
+        chain = procfs.ancestors(st.pid, snap)
+        if me in chain or all(pid in engines for pid in chain):
+            leaked.append(st)
+    return leaked
+
+
+def _check_nothing_left(session: pytest.Session) -> None:
+    """After the pool stopped everything: no engine process that was not there at the start.
+
+    Counted by name and command line (renamed processes included, zombies
+    aside), so it holds even if kiln's own bookkeeping were wrong. A leak
+    fails the session: the next job on this host would run beside it.
+    """
+    config = session.config
+    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    if not backend.process_names:
+        return
+    leaked = new_engine_processes(config)
+    if leaked:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _say(config, f"LEAK: {len(leaked)} {backend.name} process(es) outlived the session: "
+                     + ", ".join(procfs.label(st.pid) for st in leaked))
+    else:
+        _say(config, f"containment: 0 {backend.name} processes left (scan by name and command "
+                     f"line; {cgroups.probe()})")
+
+
+@pytest.fixture(scope="session")
+def kiln_profile(pytestconfig: pytest.Config) -> runners.Profile:
+    """The runner profile this session runs under."""
+    return profile_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def kiln_pool(pytestconfig: pytest.Config) -> ServerPool:
+    """The session's server pool (launched lazily, stopped at session end)."""
+    return pytestconfig.stash[_POOL_KEY]
+
+
+def server_key(item: pytest.Item, profile: runners.Profile) -> ServerKey:
+    marker = item.get_closest_marker("model")
+    if marker is None:
+        return ServerKey(profile.default_model)
+    return key_from_marker(marker.args, marker.kwargs, profile.default_model)
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, kiln_pool: ServerPool, kiln_profile: runners.Profile,
+           record_property, record_testsuite_property) -> Server:
+    """A ready server for this test's ``model`` marker, borrowed from the session pool."""
+    key = server_key(request.node, kiln_profile)
+    record_property("kiln_server", str(key))
+    srv = kiln_pool.acquire(key)
+    version = srv.backend.version()
+    if version:
+        record_testsuite_property("kiln_engine_version", f"{srv.backend.name} {version}")
+    request.node.stash[_SERVER] = srv
+    try:
+        yield srv
+    finally:
+        kiln_pool.release(srv, request.node.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    srv = item.stash.get(_SERVER, None)
+    if srv is not None and report.failed:
+        # The engine's last words belong next to the failure, not only in the job report.
+        report.sections.append((f"kiln server {srv.key} — last {srv.tail_lines} log lines",
+                                srv.log_tail()))
+    return report
