@@ -249,8 +249,7 @@ def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=Fa
         prof = runners.get_profile(profile)
     except ValueError as exc:
         raise Exit(f"warmup: {exc}") from None
-    cmd = ["nox", "-s", prof.session] + (["-R"] if reuse_venv else []) + ["--", "--kiln-warmup"]
-    cmd += (["--kiln-cold"] if cold else []) + (["--kiln-strict"] if strict else []) + list(model or ())
+    cmd = prof.warmup_command(cold=cold, strict=strict, models=model or (), reuse_venv=reuse_venv)
     result = c.run(shlex.join(cmd), warn=True, pty=False)
     if result.exited != 0:
         raise Exit(f"warmup failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)

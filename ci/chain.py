@@ -51,6 +51,9 @@ E2E_STEP_TIMEOUT_S = 5 * 3600.0
 # the report step appends it to the job summary on the host.
 PASSTHROUGH_ENV = ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "KILN_CACHE_DIR", "PIP_INDEX_URL",
                    "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")
+# The image's python3 runs nox (bootstrapped below when the image lacks it): a
+# `nox` script on PATH may belong to another interpreter or not exist at all.
+CONTAINER_NOX = ("python3", "-m", "nox")
 NOX_BOOTSTRAP = "python3 -m nox --version >/dev/null 2>&1 || python3 -m pip install -q -r requirements/nox.txt"
 
 
@@ -86,13 +89,10 @@ class Options:
 
 def nox_args(opts: Options, *, warmup: bool) -> list[str]:
     """The nox command for the warmup or e2e step (same session, so the same engine env)."""
-    cmd = ["python3", "-m", "nox", "-s", opts.session]
-    if opts.reuse_venv:
-        cmd.append("-R")  # reuse the session's venv, install nothing
-    cmd.append("--")
     if warmup:
-        return cmd + ["--kiln-warmup"] + (["--kiln-cold"] if opts.cold else [])
-    return cmd + (["--shard", opts.shard] if opts.shard else []) + list(opts.pytest_args)
+        return opts.profile.warmup_command(cold=opts.cold, reuse_venv=opts.reuse_venv, nox=CONTAINER_NOX)
+    return opts.profile.nox_command(*(["--shard", opts.shard] if opts.shard else []), *opts.pytest_args,
+                                    reuse_venv=opts.reuse_venv, nox=CONTAINER_NOX)
 
 
 def rerun_command(opts: Options, step: str) -> str:

