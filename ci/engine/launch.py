@@ -4,8 +4,9 @@ pytest-free, so the warmup CLI and the chain use it without importing pytest.
 A :class:`ServerKey` (model, tp, args) names what makes two servers
 interchangeable. :func:`launch_args` resolves the model (a hub id, a
 directory, or one of kiln's local models) and composes the args: the
-profile's, the tp>1 extras, those that name the served model, then the key's
-own, with flags the installed engine lacks dropped or refused (ci.engine.compat).
+profile's, the tp>1 extras, then the key's own, with flags the installed
+engine lacks dropped or refused (ci.engine.compat); a local model is served
+under the name the tests use (``Launch.served_name``).
 :func:`build_server` adds the environment (kiln's cache directories, then the
 profile's), the devices and the device-memory guard; :func:`start_watched`
 starts it under a crash watch, so a crash signature in the log ends a launch
@@ -14,57 +15,50 @@ at once instead of at its timeout.
 from __future__ import annotations
 
 import logging
-import shlex
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple
 
 from ci.engine import caches, compat, models
 from ci.engine.backends import BackendSpec
 from ci.engine.crashwatch import CrashWatch
-from ci.engine.server import Server, ServerError, ServerExited
 from ci.profiles import runners
+from ci.engine.server import Server, ServerError, ServerExited, ServerKey  # noqa: F401  (the pool's key)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ServerKey:
-    """What makes two servers interchangeable for a test."""
+class Launch(NamedTuple):
+    """What one launch runs: the engine's --model, its args, and the model id the API answers to."""
 
     model: str
-    tp: int = 1
-    args: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
+    args: tuple[str, ...]
+    served_name: str | None = None
 
 
-def launch_args(profile: runners.Profile, key: ServerKey,
-                backend: BackendSpec | None = None) -> tuple[str, tuple[str, ...]]:
-    """(model reference, full launch args) for ``key`` on ``profile``.
+def launch_args(profile: runners.Profile, key: ServerKey, backend: BackendSpec | None = None) -> Launch:
+    """The :class:`Launch` for ``key`` on ``profile``: resolved model, full args, served name.
 
     With a ``backend`` whose version is known, flags the installed engine does
     not accept are dropped with a warning when the profile added them, and
     fail the launch (naming a version that has them) when the test asked for
     them (ci.engine.compat; the engine's --help is parsed once per version).
     """
-    model, naming = models.resolve(key.model)
+    model, served_name = models.resolve(key.model)
     # tp>1 servers get the profile's multi-GPU args too (ci/profiles/runners.py says why).
     tp_args = profile.tp_args if key.tp > 1 else ()
-    args = (*profile.server_args, *tp_args, *naming, *key.args)
+    args = (*profile.server_args, *tp_args, *key.args)
     if backend is None or backend.version() is None:
-        return model, args  # a generic command: nothing to probe against
+        return Launch(model, args, served_name)  # a generic command: nothing to probe against
     probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())
-    requested = [a.split("=", 1)[0] for a in (*naming, *key.args) if a.startswith("--")]
+    requested = [a.split("=", 1)[0] for a in key.args if a.startswith("--")]
     try:
-        return model, tuple(compat.filter_flags(probe, args, requested=requested))
+        return Launch(model, tuple(compat.filter_flags(probe, args, requested=requested)), served_name)
     except RuntimeError as exc:
         if isinstance(exc, compat.FeatureUnavailable):
             raise
         # No usable --help: launch as asked; the engine rejects what it lacks, loudly.
         log.warning("cannot probe %s flags (%s); launching with the args as given", backend.name, exc)
-        return model, args
+        return Launch(model, args, served_name)
 
 
 def engine_env(backend: BackendSpec, profile: runners.Profile,
@@ -85,17 +79,17 @@ def memory_guard(discovery: object) -> object:
 def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey, *,
                  log_dir: Path, devices: tuple[int, ...] = (), memory: object = None,
                  cache_root: Path | None = None, launch_timeout_s: float | None = None,
-                 warm_dependent: bool = False, launched: tuple[str, Sequence[str]] | None = None,
+                 warm_dependent: bool = False, launched: Launch | None = None,
                  extra_env: Mapping[str, str] | None = None,
                  factory: Callable[..., Server] = Server) -> Server:
     """The (not yet started) server for ``key``: resolved model and args, env, devices, memory guard.
 
-    ``launched`` is a (model reference, args) pair already computed by
-    :func:`launch_args` (warmup computes them once for its cache key).
+    ``launched`` is the :class:`Launch` already computed by :func:`launch_args`
+    (warmup computes it once for its cache key).
     ``extra_env`` goes over the usual environment (a benchmark's fault shim).
     """
-    model, args = launched if launched is not None else launch_args(profile, key, backend)
-    return factory(backend, model, tp=key.tp, args=tuple(args),
+    model, args, served_name = launched if launched is not None else launch_args(profile, key, backend)
+    return factory(backend, model, tp=key.tp, args=tuple(args), served_name=served_name,
                    env={**engine_env(backend, profile, cache_root), **(extra_env or {})},
                    log_dir=log_dir,
                    launch_timeout_s=launch_timeout_s or profile.launch_timeout_s,

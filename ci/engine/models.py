@@ -56,8 +56,8 @@ def check(name: str) -> str:
     return name  # a hub id: the engine resolves it
 
 
-def resolve(name: str) -> tuple[str, tuple[str, ...]]:
-    """(reference for the engine's --model, args that make the API answer to ``name``).
+def resolve(name: str) -> tuple[str, str | None]:
+    """(reference for the engine's --model, the name the API must answer to, or None when the same).
 
     Local models and directories are served under the name the tests use, so
     requests name the model the same way whatever it resolves to.
@@ -65,14 +65,14 @@ def resolve(name: str) -> tuple[str, tuple[str, ...]]:
     check(name)
     if name == TINY_MODEL:
         from ci.engine import tinymodel  # imported lazily: it pulls numpy/tokenizers in
-        return str(tinymodel.ensure_tiny_model()), ("--served-model-name", name)
+        return str(tinymodel.ensure_tiny_model()), name
     if name == REAL_MODEL:
         from ci.engine import realmodel  # imported lazily: a build pulls torch/transformers in
-        return str(realmodel.ensure_real_model()), ("--served-model-name", name)
+        return str(realmodel.ensure_real_model()), name
     path = Path(name).expanduser()
     if path.is_dir():
-        return str(path.resolve()), ("--served-model-name", name)
-    return name, ()
+        return str(path.resolve()), name
+    return name, None
 
 
 def lane_skip_reason(name: str, vendor: str) -> str | None:

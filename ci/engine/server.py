@@ -74,6 +74,18 @@ class MemoryGuard(Protocol):
     def wait_released(self, devices: Sequence[int], owner: str = "") -> object: ...
 
 
+@dataclass(frozen=True)
+class ServerKey:
+    """What makes two servers interchangeable for a test."""
+
+    model: str
+    tp: int = 1
+    args: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
+
+
 @dataclass
 class ServerRecord:
     """Timeline and facts of one server, for the report (reports/servers-<session>.json)."""
@@ -127,6 +139,7 @@ class Server:
         tail_lines: int = DEFAULT_TAIL_LINES,
         grace_s: float = procs.DEFAULT_GRACE_S,
         warm_dependent: bool = False,
+        served_name: str | None = None,
     ):
         if launch_timeout_s <= 0:
             raise ValueError(f"launch_timeout_s must be > 0, got {launch_timeout_s}")
@@ -134,13 +147,14 @@ class Server:
         self.model = model
         self.tp = tp
         self.args = tuple(args)
+        self.served_name = served_name
         self.extra_env = dict(env or {})
         self.requested_port = port
         self.launch_timeout_s = launch_timeout_s
         self.devices = tuple(devices)
         self.vendor = vendor
         self.memory = memory
-        self.key = key or f"{model}|tp={tp}|{shlex.join(self.args)}"
+        self.key = key or str(ServerKey(model, tp, self.args))
         self.tail_lines = tail_lines
         self.grace_s = grace_s
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.key)[:80]
@@ -167,15 +181,13 @@ class Server:
 
     @property
     def served_model(self) -> str:
-        """The model id API requests must name (vLLM and SGLang serve the path by default)."""
-        args = list(self.args)
-        if "--served-model-name" in args[:-1]:
-            return args[args.index("--served-model-name") + 1]
-        return self.model
+        """The model id API requests must name: the served name, else --model's (vLLM and SGLang
+        serve the path by default)."""
+        return self.served_name or self.model
 
     @property
     def command(self) -> list[str]:
-        return self.backend.command(self.model, self.port, self.tp, self.args)
+        return self.backend.command(self.model, self.port, self.tp, self.args, served_name=self.served_name)
 
     def launched(self) -> bool:
         """True once the engine's process tree exists (a crash watch may then stop it)."""

@@ -46,7 +46,7 @@ from ci.profiles import runners
 from ci.warmup import key as warmup_key
 from ci.warmup.markers import MARKER_FORMAT, marker_path, read_marker, write_marker  # noqa: F401
 from ci.warmup.specs import (  # noqa: F401  (re-exported: the warmup API in one import)
-    REPO, WarmupError, WarmupSpec, collect_specs, launch_args, load_specs, select,
+    REPO, WarmupError, WarmupSpec, collect_specs, load_specs, select,
 )
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class WarmupResult:
 @dataclass
 class _Job:
     spec: WarmupSpec
-    model_ref: str
-    args: tuple[str, ...]
+    launched: launch.Launch
     components: dict[str, str]
     key: str
     marker: Path
@@ -156,7 +155,7 @@ def _warm_one(job: _Job, devices: tuple[int, ...], run: _Run) -> WarmupResult:
         server = launch.build_server(run.profile, run.backend, job.spec.key, log_dir=run.log_dir,
                                      devices=devices, memory=run.memory, cache_root=run.root,
                                      launch_timeout_s=run.launch_timeout_s,
-                                     launched=(job.model_ref, job.args), factory=run.server_factory)
+                                     launched=job.launched, factory=run.server_factory)
         with run.lock:
             run.live[id(job)] = server
         job.enter("launching", f" on GPUs {list(devices)}" if devices else "")
@@ -306,7 +305,8 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
     for n, spec in enumerate(specs, 1):
         t0 = time.monotonic()
         try:
-            model_ref, args = launch_args(profile, spec, backend)
+            # exactly as the e2e pool builds them (ci/engine/launch.py)
+            launched = launch.launch_args(profile, spec.key, backend)
         except (RuntimeError, ValueError, OSError) as exc:
             # A model that cannot be prepared here (a local model whose source
             # package the host cannot fetch, a missing directory) fails its own
@@ -315,10 +315,10 @@ def run_warmup(specs: Iterable[WarmupSpec], *, profile: runners.Profile, backend
             results[n] = WarmupResult(spec, "failed", time.monotonic() - t0, marker_path(root, spec),
                                       f"model not prepared: {exc}")
             continue
-        parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=args,
+        parts = warmup_key.components(backend=backend.name, model=spec.model, tp=spec.tp, args=launched.args,
                                       launch_env=launch_env, engine_distributions=backend.distributions,
                                       software=software, hardware=hardware, command=command)
-        job = _Job(spec, model_ref, args, parts, warmup_key.key_of(parts), marker_path(root, spec),
+        job = _Job(spec, launched, parts, warmup_key.key_of(parts), marker_path(root, spec),
                    number=f"[{n}/{len(specs)}]")
         if read_marker(job.marker, job.key, parts) is not None:
             log.info("warmup %s %s: warm (marker %s)", job.number, spec.label, job.marker)

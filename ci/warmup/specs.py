@@ -3,8 +3,8 @@
 sglang #24253 kept a FALLBACK_ARGS dict beside its tests, and the two drifted.
 Here the only source is ``pytest --collect-only --kiln-collect-keys`` over
 the e2e suites (ci.session.pytest_plugin writes each unique server key its collected
-tests need), and launch args are composed the way the plugin's factory
-composes them.
+tests need); their launch args come from the one launch path the pool uses
+(ci.engine.launch).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 from ci.engine import launch
-from ci.profiles import runners
 
 REPO = Path(__file__).resolve().parents[2]
 # pytest --collect-only of the e2e suites only imports modules; two minutes
@@ -97,8 +96,3 @@ def select(specs: Sequence[WarmupSpec], models: Sequence[str]) -> list[WarmupSpe
                           f"{', '.join(declared) or 'none'}")
     return [s for s in specs if s.model in models]
 
-
-def launch_args(profile: runners.Profile, spec: WarmupSpec,
-                backend: object = None) -> tuple[str, tuple[str, ...]]:
-    """(model reference, full launch args) exactly as the e2e pool builds them (ci/engine/launch.py)."""
-    return launch.launch_args(profile, spec.key, backend)

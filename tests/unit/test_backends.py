@@ -53,3 +53,19 @@ def test_model_marker_keys():
         key_from_marker(("m",), {"tensor_parallel": 2}, "d")
     with pytest.raises(ValueError, match="tp must be a positive int"):
         key_from_marker(("m",), {"tp": 0}, "d")
+
+
+def test_a_served_name_is_given_to_the_command_and_the_server_not_parsed_from_args(tmp_path):
+    from ci.engine.backends import BackendSpec, generic
+    from ci.engine.server import Server
+
+    argv = get_backend("vllm").command("/models/x", 30000, 1, ["--extra"], served_name="tiny-llama")
+    assert argv[-3:] == ["--extra", "--served-model-name", "tiny-llama"]
+    assert "--served-model-name" not in get_backend("vllm").command("hub/id", 30000, 1, served_name="hub/id")
+    server = Server(get_backend("vllm"), "/models/x", served_name="tiny-llama", log_dir=tmp_path)
+    assert server.served_model == "tiny-llama"
+    assert Server(get_backend("vllm"), "hub/id", log_dir=tmp_path).served_model == "hub/id"
+    # An engine that cannot rename refuses a renamed launch in one line.
+    fixed = BackendSpec(**{**generic("x --port {port}").__dict__, "served_name_flag": None})
+    with pytest.raises(ValueError, match="cannot serve /models/x under another name"):
+        fixed.command("/models/x", 30000, 1, served_name="tiny-llama")

@@ -22,13 +22,13 @@ def model_dir(tmp_path) -> Path:
 
 
 def test_hub_ids_and_local_models_pass_through():
-    assert models.resolve("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", ())
+    assert models.resolve("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
     assert models.check("tiny-llama") == "tiny-llama"
 
 
 def test_a_directory_is_served_by_absolute_path_under_the_name_tests_use(model_dir, monkeypatch):
     monkeypatch.chdir(model_dir.parent)
-    assert models.resolve("./my-llama") == (str(model_dir), ("--served-model-name", "./my-llama"))
+    assert models.resolve("./my-llama") == (str(model_dir), "./my-llama")
 
 
 @pytest.mark.parametrize("name, cause", [

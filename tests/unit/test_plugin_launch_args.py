@@ -8,9 +8,9 @@ import textwrap
 import pytest
 
 from ci.engine import compat
-from ci.host import cachedir
 from ci.engine.backends import BackendSpec
 from ci.engine.launch import launch_args
+from ci.host import cachedir
 from ci.profiles import runners
 from ci.session.pool import ServerKey
 
@@ -39,13 +39,13 @@ def _profile(*server_args: str) -> runners.Profile:
 
 
 def test_flags_the_engine_knows_are_kept(backend):
-    _, args = launch_args(_profile("--max-model-len", "512"), ServerKey("m", 1, ("--host", "x")), backend)
+    _, args, _ = launch_args(_profile("--max-model-len", "512"), ServerKey("m", 1, ("--host", "x")), backend)
     assert args == ("--max-model-len", "512", "--host", "x")
 
 
 def test_a_profile_flag_the_engine_lacks_is_dropped_with_a_warning(backend, caplog):
-    _, args = launch_args(_profile("--kv-cache-memory-bytes", "64", "--max-model-len", "512"),
-                          ServerKey("m"), backend)
+    _, args, _ = launch_args(_profile("--kv-cache-memory-bytes", "64", "--max-model-len", "512"),
+                             ServerKey("m"), backend)
     assert args == ("--max-model-len", "512")
     assert "does not support flag --kv-cache-memory-bytes; running without it" in caplog.text
 
@@ -57,7 +57,7 @@ def test_a_flag_the_test_asked_for_fails_loudly(backend):
 
 def test_generic_backends_are_not_probed(tmp_path):
     from ci.engine.backends import generic
-    _, args = launch_args(_profile("--anything"), ServerKey("m", 1, ("--b",)), generic("x --port {port}"))
+    _, args, _ = launch_args(_profile("--anything"), ServerKey("m", 1, ("--b",)), generic("x --port {port}"))
     assert args == ("--anything", "--b")
 
 
@@ -66,9 +66,9 @@ def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
     from ci.session.pool import ServerKey
 
     h200 = runners.get_profile("h200-2")
-    _, tp2 = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
-    _, tp1 = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
+    _, tp2, _ = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    _, tp1, _ = launch_args(h200, ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 1))
     assert tp2[:2] == ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
     assert "--compilation-config" not in tp1
-    _, h100 = launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
+    _, h100, _ = launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
     assert "--compilation-config" not in h100

@@ -101,6 +101,10 @@ class BackendSpec:
     # Which reference thresholds row (ci/kits/thresholds.py) this engine's profile
     # bounds are compared against: "vllm" or "sglang".
     reference: str = "vllm"
+    # The flag that makes the API answer to another model id than --model's
+    # (a local directory served under the name the tests use); None: the
+    # engine cannot rename, so such a launch is refused.
+    served_name_flag: str | None = "--served-model-name"
 
     def version(self) -> str | None:
         """The installed engine version in this interpreter, or None when not installed here."""
@@ -111,13 +115,19 @@ class BackendSpec:
                 continue
         return None
 
-    def command(self, model: str, port: int, tp: int = 1, args: Sequence[str] = ()) -> list[str]:
-        """The full argv for one launch."""
+    def command(self, model: str, port: int, tp: int = 1, args: Sequence[str] = (),
+                served_name: str | None = None) -> list[str]:
+        """The full argv for one launch; ``served_name`` is the model id the API answers to."""
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
-        return self.argv(model, port, tp, list(args))
+        args = list(args)
+        if served_name is not None and served_name != model:
+            if self.served_name_flag is None:
+                raise ValueError(f"{self.name} cannot serve {model} under another name ({served_name})")
+            args += [self.served_name_flag, served_name]
+        return self.argv(model, port, tp, args)
 
 
 def python() -> str:
