@@ -1,10 +1,9 @@
 """Engine containers for a runner profile: devices, mounts, labels, logs, and a stop that always ends.
 
 * Devices: the allocated GPUs and RDMA, never "all" (ci/images/container_devices.py).
-* Every container carries ``kiln.managed=1`` and ``kiln.run-tag=<tag>``, and
-  stale-container cleanup matches on those labels only: sglang #24253 showed
-  what ``pkill -f`` by name does to a neighbour's job, and the same holds for
-  ``docker rm`` by image or name.
+* Every container carries ``kiln.managed=1`` and ``kiln.run-tag=<tag>``; stale-container
+  cleanup matches on those labels only: sglang #24253 showed what ``pkill -f`` by name
+  does to a neighbour's job, and the same holds for ``docker rm`` by image or name.
 * Logs stream to a file from a thread; the tail is logged whichever way the
   container ends. Stop is SIGTERM, then SIGKILL after a timeout, then remove.
 """
