@@ -198,7 +198,7 @@ def tests(session: nox.Session) -> None:
     install_lock(session, "tests")
     # e2e needs an engine, tests/gpu real GPUs (bench/gpu_pool_check.py runs it there).
     args = session.posargs or ["tests", "--ignore=tests/e2e", "--ignore=tests/gpu"]
-    session.run("python", "-m", "pytest", *args, f"--junitxml={REPORTS / 'junit-tests.xml'}",
+    session.run("python", "-m", "pytest", *args, f"--junitxml={artefacts.junit(REPORTS, session.name)}",
                 env={"PYTHONUNBUFFERED": "1"})
 
 
