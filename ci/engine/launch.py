@@ -14,9 +14,10 @@ at once instead of at its timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 from ci.engine import caches, compat, models
 from ci.engine.backends import BackendSpec
@@ -97,26 +98,46 @@ def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey,
                    warm_dependent=warm_dependent)
 
 
-def start_watched(server: Server) -> None:
-    """Start ``server``; a crash signature in its log ends the launch at once.
+@contextlib.contextmanager
+def watched(server: Server, during: str, *, strict: bool = False) -> Iterator[None]:
+    """Run the block (a start; warmup's start and request) under a crash watch on ``server``'s log.
 
     An engine whose worker died while the API process lingers would otherwise
-    hold the launch for its whole timeout (240 s on CPU, 10 min on GPU) with
-    the cause already in the log.
+    hold a launch for its whole timeout (240 s on CPU, 10 min on GPU) with the
+    cause already in the log: the watch stops the server at the first crash
+    signature, and the block's failure becomes a ServerExited naming that
+    line. ``strict``: a signature fails the block even when the block itself
+    succeeded (warmup must not mark a cache warm from a launch that logged a
+    crash; a pool server that answered its health check is the tests' to judge).
+    The watch stops when the block ends, before any later stop: shutdown
+    tracebacks are not crashes.
     """
     watch = CrashWatch(server).start()
     try:
-        server.start()
-    except ServerError as exc:
+        yield
+    except Exception as exc:
         watch.stop()
         if watch.fired:
-            name, line = watch.fired
-            # The engine may have exited on its own as the line was logged
-            # (the watch and the exit race): then say its code too.
-            code = server.exit_code()
-            how = f"; it exited with code {code}" if code is not None and code > 0 else ""
-            raise ServerExited(f"crash signature ({name}) in the log during launch: {line}{how}",
-                               exc.tail, exc.log_path) from exc
+            raise _crashed(server, watch.fired, during, exc) from exc
         raise
     finally:
-        watch.stop()  # before any later stop: shutdown tracebacks are not crashes
+        watch.stop()
+    if strict and watch.fired:
+        raise _crashed(server, watch.fired, during, None)
+
+
+def _crashed(server: Server, fired: tuple[str, str], during: str, exc: Exception | None) -> ServerExited:
+    name, line = fired
+    # The engine may have exited on its own as the line was logged (the watch
+    # and the exit race): then say its code too.
+    code = server.exit_code()
+    how = f"; it exited with code {code}" if code is not None and code > 0 else ""
+    tail = exc.tail if isinstance(exc, ServerError) else ""
+    return ServerExited(f"crash signature ({name}) in the log during {during}: {line}{how}", tail,
+                        server.log_path)
+
+
+def start_watched(server: Server) -> None:
+    """Start ``server`` under a crash watch (:func:`watched`): a crash signature ends the launch at once."""
+    with watched(server, "launch"):
+        server.start()

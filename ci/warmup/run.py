@@ -39,7 +39,6 @@ import requests
 
 from ci.engine import caches, launch
 from ci.engine.backends import BackendSpec, get_backend
-from ci.engine.crashwatch import CrashWatch
 from ci.engine.server import Server
 from ci.host import alloc
 from ci.profiles import runners
@@ -159,22 +158,17 @@ def _warm_one(job: _Job, devices: tuple[int, ...], run: _Run) -> WarmupResult:
         with run.lock:
             run.live[id(job)] = server
         job.enter("launching", f" on GPUs {list(devices)}" if devices else "")
-        watch = CrashWatch(server).start()
         try:
-            try:
+            # The same watched start as the pool's, kept over the request (a
+            # warmup request is where lazy kernels compile) and strict: a cache
+            # is not marked warm from a launch that logged a crash.
+            with launch.watched(server, "warmup", strict=True):
                 server.start()
                 job.enter("requesting")
                 _request(server, run.request_timeout_s)
-            finally:
-                watch.stop()  # before the stop: shutdown tracebacks are not crashes
-                job.enter("stopping")
-                server.stop()
-        except Exception as exc:
-            if watch.fired:
-                raise WarmupError(f"crash signature ({watch.fired[0]}) in the server log: {watch.fired[1]}") from exc
-            raise
-        if watch.fired:
-            raise WarmupError(f"crash signature ({watch.fired[0]}) in the server log: {watch.fired[1]}")
+        finally:
+            job.enter("stopping")
+            server.stop()
         seconds = time.monotonic() - job.started
         write_marker(job.marker, {
             "format": MARKER_FORMAT, "key": job.key, "components": job.components,

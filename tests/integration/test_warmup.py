@@ -147,7 +147,7 @@ def test_crash_signature_ends_the_launch_long_before_its_timeout(tmp_path):
     # Far below the 60 s deadline even on a loaded runner.
     assert elapsed < 20.0, f"watchdog did not end the launch early ({elapsed:.1f} s)"
     assert r.state == "failed"
-    assert r.error.startswith("crash signature (Traceback) in the server log: Traceback (most recent call last)")
+    assert r.error.startswith("crash signature (Traceback) in the log during warmup: Traceback (most recent call last)")
     assert_tree_gone(factory.servers[0])
 
 
