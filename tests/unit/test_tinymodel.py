@@ -15,7 +15,7 @@ requires.module("numpy")
 requires.module("safetensors")
 tokenizers = requires.module("tokenizers")
 
-from ci.engine import tinymodel  # noqa: E402
+from ci.engine import models, tinymodel  # noqa: E402
 from ci.host import cachedir  # noqa: E402
 
 WEIGHTS = "model.safetensors"
@@ -181,10 +181,10 @@ def test_autotokenizer_loads_it(built):
 
 def test_cli_prints_the_path(built, tmp_path, capsys):
     _copy(built, tmp_path)  # the CLI's job is the path; building is tested above
-    assert tinymodel.main(["--cache-dir", str(tmp_path)]) == 0
+    assert models.main(["tiny-llama", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out == f"{tmp_path / 'models' / 'tiny-llama'}\n"
-    assert tinymodel.main(["--cache-dir", str(tmp_path), "--seed", "-3"]) == 1
+    assert models.main(["tiny-llama", "--cache-dir", str(tmp_path), "--seed", "-3"]) == 1
     assert capsys.readouterr().out == ""
 
 
