@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,16 +16,13 @@ import pytest
 
 from ci.report import github, render as report
 from ci.report.github import MARKER, GitHub, GitHubError
+from tests.localhttp import closed_port, serving
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 BOT_TOKEN = "ghs_" + "b0tT0ken" * 5
 READONLY_TOKEN = "ghs_" + "r3adOnly" * 5
 REPO = "kiln-org/engine"
 PR = 42
-SERVE_TIMEOUT_S = 10  # how long teardown waits for the server thread to end
-# serve_forever checks for shutdown once per interval; the default 0.5 s made
-# every test's teardown half a second long.
-SERVER_POLL_S = 0.02
 
 
 class FakeGitHub:
@@ -107,15 +104,8 @@ def make_handler(state: FakeGitHub):
 def api():
     """(state, base URL) of a stand-in GitHub on 127.0.0.1, shut down afterwards."""
     state = FakeGitHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    thread = threading.Thread(target=server.serve_forever, args=(SERVER_POLL_S,), daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(SERVE_TIMEOUT_S)
+    with serving(make_handler(state)) as base:
+        yield state, base
 
 
 def env_for(base: str, token: str = BOT_TOKEN, **extra) -> dict:
@@ -227,10 +217,6 @@ def test_oversized_body_is_refused_locally(api):
 
 
 def test_unreachable_api_is_one_clear_line():
-    # A port nobody listens on: bind one, note it, close it.
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     with pytest.raises(GitHubError, match=r"GET /repos/kiln-org/engine/issues/42/comments: ConnectionError"):
         github.post_report("r", "e2e-cpu", pr=PR, env=env_for(f"http://127.0.0.1:{port}"))

@@ -5,20 +5,20 @@ status of a script (then 200), and records what it was asked.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from ci.report import github
 from ci.report.github import GitHub, GitHubError
+from tests.localhttp import serving
 
 TOKEN = "ghs_" + "r3tryT0k" * 5
 REPO = "kiln-org/engine"
 PR = 7
-SERVE_TIMEOUT_S = 10  # how long teardown waits for the server thread
-SERVER_POLL_S = 0.02  # serve_forever's shutdown check; its 0.5 s default slows teardown
 FAST_BACKOFF_S = 0.01  # the real 2 s backoff would only slow the test down
 
 
@@ -38,7 +38,7 @@ class Script:
 
 @pytest.fixture
 def serve():
-    servers = []
+    stack = contextlib.ExitStack()
 
     def start(script: Script) -> str:
         class Handler(BaseHTTPRequestHandler):
@@ -61,17 +61,10 @@ def serve():
 
             do_GET = do_POST = do_PATCH = _answer
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=server.serve_forever, args=(SERVER_POLL_S,), daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return stack.enter_context(serving(Handler))
 
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(SERVE_TIMEOUT_S)
+    with stack:
+        yield start
 
 
 def client(base: str) -> GitHub:

@@ -6,18 +6,15 @@ A lock out of step with its source (a pin edited, a package added, no
 from __future__ import annotations
 
 import re
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from ci.install import locks, pipconfig
+from tests.localhttp import closed_port, serving
 
-SERVE_TIMEOUT_S = 10  # teardown's wait for the server thread
-SERVER_POLL_S = 0.02  # serve_forever's shutdown check (default 0.5 s slows teardown)
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+?)(?:\s|$)")
 
 
@@ -98,19 +95,8 @@ class _Answering(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def index_up():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
-    thread = threading.Thread(target=server.serve_forever, args=(SERVER_POLL_S,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/whl/cpu"
-    server.shutdown()
-    server.server_close()
-    thread.join(SERVE_TIMEOUT_S)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with serving(_Answering) as base:
+        yield f"{base}/whl/cpu"
 
 
 def with_index(tmp_path, monkeypatch, index: str) -> None:

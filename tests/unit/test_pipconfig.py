@@ -1,20 +1,18 @@
 """ci.install.pipconfig: pip's settings carried to uv; package sources probed on 127.0.0.1 only."""
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from ci.install import pipconfig
 from tests import requires
+from tests.localhttp import closed_port, serving
 
-SERVE_TIMEOUT_S = 10
-SERVER_POLL_S = 0.02
 
 
 def test_pip_config_precedence_env_over_install_over_global(tmp_path):
@@ -54,7 +52,7 @@ def test_uv_env_translates_sources_and_keeps_pip_s_index_rule():
 @pytest.fixture
 def http_status():
     """Base URL of a 127.0.0.1 server answering every request with the given status."""
-    servers = []
+    stack = contextlib.ExitStack()
 
     def start(status: int) -> str:
         class Handler(BaseHTTPRequestHandler):
@@ -66,23 +64,10 @@ def http_status():
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=server.serve_forever, args=(SERVER_POLL_S,), daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}/whl/cpu/torch/"
+        return stack.enter_context(serving(Handler)) + "/whl/cpu/torch/"
 
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(SERVE_TIMEOUT_S)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with stack:
+        yield start
 
 
 def test_answers_200_and_404_but_not_5xx_or_refused(http_status, tmp_path):
