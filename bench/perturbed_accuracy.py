@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ci.engine import realmodel, tinymodel  # noqa: E402
+from ci.engine import realmodel  # noqa: E402
 from ci.engine.backends import get_backend  # noqa: E402
 from ci.engine.server import Server  # noqa: E402
-from ci.kits import thresholds
-from ci.kits import accuracy, hellaswag  # noqa: E402
+from ci.host import cachedir  # noqa: E402
+from ci.kits import accuracy, hellaswag, thresholds  # noqa: E402
 from ci.kits.client import KitFailure  # noqa: E402
-from ci.profiles import runners
+from ci.profiles import runners  # noqa: E402
 
 SEED = 0
 
@@ -52,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     profile = runners.get_profile("cpu")
     floor = thresholds.for_profile("cpu").accuracy_floor(realmodel.MODEL_NAME)
-    items = hellaswag.load_hellaswag(tinymodel.default_cache_dir(), a.items)
+    items = hellaswag.load_hellaswag(cachedir.default_root(), a.items)
     with tempfile.TemporaryDirectory() as tmp:
         model = perturbed_copy(realmodel.ensure_real_model(), Path(tmp) / "model", a.noise)
         server = Server(get_backend(profile.backend), str(model),

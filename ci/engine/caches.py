@@ -43,15 +43,12 @@ MARKERS_DIR = ".warmup"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-default_root = cachedir.default_root
-
-
 def engine_dir(backend_name: str, root: Path | None = None) -> Path:
     """The cache tree of one engine kind (nothing is created)."""
     name = _SAFE.sub("_", backend_name).strip("._")
     if not name:
         raise ValueError(f"backend name {backend_name!r} has no usable characters for a cache dir")
-    return Path(root if root is not None else default_root()) / JIT_DIR / name
+    return Path(root if root is not None else cachedir.default_root()) / JIT_DIR / name
 
 
 def cache_vars(backend_name: str) -> tuple[tuple[str, str], ...]:

@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 from ci.engine import caches, compat, models
 from ci.engine.backends import BackendSpec
 from ci.engine.crashwatch import CrashWatch
-from ci.profiles import runners
 from ci.engine.server import Server, ServerError, ServerExited, ServerKey  # noqa: F401  (the pool's key)
+from ci.host import cachedir
+from ci.profiles import runners
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def launch_args(profile: runners.Profile, key: ServerKey, backend: BackendSpec |
 def engine_env(backend: BackendSpec, profile: runners.Profile,
                cache_root: Path | None = None) -> dict[str, str]:
     """The environment every launch gets: kiln's cache directories, then the profile's own."""
-    return {**caches.engine_cache_env(backend.name, cache_root or caches.default_root()),
+    return {**caches.engine_cache_env(backend.name, cache_root or cachedir.default_root()),
             **dict(profile.env)}
 
 

@@ -32,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 
 
-from ci.engine.tinymodel import default_cache_dir
 from ci.host import cachedir
 from ci.install import pinned_wheel
 from ci.install.pinned_wheel import PinnedWheel
@@ -63,7 +62,7 @@ DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path
 
 def model_dir(cache_dir: Path | None = None) -> Path:
     """Where :func:`ensure_real_model` puts the converted model (nothing is built)."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cachedir.default_root()
     return root / "models" / MODEL_NAME
 
 

@@ -68,13 +68,12 @@ TORCH_DTYPE = "float32"
 EMBED_STD = 1.0
 LOGIT_STD = 6.0
 
-default_cache_dir = cachedir.default_root
 
 
 def model_dir(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
     """Where :func:`ensure_tiny_model` puts the model for ``seed`` (nothing is built)."""
     _check_seed(seed)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cachedir.default_root()
     name = MODEL_NAME if seed == 0 else f"{MODEL_NAME}-seed{seed}"
     return root / "models" / name
 
@@ -82,7 +81,7 @@ def model_dir(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
 def ensure_tiny_model(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
     """Return the directory of the tiny model, building it first if needed.
 
-    ``cache_dir`` is kiln's cache root (default :func:`default_cache_dir`); the
+    ``cache_dir`` is kiln's cache root (default ``ci.host.cachedir.default_root()``); the
     model lives in ``<cache_dir>/models/tiny-llama`` (``-seed<N>`` for other
     seeds). A complete directory whose manifest matches this generator is
     returned untouched; anything else is rebuilt atomically under a lock.

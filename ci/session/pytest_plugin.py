@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from ci.engine import caches, launch, models
+from ci.engine import launch, models
 from ci.engine.backends import BackendSpec, get_backend
 from ci.engine.launch import ServerKey
 from ci.engine.server import Server
-from ci.host import alloc, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
+from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts
 from ci.session import known_issues
@@ -100,7 +100,7 @@ def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
         # A launch that relies on caches `invoke warmup` filled: if it fails,
         # the report suggests `invoke warmup --cold` (a poisoned cache).
         spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)
-        warm = warmup_markers.marker_path(caches.default_root(), spec).exists()
+        warm = warmup_markers.marker_path(cachedir.default_root(), spec).exists()
         return launch.build_server(profile, backend, key, log_dir=log_dir, devices=devices,
                                    memory=memory, warm_dependent=warm)
 

