@@ -1,6 +1,8 @@
 """Backend specs build the right commands and reject bad input clearly."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ci.engine.backends import get_backend
@@ -56,7 +58,7 @@ def test_model_marker_keys():
 
 
 def test_a_served_name_is_given_to_the_command_and_the_server_not_parsed_from_args(tmp_path):
-    from ci.engine.backends import BackendSpec, generic
+    from ci.engine.backends import generic
     from ci.engine.server import Server
 
     argv = get_backend("vllm").command("/models/x", 30000, 1, ["--extra"], served_name="tiny-llama")
@@ -66,6 +68,6 @@ def test_a_served_name_is_given_to_the_command_and_the_server_not_parsed_from_ar
     assert server.served_model == "tiny-llama"
     assert Server(get_backend("vllm"), "hub/id", log_dir=tmp_path).served_model == "hub/id"
     # An engine that cannot rename refuses a renamed launch in one line.
-    fixed = BackendSpec(**{**generic("x --port {port}").__dict__, "served_name_flag": None})
+    fixed = dataclasses.replace(generic("x --port {port}"), served_name_flag=None)
     with pytest.raises(ValueError, match="cannot serve /models/x under another name"):
         fixed.command("/models/x", 30000, 1, served_name="tiny-llama")
