@@ -47,7 +47,9 @@ PINS = "requirements.txt"
 DEFAULT_PLATFORMS = tuple(
     [f"manylinux_2_{n}_x86_64" for n in (5, 17, 24, 26, 27, 28, 31, 34, 35)]
     + ["manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64"])
-_SAVED = re.compile(r"^(?:Saved|File was already downloaded) (.+\.whl)\s*$", re.M)
+# pip prints "Saved PATH" for a new file and "  File was already downloaded PATH"
+# (indented) when the folder holds it already: a re-run into the same folder.
+_SAVED = re.compile(r"^\s*(?:Saved|File was already downloaded) (.+\.whl)\s*$", re.M)
 
 
 class WheelhouseError(RuntimeError):

@@ -77,6 +77,18 @@ def test_extras_asked_for_are_followed_and_excluded_names_are_not(index, tmp_pat
     assert manifest["excluded"] == ["dep-f"]
 
 
+def test_a_rerun_into_the_same_folder_finds_the_wheels_already_there(index, tmp_path):
+    # pip says "  File was already downloaded PATH" (indented) for a wheel the folder
+    # holds; the first version of the walk matched only "Saved PATH" at a line's start
+    # and failed "no wheel of engine==1.0" on every re-run.
+    dest = tmp_path / "wh"
+    first = wheelhouse.build(["engine==1.0"], dest, offline(index), present={"present-c"})
+    stamps = {p.name: p.stat().st_mtime_ns for p in dest.glob("*.whl")}
+    again = wheelhouse.build(["engine==1.0"], dest, offline(index), present={"present-c"})
+    assert again["wheels"] == first["wheels"]
+    assert {p.name: p.stat().st_mtime_ns for p in dest.glob("*.whl")} == stamps  # nothing fetched anew
+
+
 def test_a_conflict_is_one_line_naming_both_sides_and_the_way_out(index, tmp_path):
     with pytest.raises(WheelhouseError) as err:
         wheelhouse.build(["engine==1.0", "needs-new-g"], tmp_path / "wh", offline(index),
