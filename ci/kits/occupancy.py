@@ -268,7 +268,9 @@ def _sample_round(server: ServerLike, c, rnd: int, gauge: str, accept_gauge: str
             snap = scrape(server, c)
             # A gauge that vanishes mid-run is as bad as one never exposed.
             require(server, snap, [gauge], "occupancy")
-            samples.append(Sample(rnd, time.monotonic() - start, dict(snap[gauge]),
+            # As fractions of "busy all the time" (a percentage gauge divided by 100).
+            full = server.backend.gauges.occupancy_full if gauge == server.backend.gauges.occupancy else 1.0
+            samples.append(Sample(rnd, time.monotonic() - start, {k: v / full for k, v in snap[gauge].items()},
                                   dict(snap.get(accept_gauge, {})) if accept_gauge else {}))
             done.wait(interval_s)
     finally:

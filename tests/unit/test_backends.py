@@ -23,6 +23,21 @@ def test_commands(name, tp, expect):
         assert "--tensor-parallel-size" not in argv and "--tp-size" not in argv
 
 
+def test_every_sglang_launch_has_metrics_and_the_device_timer_the_kits_read():
+    # SGLang serves /metrics only with --enable-metrics and publishes fwd_occupancy
+    # only with SGLANG_ENABLE_METRICS_DEVICE_TIMER=1 (sglang #25886): the AMD
+    # profiles once launched without the flag, failing every metrics kit.
+    sglang = get_backend("sglang")
+    assert sglang.command("m", 30000, 1).count("--enable-metrics") == 1
+    assert sglang.command("m", 30000, 1, ["--enable-metrics"]).count("--enable-metrics") == 1
+    assert dict(sglang.env)["SGLANG_ENABLE_METRICS_DEVICE_TIMER"] == "1"
+    assert sglang.gauges.occupancy_full == 100.0  # a percentage gauge
+    assert sglang.health_path == "/health_generate"
+    assert "TVM_FFI_CACHE_DIR" in dict(sglang.cache_vars)
+    # vLLM needs no flag: its metrics are on unless hidden.
+    assert get_backend("vllm").metrics_flag is None
+
+
 def test_generic_template_fills_port_and_model():
     b = get_backend("generic:{python} -m my.engine --model {model} --port {port} --tp {tp}")
     argv = b.command("mymodel", 30001, 2)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ci.engine.backends.spec import COMMON_CACHES, DEEPGEMM_CACHES, FLASHINFER_CACHES, BackendSpec, Gauges, python
+from ci.engine.backends.spec import (COMMON_CACHES, DEEPGEMM_CACHES, FLASHINFER_CACHES, TVM_FFI_CACHES, BackendSpec,
+                                     Gauges, python)
 
 
 # SGLang (python/sglang/srt/environ.py): SGLANG_CACHE_DIR (default
@@ -34,14 +35,24 @@ SGLANG = BackendSpec(
         occupancy="sglang:fwd_occupancy",
         kv_usage="sglang:token_usage",
         spec_accept_length="sglang:spec_accept_length",
+        occupancy_full=100.0,  # a 0-100 percentage (sglang #25886's kit reads it so)
     ),
-    # SGLang serves /metrics only when launched with this flag (sglang #25886).
+    # /health answers 200 as soon as the server is up; /health_generate runs a
+    # one-token generation through the scheduler when it is idle (http_server.py),
+    # so "ready" means the engine really generates.
+    health_path="/health_generate",
+    # SGLang serves /metrics only when launched with this flag (sglang #25886);
+    # every kiln launch carries it (BackendSpec.command).
     metrics_flag="--enable-metrics",
+    # fwd_occupancy (forward time / wall time, from CUDA events) is published only
+    # with the device timer on (scheduler_components/metrics_reporter.py; seed
+    # sglang #25886's kit names it as a prerequisite of the server).
+    env=(("SGLANG_ENABLE_METRICS_DEVICE_TIMER", "1"),),
     distributions=("sglang",),
     # The launcher keeps its command line; scheduler and detokenizer rename
     # themselves sglang::<role> (setproctitle).
     process_names=("sglang.launch_server", "sglang::"),
-    cache_vars=COMMON_CACHES + _SGLANG_CACHES + DEEPGEMM_CACHES + FLASHINFER_CACHES,
+    cache_vars=COMMON_CACHES + _SGLANG_CACHES + DEEPGEMM_CACHES + FLASHINFER_CACHES + TVM_FFI_CACHES,
     accepts_ignore_eos=True,
     reference="sglang",
 )

