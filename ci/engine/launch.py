@@ -4,7 +4,8 @@ pytest-free, so the warmup CLI and the chain use it without importing pytest.
 A :class:`ServerKey` (model, tp, args) names what makes two servers
 interchangeable. :func:`launch_args` resolves the model (a hub id, a
 directory, or one of kiln's local models) and composes the args: the
-profile's, the tp>1 extras, then the key's own, with flags the installed
+profile's, this machine's ``$KILN_SERVER_ARGS``, the tp>1 extras, then the
+key's own, with flags the installed
 engine lacks dropped or refused (ci.engine.compat); a local model is served
 under the name the tests use (``Launch.served_name``).
 :func:`build_server` adds the environment (kiln's cache directories, then the
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shlex
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, NamedTuple
 
@@ -48,11 +51,14 @@ def launch_args(profile: runners.Profile, key: ServerKey, backend: BackendSpec |
     model, served_name = models.resolve(key.model)
     # tp>1 servers get the profile's multi-GPU args too (ci/profiles/runners.py says why).
     tp_args = profile.tp_args if key.tp > 1 else ()
-    args = (*profile.server_args, *tp_args, *key.args)
+    site_args = server_args_from_env()
+    args = (*profile.server_args, *site_args, *tp_args, *key.args)
     if backend is None or backend.version() is None:
         return Launch(model, args, served_name)  # a generic command: nothing to probe against
     probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())
-    requested = [a.split("=", 1)[0] for a in key.args if a.startswith("--")]
+    # $KILN_SERVER_ARGS is asked for as much as a test's own args: a flag the
+    # engine lacks fails the launch instead of being dropped.
+    requested = [a.split("=", 1)[0] for a in (*site_args, *key.args) if a.startswith("--")]
     try:
         return Launch(model, tuple(compat.filter_flags(probe, args, requested=requested)), served_name)
     except RuntimeError as exc:
@@ -61,6 +67,21 @@ def launch_args(profile: runners.Profile, key: ServerKey, backend: BackendSpec |
         # No usable --help: launch as asked; the engine rejects what it lacks, loudly.
         log.warning("cannot probe %s flags (%s); launching with the args as given", backend.name, exc)
         return Launch(model, args, served_name)
+
+
+# Launch args this machine's engine build needs on every launch, e.g. a staged
+# SGLang without FA3: KILN_SERVER_ARGS="--attention-backend triton" (bench/gpu_stage.sh
+# writes it). A KILN_ variable, so repro commands carry it (ci/report/repro.py).
+SERVER_ARGS_ENV = "KILN_SERVER_ARGS"
+
+
+def server_args_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``$KILN_SERVER_ARGS`` split as a shell would; one clear error when it cannot be."""
+    raw = (os.environ if environ is None else environ).get(SERVER_ARGS_ENV, "")
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise ValueError(f"${SERVER_ARGS_ENV} cannot be split into args ({exc}): {raw!r}") from None
 
 
 def engine_env(backend: BackendSpec, profile: runners.Profile,
