@@ -78,12 +78,20 @@ class Profile:
 
 _VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
 _ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
+# SGLang's CUDA 13 image of the release verified on an H200 (docs/gpu-verification.md):
+# 0.5.17 is the newest SGLang whose torch pin (2.11.0) matches the runner's torch.
+_SGLANG_CUDA_IMAGE = "docker.io/lmsysorg/sglang:v0.5.17-cu130"
 
 
-# Per GPU vendor: (backend, image, launch timeout, per-test timeout).
+# Per GPU vendor: (backend, image, launch timeout, per-test timeout) of its default engine.
 _VENDOR = {
     "nvidia": ("vllm", _VLLM_IMAGE, GPU_LAUNCH_TIMEOUT_S, GPU_TEST_TIMEOUT_S),
     "amd": ("sglang", _ROCM_IMAGE, AMD_LAUNCH_TIMEOUT_S, AMD_TEST_TIMEOUT_S),
+}
+# The other engine a vendor's runners serve, as its own profiles (<kind>-<n>-<backend>):
+# four of the five source PRs are SGLang's CI on NVIDIA runners.
+_OTHER_ENGINES = {
+    "nvidia": {"sglang": _SGLANG_CUDA_IMAGE},
 }
 
 
@@ -98,11 +106,16 @@ _VENDOR = {
 H200_TP_ARGS = ("--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}')
 
 
-def _gpu(vendor: str, kind: str, n: int) -> Profile:
+def _gpu(vendor: str, kind: str, n: int, engine: str | None = None) -> Profile:
+    """A GPU row: ``kind``-``n`` on the vendor's default engine, or ``kind``-``n``-``engine``."""
     backend, image, launch_s, test_s = _VENDOR[vendor]
+    name = f"{kind}-{n}"
+    if engine is not None and engine != backend:
+        backend, image, name = engine, _OTHER_ENGINES[vendor][engine], f"{kind}-{n}-{engine}"
     return Profile(
-        tp_args=H200_TP_ARGS if kind == "h200" and n > 1 else (),
-        name=f"{kind}-{n}", vendor=vendor, gpus=n, backend=backend,
+        # vLLM's fusion pass config: meaningless (and refused) anywhere else.
+        tp_args=H200_TP_ARGS if kind == "h200" and n > 1 and backend == "vllm" else (),
+        name=name, vendor=vendor, gpus=n, backend=backend,
         runner_label=f"linux-{kind}-{n}gpu", pool=kind,
         launch_timeout_s=launch_s, test_timeout_s=test_s,
         image=image, default_model="Qwen/Qwen2.5-0.5B-Instruct", enforce_perf=True,
@@ -132,6 +145,7 @@ def _build() -> Mapping[str, Profile]:
         ),
         *(_gpu("nvidia", "h100", n) for n in (1, 2, 4, 8)),
         *(_gpu("nvidia", "h200", n) for n in (1, 2, 4, 8)),
+        *(_gpu("nvidia", kind, n, "sglang") for kind in ("h100", "h200") for n in (1, 2, 4, 8)),
         *(_gpu("amd", "mi300", n) for n in (1, 2, 4, 8)),
         _gpu("amd", "mi325", 8),
     ]
