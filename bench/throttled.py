@@ -2,7 +2,7 @@
 
 Shared by the occupancy benchmarks (bench/step_occupancy.py,
 bench/vllm_idle_signals.py). A non-zero ``idle_ms`` puts
-tests/fakes/vllm_throttle on the engine's PYTHONPATH, which makes its engine
+tests/fakes/engine_throttle on the engine's PYTHONPATH, which makes its engine
 core sleep that long after every step that ran the model.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ci.engine.server import Server
 from ci.profiles import runners
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIM = ROOT / "tests" / "fakes" / "vllm_throttle"
+SHIM = ROOT / "tests" / "fakes" / "engine_throttle"
 
 
 def tiny_server(idle_ms: float, log_dir: Path) -> Server:

