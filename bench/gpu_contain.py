@@ -27,7 +27,8 @@ import psutil
 import pynvml
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_MARKS = ("VLLM::", "vllm.entrypoints", "api_server")
+# vLLM and SGLang, renamed processes included (setproctitle: VLLM::<role>, sglang::<role>).
+ENGINE_MARKS = ("VLLM::", "vllm.entrypoints", "api_server", "sglang::", "sglang.launch_server")
 POLL_S = 0.1
 PROBE = '''
 import threading
@@ -94,6 +95,14 @@ def main() -> int:
     live = engine_procs()
     print(f"ready; harness pid {harness.pid}, server root {flag.read_text()}; descendants {len(tree) - 1}; "
           f"engine processes {len(live)}: {sorted(p.name() for p in live)}; GPU MiB {gpu_used_mib()}")
+    # What the engine's processes are really called (name as ps shows it, then the
+    # command line): the names kiln's leak scan (BackendSpec.process_names) must match.
+    for pid in tree[1:]:
+        try:
+            p = psutil.Process(pid)
+            print(f"  descendant {pid}: name {p.name()!r} cmdline {' '.join(p.cmdline())[:120]!r}")
+        except psutil.NoSuchProcess:
+            continue
     killed_at = time.monotonic()
     os.kill(harness.pid, signal.SIGKILL)
     harness.wait()

@@ -1,45 +1,105 @@
 #!/usr/bin/env bash
-# Stage vLLM's GPU build for a GPU machine that reaches no index and takes at
-# most 64 MiB per transfer (the device machine: /work/.library/device/README.md).
+# Stage an engine's GPU build (vLLM or SGLang) for a GPU machine that reaches no
+# index and takes at most 64 MiB per transfer (the device machine:
+# /work/.library/device/README.md).
 #
-#   bench/gpu_stage.sh OUT_DIR [WORK_DIR]      # on a connected host, repo root
+#   bench/gpu_stage.sh ENGINE OUT_DIR [WORK_DIR]   # on a connected host, repo root
+#                      ENGINE: vllm | sglang
 #
 # OUT_DIR gets part-00, part-01, ... (each <= $KILN_STAGE_CHUNK) of one tar:
-#   wheels/          a kiln wheelhouse (ci/install/wheelhouse.py): vLLM's dependencies that
-#                    the image lacks (bench/h200-image-packages.txt), nox, invoke,
+#   wheels/          a kiln wheelhouse (ci/install/wheelhouse.py): the engine's dependencies
+#                    that the image lacks (bench/h200-image-packages.txt), nox, invoke,
 #                    the harness, and zstandard (the image has no zstd)
-#   engine.tar.zst   the vLLM wheel unpacked, minus its FA2 library (below)
+#   engine.tar.zst   the engine's biggest wheels unpacked, minus libraries the tiny Llama
+#                    on one Hopper GPU never loads (below)
+#   stage-env.sh     what the engine needs set on that machine, for bench/gpu_unstage.sh
 # On the GPU machine, bench/gpu_unstage.sh reassembles and installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bench/gpu_stage.sh OUT_DIR [WORK_DIR]}
-work=${2:-$(mktemp -d /tmp/kiln-stage.XXXXXX)}
-engine=${KILN_STAGE_ENGINE:-vllm==0.26.0}  # its torch== pin must be the image's torch (README)
-chunk=${KILN_STAGE_CHUNK:-56M}             # + the repo tree stays under 64 MiB a call
+engine=${1:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
+out=${2:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
+work=${3:-$(mktemp -d /tmp/kiln-stage.XXXXXX)}
+chunk=${KILN_STAGE_CHUNK:-56M}   # + the repo tree stays under 64 MiB a call
 mkdir -p "$out" "$work"
+present=bench/h200-image-packages.txt
 
-# Left out (--exclude): kernels packages vLLM lists that the tiny-model path on
-# Hopper never imports (with FlashInfer's sampler off, VLLM_USE_FLASHINFER_SAMPLER=0):
-# together hundreds of MB, more than the transfer budget; and fastapi's CLI extras.
-python3 -m ci.install.wheelhouse "$engine" nox==2026.10.20 invoke==3.0.3 zstandard==0.25.0 \
-  -r requirements/e2e-gpu.txt --python 3.12 --dest "$work/wheels" \
-  --present bench/h200-image-packages.txt -c bench/gpu_stage_constraints.txt \
-  --exclude tilelang --exclude nvidia-cutlass-dsl --exclude quack-kernels \
-  --exclude tokenspeed-mla --exclude humming-kernels --exclude pynvvideocodec \
-  --exclude torchcodec --exclude fastsafetensors --exclude nvidia-cudnn-frontend \
-  --exclude cuda-tile --exclude fastapi-cli --exclude fastapi-cloud-cli
+# Per engine: the release (its torch== pin must be the image's torch, README), the
+# packages left out (--exclude), the wheels that travel unpacked, the files dropped from
+# them, and the environment the staged build needs.
+case "$engine" in
+  vllm)
+    roots=(vllm==0.26.0)
+    # Kernels packages vLLM lists that the tiny-model path on Hopper never imports
+    # (with FlashInfer's sampler off): together hundreds of MB, more than the
+    # transfer budget; and fastapi's CLI extras.
+    excludes=(tilelang nvidia-cutlass-dsl quack-kernels tokenspeed-mla humming-kernels
+              pynvvideocodec torchcodec fastsafetensors nvidia-cudnn-frontend cuda-tile
+              fastapi-cli fastapi-cloud-cli)
+    constraints=(-c bench/gpu_stage_constraints.txt)
+    unpacked=(vllm)
+    # On Hopper vLLM serves with FA3 (_vllm_fa3_C) and never loads FA2 (305 MB unpacked).
+    dropped=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so)
+    # FlashInfer's sampler JIT-compiles with curand headers the staged wheel set lacks.
+    stage_env='export VLLM_USE_FLASHINFER_SAMPLER=0'
+    ;;
+  sglang)
+    # 0.5.17 is the newest SGLang whose torch== pin is 2.11.0 (0.5.18+ pin 2.13);
+    # its wheels are cp312 only. It pins transformers==5.12.1 where the image has
+    # 5.17.0: the pinned one travels (the image's name list minus transformers).
+    roots=(sglang==0.5.17 transformers==5.12.1 dill)
+    grep -v -x transformers "$present" > "$work/present.txt"
+    present=$work/present.txt
+    # Not imported by a bf16 Llama on one GPU with --attention-backend triton:
+    # other attention/MLA/MoE kernels (tilelang, tokenspeed-mla and its Triton fork,
+    # humming-kernels, cutlass-dsl, flash-attn-4, mathdx, deep-gemm, quack), the
+    # flashinfer cubin/JIT caches, and the datasets/modelscope/mistral tool chains.
+    # Two names they brought are imported by SGLang without being declared:
+    # dill (sampling/custom_logit_processor.py: a root above) and jsonschema
+    # (outlines still brings it).
+    excludes=(tilelang tokenspeed-mla humming-kernels nvidia-cutlass-dsl flash-attn-4
+              nvidia-mathdx sgl-deep-gemm quack-kernels torchcodec datasets mistral-common
+              modelscope helion flashinfer-cubin flashinfer-jit-cache nvidia-cudnn-frontend
+              fastapi-cli fastapi-cloud-cli)
+    constraints=()
+    unpacked=(sglang sglang_kernel xgrammar flashinfer_python)
+    # sgl_kernel: FA3 (flash_ops, 1 GB: Hopper's default attention backend, hence
+    # --attention-backend triton below), the Blackwell build of its common ops
+    # (sm90/ is what an H100/H200 loads), InfLLM and FlashMLA kernels; xgrammar's
+    # static library (65 MB, for C++ users linking it; Python loads the bindings .so).
+    dropped=(sgl_kernel/flash_ops.abi3.so sgl_kernel/sm100 sgl_kernel/infllm_ops.cpython-310-x86_64-linux-gnu.so
+             sgl_kernel/flashmla_ops.abi3.so xgrammar/lib/libxgrammar.a)
+    # Launch args the staged build needs, appended to every kiln launch (README,
+    # "KILN_SERVER_ARGS"): no FA3 here, so Triton attention; FlashInfer's sampler
+    # JIT-compiles with curand headers the staged set lacks, so PyTorch sampling.
+    # SGLang builds its RoPE kernel with nvcc at run time: the image has nvcc and ninja.
+    stage_env='export KILN_SERVER_ARGS="--attention-backend triton --sampling-backend pytorch"'
+    ;;
+  *) echo "bench/gpu_stage.sh: unknown engine '$engine' (vllm or sglang)" >&2; exit 2 ;;
+esac
 
-# The engine wheel travels unpacked and zstd-compressed instead: 304 MB as a
-# wheel, 127 MB this way. Its FA2 library (305 MB unpacked) is dropped: on
-# Hopper vLLM serves with FA3 (_vllm_fa3_C) and never loads FA2 (README).
-wheel=$(ls "$work"/wheels/vllm-*.whl)
+ex=(); for n in "${excludes[@]}"; do ex+=(--exclude "$n"); done
+# SGLang's wheels are manylinux_2_34, newer than the walk's default tags.
+platforms=(); for n in 5 17 24 26 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+python3 -m ci.install.wheelhouse "${roots[@]}" nox==2026.10.20 invoke==3.0.3 zstandard==0.25.0 \
+  -r requirements/e2e-gpu.txt --python 3.12 --dest "$work/wheels" --present "$present" \
+  "${constraints[@]}" "${ex[@]}" "${platforms[@]}" \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64
+
+# The biggest wheels travel unpacked and zstd-compressed instead (vLLM: 304 MB as a
+# wheel, 127 MB this way), minus what the tiny Llama never loads (above). The
+# .dist-info folders stay: SGLang checks sglang-kernel's version from its metadata.
 rm -rf "$work/engine" && mkdir -p "$work/engine"
-python3 -m zipfile -e "$wheel" "$work/engine"
-rm -f "$work/engine/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so"
-rm "$wheel" && sed -i '/^vllm==/d' "$work/wheels/requirements.txt"
+for name in "${unpacked[@]}"; do
+  wheel=$(ls "$work"/wheels/"$name"-*.whl)
+  python3 -m zipfile -e "$wheel" "$work/engine"
+  rm "$wheel"
+  sed -i "/^${name//_/-}==/d" "$work/wheels/requirements.txt"
+done
+for f in "${dropped[@]}"; do rm -rf "${work:?}/engine/$f"; done
 # --long=27: a 128 MiB window finds the repeats between the big .so files.
 tar -C "$work/engine" -cf - . | zstd -q -19 --long=27 -T2 -o "$work/engine.tar.zst" -f
+printf '# %s, staged by bench/gpu_stage.sh\n%s\n' "${roots[0]}" "$stage_env" > "$work/stage-env.sh"
 rm -f "$out"/part-*
-tar -C "$work" -cf - wheels engine.tar.zst | split -b "$chunk" -d - "$out/part-"
+tar -C "$work" -cf - wheels engine.tar.zst stage-env.sh | split -b "$chunk" -d - "$out/part-"
 ls -l "$out"
-echo "staged $engine: $(ls "$out" | wc -l) parts in $out (work dir $work)"
+echo "staged ${roots[0]}: $(ls "$out" | wc -l) parts, $(du -sh "$out" | cut -f1) in $out (work dir $work)"

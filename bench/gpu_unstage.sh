@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: reassemble what bench/gpu_stage.sh made and install it
-# beside the image's Python, adding packages only (nothing of the image's is
-# replaced: the wheels are the names it lacks, installed to their own folders).
+# On the GPU machine: reassemble what bench/gpu_stage.sh made (vLLM or SGLang) and
+# install it beside the image's Python, adding packages only (nothing of the image's
+# is replaced: the wheels are the names it lacks, installed to their own folders).
+# Each run starts from empty folders, so one engine's staging never mixes with the other's.
 #
 #   bench/gpu_unstage.sh PARTS_DIR        # then: source /tmp/kiln-env.sh
 set -euo pipefail
@@ -21,7 +22,8 @@ zstandard.ZstdDecompressor(max_window_size=2**27).copy_stream(sys.stdin.buffer, 
 cat > "$root/kiln-env.sh" <<ENV
 export PYTHONPATH=$root/kiln-engine:$root/kiln-deps\${PYTHONPATH:+:\$PYTHONPATH}
 export PATH=$root/kiln-deps/bin:\$PATH
-# FlashInfer's sampler JIT-compiles with headers the staged wheel set lacks.
-export VLLM_USE_FLASHINFER_SAMPLER=0
 ENV
-echo "installed: $(ls "$root/kiln-deps" | grep -c dist-info) wheels, engine $(ls -d "$root"/kiln-engine/vllm-*.dist-info)"
+# What this engine's staged build needs set (bench/gpu_stage.sh wrote it).
+cat "$root/kiln-stage/stage-env.sh" >> "$root/kiln-env.sh"
+echo "installed: $(ls "$root/kiln-deps" | grep -c dist-info) wheels;" \
+  "unpacked: $(cd "$root/kiln-engine" && ls -d ./*.dist-info | tr '\n' ' ')"

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The device-side steps behind docs/gpu-verification.md (issue 12), one per call:
+# The device-side steps behind docs/gpu-verification.md, one per call:
 #
 #   bench/gpu_verify.sh recv PART              keep one staged part (bench/gpu_stage.sh)
 #   bench/gpu_verify.sh unstage                reassemble + install (bench/gpu_unstage.sh)
-#   bench/gpu_verify.sh h200-1                 nox -s e2e-h200-1 -- --kiln-model tiny-llama
-#   bench/gpu_verify.sh warmup                 invoke warmup --cold, then a warm start
+#   bench/gpu_verify.sh e2e PROFILE [ARGS..]   nox -s e2e-PROFILE -- --kiln-model tiny-llama ARGS
+#   bench/gpu_verify.sh h200-1                 the same as: e2e h200-1
+#   bench/gpu_verify.sh warmup [PROFILE]       invoke warmup --cold, then a warm start (h200-1)
+#   bench/gpu_verify.sh throttle PROFILE S     the occupancy kits against an engine idling S s a step
 #   bench/gpu_verify.sh h200-2                 nox -s e2e-h200-2 (tp=2 + two servers at once)
-#   bench/gpu_verify.sh contain                harness SIGKILLed under a tp=2 server
+#   bench/gpu_verify.sh contain [PROFILE TP]   harness SIGKILLed under a live server (h200-2, tp=2)
 #
 # Run from the kiln checkout on the GPU machine; logs go to $OUT (or /tmp/kiln-out).
 # Every step prints the GPUs' memory and the engine processes before and after:
-# counted by name/command line (VLLM::EngineCore, VLLM::Worker*, the API server),
-# zombies excluded, so nothing relies on kiln's own bookkeeping.
+# counted by name/command line (vLLM: VLLM::EngineCore, VLLM::Worker*, the API server;
+# SGLang: sglang::scheduler*, sglang::detokenizer, the launcher), zombies excluded,
+# so nothing relies on kiln's own bookkeeping.
 set -uo pipefail
 step=${1:?usage: bench/gpu_verify.sh STEP [ARG]}
 out=${OUT:-/tmp/kiln-out}
@@ -24,7 +27,8 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 engine_procs() {
   # pid stat name args of every live engine process; Z (zombie) rows dropped.
   ps -eo pid=,stat=,comm=,args= | awk '$2 !~ /^Z/' \
-    | grep -E 'VLLM::|vllm\.entrypoints|api_server' | grep -v -E 'grep|gpu_verify' || true
+    | grep -E 'VLLM::|vllm\.entrypoints|api_server|sglang::|sglang\.launch_server' \
+    | grep -v -E 'grep|gpu_verify' || true
 }
 state() {
   echo "== $1 $(date -u +%T)"
@@ -44,24 +48,37 @@ case "$step" in
 print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")))'
     python3 -m nox --version; python3 -m invoke --version
     state baseline ;;
-  h200-1)
+  h200-1|e2e)
+    profile=h200-1; [ "$step" = e2e ] && { profile=${2:?profile}; shift; }; shift
     state before
-    CUDA_VISIBLE_DEVICES=0 python3 -m nox -s e2e-h200-1 -- --kiln-model tiny-llama 2>&1 | tee "$out/h200-1.log"
+    CUDA_VISIBLE_DEVICES=0 python3 -m nox -s "e2e-$profile" -- --kiln-model tiny-llama "$@" 2>&1 \
+      | tee "$out/$profile.log"
     echo "nox exit ${PIPESTATUS[0]}"
-    cp reports/servers-e2e-h200-1.json reports/junit-e2e-h200-1.xml reports/kit-summary-e2e-h200-1.md "$out/" 2>/dev/null
-    grep -h -i -E "flash ?attention|FLASH_ATTN|attention backend" reports/logs/e2e-h200-1/*.log | sort | uniq -c | head
+    cp "reports/servers-e2e-$profile.json" "reports/junit-e2e-$profile.xml" \
+      "reports/kit-summary-e2e-$profile.md" "$out/" 2>/dev/null
+    grep -h -i -E "flash ?attention|FLASH_ATTN|attention backend" "reports/logs/e2e-$profile"/*.log | sort | uniq -c | head
     state after ;;
   warmup)
+    profile=${2:-h200-1}
     state before
     export KILN_MODEL=tiny-llama CUDA_VISIBLE_DEVICES=0
-    python3 -m invoke warmup --cold --profile h200-1 2>&1 | tee "$out/warmup-cold.log"
+    python3 -m invoke warmup --cold --profile "$profile" 2>&1 | tee "$out/warmup-cold.log"
     echo "warmup exit ${PIPESTATUS[0]}"
-    python3 -m invoke warmup --profile h200-1 2>&1 | tail -3   # marked: launches nothing
-    python3 -m nox -s e2e-h200-1 -- --kiln-model tiny-llama tests/e2e/test_api.py 2>&1 | tee "$out/warm-start.log"
+    python3 -m invoke warmup --profile "$profile" 2>&1 | tail -3   # marked: launches nothing
+    python3 -m nox -s "e2e-$profile" -- --kiln-model tiny-llama tests/e2e/test_api.py 2>&1 | tee "$out/warm-start.log"
     echo "nox exit ${PIPESTATUS[0]}"
     echo "cold:"; ready_lines "$out/warmup-cold.log" reports/logs/warmup/*.log
     echo "warm:"; ready_lines "$out/warm-start.log"
-    python3 -c 'import json; [print("record", s["key"], "ready", round(s["ready"]-s["launched"],1), "s") for s in json.load(open("reports/servers-e2e-h200-1.json"))]'
+    python3 -c 'import json, sys; [print("record", s["key"], "ready", round(s["ready"]-s["launched"],1), "s") for s in json.load(open(sys.argv[1]))]' "reports/servers-e2e-$profile.json"
+    state after ;;
+  throttle)
+    profile=${2:?profile} idle=${3:?idle seconds}
+    state before
+    # tests/fakes/engine_throttle: every engine process sleeps $idle s after each step.
+    CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$PWD/tests/fakes/engine_throttle:${PYTHONPATH:-}" KILN_THROTTLE_IDLE_S=$idle \
+      python3 -m nox -s "e2e-$profile" -- --kiln-model tiny-llama tests/e2e/test_occupancy.py -s 2>&1 \
+      | tee "$out/throttle-$profile.log"
+    echo "nox exit ${PIPESTATUS[0]} (the occupancy kits must fail here)"
     state after ;;
   h200-2)
     state before
@@ -71,7 +88,7 @@ print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(
     state after ;;
   contain)
     state before
-    python3 bench/gpu_contain.py 2>&1 | tee "$out/contain.log"
+    python3 bench/gpu_contain.py --profile "${2:-h200-2}" --tp "${3:-2}" 2>&1 | tee "$out/contain.log"
     state after ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
