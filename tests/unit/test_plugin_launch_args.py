@@ -72,3 +72,24 @@ def test_tp_args_go_to_tp2_servers_of_h200_profiles_only():
     assert "--compilation-config" not in tp1
     _, h100, _ = launch_args(runners.get_profile("h100-2"), ServerKey("Qwen/Qwen2.5-0.5B-Instruct", 2))
     assert "--compilation-config" not in h100
+
+
+def test_the_machines_server_args_follow_the_profiles_and_are_refused_when_missing(backend, monkeypatch):
+    # $KILN_SERVER_ARGS: what this machine's engine build needs on every launch (a
+    # staged SGLang without FA3: --attention-backend triton), quoted as a shell would.
+    monkeypatch.setenv("KILN_SERVER_ARGS", "--host '127.0.0.2'")
+    _, args, _ = launch_args(_profile("--max-model-len", "512"), ServerKey("m", 1, ("--port", "9")), backend)
+    assert args == ("--max-model-len", "512", "--host", "127.0.0.2", "--port", "9")
+    # Asked for, not a profile default: a flag the engine lacks fails the launch.
+    monkeypatch.setenv("KILN_SERVER_ARGS", "--attention-backend triton")
+    with pytest.raises(compat.FeatureUnavailable, match="flag --attention-backend was requested"):
+        launch_args(_profile(), ServerKey("m"), backend)
+    monkeypatch.setenv("KILN_SERVER_ARGS", "--host 'unclosed")
+    with pytest.raises(ValueError, match=r"^\$KILN_SERVER_ARGS cannot be split into args"):
+        launch_args(_profile(), ServerKey("m"), backend)
+
+
+def test_sglang_profiles_get_no_vllm_args():
+    sglang = runners.get_profile("h200-2-sglang")
+    assert sglang.backend == "sglang" and sglang.tp_args == () and sglang.server_args == ()
+    assert sglang.image == "docker.io/lmsysorg/sglang:v0.5.17-cu130"
