@@ -44,8 +44,15 @@ case "$step" in
   unstage)
     nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.device_count())'
     time bench/gpu_unstage.sh /tmp/kiln-parts && source /tmp/kiln-env.sh
-    python3 -c 'import vllm, importlib.util as u; print("vllm", vllm.__version__, vllm.__file__);
-print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")))'
+    python3 -c 'import importlib.util as u, importlib.metadata as m
+if u.find_spec("vllm"):
+    import vllm; print("vllm", vllm.__version__, vllm.__file__)
+    print("fa3", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa3_C")), "fa2", bool(u.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")))
+if u.find_spec("sglang"):
+    import sglang, sgl_kernel, transformers
+    print("sglang", sglang.__version__, sglang.__file__, "| sglang-kernel", m.version("sglang-kernel"),
+          "| transformers", transformers.__version__, "| fa3 (flash_ops)", bool(u.find_spec("sgl_kernel.flash_ops")))'
+    cat /tmp/kiln-env.sh
     python3 -m nox --version; python3 -m invoke --version
     state baseline ;;
   h200-1|e2e)
