@@ -94,7 +94,8 @@ def pull(c, image, mirror=None, attempts=None):
     help={
         "image": "image to run (must be local: `invoke pull` first)",
         "vendor": "nvidia | amd | cpu",
-        "device": "allocated GPU: NVIDIA index/UUID, AMD render node (renderD128) (repeatable)",
+        "device": "allocated GPU: NVIDIA index/UUID, AMD index (KFD order) or render node (renderD128) "
+                  "(repeatable)",
         "shm_size": "shared memory size, e.g. 16g",
         "mount": "HOST_PATH=CONTAINER_PATH[:ro] (repeatable): HF cache, workspace",
         "env": "KEY=VALUE, or a bare KEY taken from this shell's environment, passed to the "
@@ -293,7 +294,7 @@ def _after_double_dash() -> list[str]:
     "cold": "cold JIT warmup (clear kiln's caches first)",
     "shard": "run shard i/n of the e2e tests (balanced by earlier JUnit timings)",
     "dry_run": "print every command the chain would run (credentials redacted) and run none",
-    "device": "GPU ids for the container (default: the first <profile GPUs> visible)",
+    "device": "GPU indices for the container (default: the first <profile GPUs> visible; AMD: from KFD)",
     "reuse_venv": "reuse the e2e session's venv as is (nox -R: no install)",
     "run_tag": "label for this run's container (default $KILN_RUN_TAG, the GitHub run id, or 'local')",
 })
@@ -306,8 +307,9 @@ def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=Fals
     try:
         prof = runners.get_profile(profile)
         devices = tuple(device or ())
-        if not devices and prof.vendor == "nvidia":
-            devices = chain.default_devices(prof, _visible_gpus(dry_run))
+        if not devices:
+            from ci.images import device_plan
+            devices = device_plan.plan_devices(prof, dry_run=dry_run)
         from ci.images import containers
         tag = containers.check_run_tag(run_tag) if run_tag else containers.run_tag_from_env()
     except (ValueError, RuntimeError) as exc:
@@ -318,14 +320,3 @@ def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=Fals
     code = chain.run(opts)
     if code:
         raise Exit(code=code)
-
-
-def _visible_gpus(dry_run: bool) -> tuple[int, ...]:
-    from ci.host import gpu
-
-    try:
-        return gpu.discover().visible
-    except gpu.GpuDiscoveryError as exc:
-        if dry_run:
-            return ()
-        raise Exit(f"ci: GPU discovery failed: {exc}") from None

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
+from ci.host import amdgpu
+from ci.images import device_plan
 from ci.profiles import runners
 from ci.report import artefacts, jobsummary
 from ci.text import redact
@@ -81,6 +83,9 @@ class Options:
     run_tag: str = "local"
     devices: tuple[str, ...] = ()
     extra_mounts: dict = field(default_factory=dict)
+    # Where the start looks for device nodes and the KFD topology (tests: a fake host).
+    dev_root: Path = amdgpu.DEV_ROOT
+    sys_root: Path = amdgpu.SYS_ROOT
 
     @property
     def session(self) -> str:
@@ -126,17 +131,6 @@ def container_spec_args(opts: Options, env: dict) -> dict:
 def containers_owner() -> str:
     from ci.images import containers  # the docker SDK is imported only when a chain runs
     return containers.owner_label()
-
-
-def default_devices(profile: runners.Profile, visible: Sequence[int]) -> tuple[str, ...]:
-    """The GPUs handed to the container: the first ``profile.gpus`` visible ones."""
-    if profile.vendor != "nvidia":
-        return ()  # AMD render nodes come from --device (no index->renderD map without amdsmi)
-    picked = list(visible)[: profile.gpus]
-    if len(picked) < profile.gpus:
-        # Dry runs and planning on a smaller machine: say what a full runner gets.
-        picked = list(range(profile.gpus))
-    return tuple(str(i) for i in picked)
 
 
 class Runner:
@@ -235,6 +229,10 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
             r.step("pull", pull_cmd + "  (credentials, if any, from $KILN_REGISTRY_USER/"
                    "$KILN_REGISTRY_PASSWORD)", pull_cmd, lambda: _pull(image, mirrors, opts))
             start_cmd = _start_command(spec_args)
+            devices_line = device_plan.describe(p.vendor, opts.devices, sys_root=opts.sys_root,
+                                                dev_root=opts.dev_root)
+            if devices_line:
+                r.say(f"[kiln ci] {devices_line}")
             r.step("start", start_cmd, start_cmd, lambda: _start(holder, spec_args, opts))
         for name, warm in (("warmup", True), ("e2e", False)):
             argv = nox_args(opts, warmup=warm)
@@ -317,7 +315,8 @@ def _start(holder: dict, spec_args: dict, opts: Options) -> str:
     holder["client"] = client
     containers.cleanup_stale(client, opts.run_tag)
     spec = containers.ContainerSpec(**spec_args)
-    holder["container"] = containers.start(client, spec, log_dir=opts.workspace / "reports" / "logs")
+    holder["container"] = containers.start(client, spec, log_dir=opts.workspace / "reports" / "logs",
+                                           dev_root=opts.dev_root, sys_root=opts.sys_root)
     return f"container {holder['container'].name}"
 
 

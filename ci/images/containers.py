@@ -27,7 +27,7 @@ import requests
 import urllib3.exceptions
 
 from ci.host import procfs
-from ci.images.container_devices import DEV_ROOT, device_options
+from ci.images.container_devices import DEV_ROOT, SYS_ROOT, device_options
 from ci.images.docker_client import ContainerError, unavailable_from
 from ci.text import logtail
 
@@ -67,7 +67,7 @@ class ContainerSpec:
 
     ``mounts`` maps host path -> container path, with an optional ``:ro``
     suffix on the container path (HF cache, workspace). ``device_ids`` are
-    NVIDIA indices/UUIDs, or AMD render nodes (``renderD128``, ``128`` or a path).
+    NVIDIA indices/UUIDs; AMD GPU indices (KFD order) or render nodes (``renderD128`` or a path).
     """
 
     image: str
@@ -175,7 +175,7 @@ def mount_options(mounts: Mapping[str, str]) -> dict:
     return {"volumes": volumes} if volumes else {}
 
 
-def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT) -> dict:
+def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT, sys_root: Path = SYS_ROOT) -> dict:
     """Everything ``client.containers.create`` gets for ``spec`` (pure: unit-testable)."""
     check_run_tag(spec.run_tag)
     labels = {LABEL_MANAGED: "1", LABEL_RUN_TAG: spec.run_tag}
@@ -192,7 +192,7 @@ def container_kwargs(spec: ContainerSpec, dev_root: Path = DEV_ROOT) -> dict:
         "environment": dict(spec.env),
         "network_mode": spec.network_mode,
         "detach": True,
-        **device_options(spec.vendor, spec.device_ids, dev_root),
+        **device_options(spec.vendor, spec.device_ids, dev_root, sys_root),
         **mount_options(spec.mounts),
     }
     if spec.shm_size:
@@ -304,14 +304,14 @@ class Container:
 
 
 def start(client: docker.DockerClient, spec: ContainerSpec, log_path: Path | None = None,
-          dev_root: Path = DEV_ROOT, log_dir: Path = DEFAULT_LOG_DIR) -> Container:
+          dev_root: Path = DEV_ROOT, log_dir: Path = DEFAULT_LOG_DIR, sys_root: Path = SYS_ROOT) -> Container:
     """Create and start a container for ``spec``; its logs stream to ``log_path``
     (default ``<log_dir>/<container name>.log``).
 
     Never pulls: an image that is not local is a one-line error pointing at
     ``invoke pull``, so every pull goes through the mirror/backoff path.
     """
-    kwargs = container_kwargs(spec, dev_root)
+    kwargs = container_kwargs(spec, dev_root, sys_root)
     log_path = log_path or log_dir / f"{kwargs['name']}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:

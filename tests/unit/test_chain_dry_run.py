@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ci import chain
+from ci.profiles import runners
 
 ROOT = Path(__file__).resolve().parents[2]
 # One `invoke ci --dry-run` imports the chain and discovers GPUs: ~1 s here;
@@ -117,3 +118,33 @@ def test_cpu_dry_run_without_image_or_docker_says_it_runs_on_the_host(tmp_path):
     assert e2e[1:] == ["-m", "nox", "-s", "e2e-cpu", "--", "tests/e2e/test_api.py"]
     assert "docker" not in done.stdout.replace("Docker engine", "")
     assert " ok in " not in out and "FAILED" not in out, out
+
+
+# This machine has no amdgpu driver; on one that has it the plan names its own GPUs instead.
+NO_KFD = not Path("/sys/class/kfd/kfd/topology/nodes").exists()
+
+
+@pytest.mark.skipif(not NO_KFD, reason="this host has a KFD topology: the plan is its own, not a full runner's")
+def test_amd_dry_run_plans_the_gpus_and_says_where_their_render_nodes_come_from(tmp_path):
+    # Every MI300/MI325 job used to die at step 2: the plan handed an AMD container no device.
+    done = _invoke_ci(tmp_path, "--profile", "mi300-2", "--dry-run")
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    shown = {name: cmd for _, name, cmd in _steps(done.stdout)}
+    start = shlex.split(shown["start"])
+    assert start[:3] == ["invoke", "start", runners.get_profile("mi300-2").image]
+    assert start[start.index("--vendor") + 1] == "amd"
+    assert [start[i + 1] for i, w in enumerate(start) if w == "--device"] == ["0", "1"]
+    assert ("[kiln ci] AMD GPUs 0 1 get /dev/kfd and their render nodes at the start; not resolvable here: "
+            "no KFD topology at /sys/class/kfd/kfd/topology/nodes") in done.stdout
+
+
+@pytest.mark.skipif(not NO_KFD, reason="this host has a KFD topology: a real run would start")
+def test_amd_real_run_on_a_host_without_kfd_fails_in_one_line_before_any_step(tmp_path):
+    done = _invoke_ci(tmp_path, "--profile", "mi300-2")
+
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("ci: no KFD topology at /sys/class/kfd/kfd/topology/nodes: "
+                                   "the amdgpu driver is not loaded on this host"), done.stderr
+    assert "[kiln ci]" not in done.stdout, "no step may run without the GPUs"

@@ -8,6 +8,7 @@ import docker.types
 import pytest
 
 from ci.images import container_devices, containers
+from tests.fakes import kfd
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_nvidia_uuids_pass_through(dev):
 
 
 def test_amd_gets_kfd_and_the_allocated_render_nodes(dev):
-    opts = container_devices.device_options("amd", ["renderD129", "130"], dev_root=dev)
+    opts = container_devices.device_options("amd", ["renderD129", "renderD130"], dev_root=dev)
     assert opts["devices"] == [
         f"{dev}/kfd:/dev/kfd:rwm",
         f"{dev}/dri/renderD129:/dev/dri/renderD129:rwm",
@@ -51,11 +52,35 @@ def test_amd_accepts_full_render_paths(dev):
     assert opts["devices"][1] == f"{dev}/dri/renderD128:/dev/dri/renderD128:rwm"
 
 
-@pytest.mark.parametrize("ids, needle", [(["0"], "not a GPU index"), (["card1"], "render node"),
-                                         (["renderD140"], "missing")])
-def test_amd_bad_or_missing_nodes_are_clear_errors(dev, ids, needle):
+@pytest.mark.parametrize("ids, needle", [(["card1"], "expected a GPU index .* or a render node"),
+                                         (["renderD140"], "missing"), (["renderD12"], "minor 128-255"),
+                                         (["0", "renderD128"], "mix GPU indices and render nodes")])
+def test_amd_bad_or_missing_nodes_are_clear_errors(dev, tmp_path, ids, needle):
     with pytest.raises(containers.ContainerError, match=needle):
-        container_devices.device_options("amd", ids, dev_root=dev)
+        container_devices.device_options("amd", ids, dev_root=dev, sys_root=tmp_path / "sys")
+
+
+def test_amd_gpu_indices_become_kfd_and_their_render_nodes(tmp_path):
+    host = kfd.make_host(tmp_path, gpus=4)
+    opts = container_devices.device_options("amd", ["1", "3"], dev_root=host.dev_root, sys_root=host.sys_root)
+    # MI300X minors step by 8: GPU 1 is renderD136, not renderD129.
+    assert opts["devices"] == [f"{host.dev_root}/kfd:/dev/kfd:rwm",
+                               f"{host.dev_root}/dri/renderD136:/dev/dri/renderD136:rwm",
+                               f"{host.dev_root}/dri/renderD152:/dev/dri/renderD152:rwm"]
+    assert opts["group_add"] == [str(os.getgid())]
+
+
+def test_amd_gpu_indices_on_a_host_without_kfd_name_the_cause(dev, tmp_path):
+    with pytest.raises(containers.ContainerError) as exc:
+        container_devices.device_options("amd", ["0"], dev_root=dev, sys_root=tmp_path / "sys")
+    assert str(exc.value) == (f"no KFD topology at {tmp_path}/sys/class/kfd/kfd/topology/nodes: "
+                              "the amdgpu driver is not loaded on this host")
+
+
+def test_amd_gpu_index_past_the_topology(tmp_path):
+    host = kfd.make_host(tmp_path, gpus=2)
+    with pytest.raises(containers.ContainerError, match="asked for AMD GPU 2 but the KFD topology .* lists 2 GPU"):
+        container_devices.device_options("amd", ["0", "2"], dev_root=host.dev_root, sys_root=host.sys_root)
 
 
 def test_amd_without_kfd_is_an_error(dev):
