@@ -59,13 +59,6 @@ ENGINE_KIT_NEEDS: Mapping[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
          "the occupancy kit reads the gauges built from those timings"),
     ),
 })
-# The SGLang backend spec gets --enable-metrics and SGLANG_ENABLE_METRICS_DEVICE_TIMER=1 in another
-# change of issue 20 (ci/engine/backends/sglang.py). strict: the day it lands these XPASS and fail,
-# so the mark goes with it.
-PENDING_LAUNCH = MappingProxyType({
-    "sglang": "the SGLang spec's launch args/env (--enable-metrics, SGLANG_ENABLE_METRICS_DEVICE_TIMER=1) "
-              "land in another change of issue 20",
-})
 # Hub settings the chain must carry into the container for a hub model to be fetched
 # (or found offline in the mounted HF cache).
 HUB_PASSTHROUGH = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE")
@@ -91,14 +84,9 @@ def routed_entries() -> list[tuple[str, str, dict]]:
 ENTRIES = routed_entries()
 
 
-def _params(pending: Mapping[str, str] = MappingProxyType({})) -> list:
-    params = []
-    for event, pool, entry in ENTRIES:
-        backend = runners.get_profile(entry["profile"]).backend
-        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=pending[backend])] \
-            if backend in pending else []
-        params.append(pytest.param(event, pool, entry, id=f"{event}-{pool}-{entry['profile']}", marks=marks))
-    return params
+def _params() -> list:
+    return [pytest.param(event, pool, entry, id=f"{event}-{pool}-{entry['profile']}")
+            for event, pool, entry in ENTRIES]
 
 
 # ------------------------------------------------------------------ one entry's plan
@@ -243,7 +231,7 @@ def test_the_container_gets_exactly_the_planned_gpus(plans, event, pool, entry):
         assert " ".join(str(host.render_node(int(i))) for i in plan.devices) in plan.chain_out
 
 
-@pytest.mark.parametrize("event, pool, entry", _params(PENDING_LAUNCH))
+@pytest.mark.parametrize("event, pool, entry", _params())
 def test_every_launch_carries_what_its_kits_need(plans, event, pool, entry):
     missing = missing_needs(plans(entry["profile"]))
     assert not missing, f"{entry['profile']} launches without: " + "; ".join(missing)
