@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 engine=${1:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
 out=${2:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
 work=${3:-$(mktemp -d /tmp/kiln-stage.XXXXXX)}
-chunk=${KILN_STAGE_CHUNK:-56M}   # + the repo tree stays under 64 MiB a call
+chunk=${KILN_STAGE_CHUNK:-61M}   # + the repo tree (~2 MB) stays under 64 MiB a call
 mkdir -p "$out" "$work"
 present=bench/h200-image-packages.txt
 
@@ -56,10 +56,14 @@ case "$engine" in
     # Two names they brought are imported by SGLang without being declared:
     # dill (sampling/custom_logit_processor.py: a root above) and jsonschema
     # (outlines still brings it).
+    # Also the data-only packages of outlines' grammar backend (pycountry,
+    # airportsdata: xgrammar is SGLang's default) and IPython's optional completer
+    # (jedi, parso: IPython imports it only when found): 13 MB, which keeps the
+    # whole stage in two transfers.
     excludes=(tilelang tokenspeed-mla humming-kernels nvidia-cutlass-dsl flash-attn-4
               nvidia-mathdx sgl-deep-gemm quack-kernels torchcodec datasets mistral-common
               modelscope helion flashinfer-cubin flashinfer-jit-cache nvidia-cudnn-frontend
-              fastapi-cli fastapi-cloud-cli)
+              fastapi-cli fastapi-cloud-cli pycountry airportsdata jedi parso)
     constraints=()
     unpacked=(sglang sglang_kernel xgrammar flashinfer_python)
     # sgl_kernel: FA3 (flash_ops, 1 GB: Hopper's default attention backend, hence
@@ -84,6 +88,17 @@ python3 -m ci.install.wheelhouse "${roots[@]}" nox==2026.10.20 invoke==3.0.3 zst
   -r requirements/e2e-gpu.txt --python 3.12 --dest "$work/wheels" --present "$present" \
   "${constraints[@]}" "${ex[@]}" "${platforms[@]}" \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64
+
+# A WORK_DIR reused from an earlier walk may hold wheels this one did not choose
+# (another platform tag, a package now excluded): only the manifest's travel.
+python3 - "$work/wheels" <<'PY'
+import json, pathlib, sys
+wh = pathlib.Path(sys.argv[1])
+keep = {w["file"] for w in json.loads((wh / "kiln-wheelhouse.json").read_text())["wheels"].values()}
+for stale in sorted(p for p in wh.glob("*.whl") if p.name not in keep):
+    print(f"not in this walk, left out: {stale.name}")
+    stale.unlink()
+PY
 
 # The biggest wheels travel unpacked and zstd-compressed instead (vLLM: 304 MB as a
 # wheel, 127 MB this way), minus what the tiny Llama never loads (above). The

@@ -12,8 +12,9 @@ py=${KILN_ENGINE_PYTHON:-python3}
 rm -rf "$root/kiln-stage" "$root/kiln-deps" "$root/kiln-engine"
 mkdir -p "$root/kiln-stage" "$root/kiln-engine"
 cat "$parts"/part-* | tar -C "$root/kiln-stage" -xf -
+# Exactly the walk's pins (wheels/requirements.txt), found in the folder.
 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --target "$root/kiln-deps" "$root"/kiln-stage/wheels/*.whl
+  --target "$root/kiln-deps" --find-links "$root/kiln-stage/wheels" -r "$root/kiln-stage/wheels/requirements.txt"
 # The image has no zstd binary: decompress with the zstandard wheel just installed.
 PYTHONPATH="$root/kiln-deps" "$py" -c '
 import sys, zstandard
