@@ -23,6 +23,13 @@ from ci.kits.thresholds import Bound, Thresholds
 
 # How the table is named in the diff: `git apply` takes it from the repository root.
 TABLE_IN_REPO = "ci/kits/measured_bounds.json"
+# The runs' min/median/max as a row records them: enough digits to judge the
+# margin by, few enough that a diff line stays readable (0.8002, not 0.8002265169557812).
+BASIS_DIGITS = 4
+
+
+def _basis_figure(value: float) -> float:
+    return float(f"{value:.{BASIS_DIGITS}g}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ def lines(runs: Sequence[RunFigures], basis: Basis, current: Thresholds | None,
         value, rule = fig.propose(spread, items)
         row = measured.MeasuredRow(
             profile=basis.profile, model=basis.model, bound=fig.bound, value=value, rule=rule,
-            n=spread.n, min=spread.min, median=spread.median, max=spread.max, unit=fig.unit,
+            n=spread.n, min=_basis_figure(spread.min), median=_basis_figure(spread.median),
+            max=_basis_figure(spread.max), unit=fig.unit,
             engine=basis.engine, runner=basis.runner, date=basis.date)
         out.append(Line(fig, spread, now, row))
     return out
