@@ -8,7 +8,8 @@ another machine's figure). A test checks every bound and reports every figure;
 
 - a broken **measured** bound fails the test (``Judgement.failure``);
 - an **estimate** is not enforced, broken or not: the test passes and says
-  ``uncalibrated: run `invoke calibrate --profile P` `` in its output, in its
+  ``uncalibrated: run `invoke calibrate --profile P` `` in its output (a logged
+  warning: e2e sessions show logs live, prints of a passing test are hidden), in its
   job-summary section and in the JUnit property ``kiln_uncalibrated``
   (ci/report/render.py counts it beside the verdict: "3 passed (1 uncalibrated...)").
 
