@@ -13,7 +13,9 @@ a thin wrapper over ``_run_e2e``. Harness flags (``--shard i/n``,
 ``--kiln-wheelhouse DIR``) are taken out of the posargs before pytest sees them;
 ``--kiln-model`` goes to pytest and, as $KILN_MODEL, to warmup;
 ``--kiln-warmup [--kiln-cold]`` runs the JIT warmup in the session's
-interpreter instead of the tests (what `invoke warmup` calls).
+interpreter instead of the tests (what `invoke warmup` calls);
+``--kiln-calibrate --kiln-runs=N [--kiln-write]`` runs calibration there
+(what `invoke calibrate` calls; ci/calibrate/command.py).
 
 CPU venvs are built with uv when it is installed (requirements/nox.txt brings it),
 else virtualenv + pip; either way a session installs its lock (requirements/locks/,
@@ -32,6 +34,7 @@ ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))
 
 from ci.report import artefacts  # noqa: E402  (needs the repo root on sys.path)
+from ci.calibrate import command as calibrate_flags  # noqa: E402
 from ci.install import locks, pipconfig  # noqa: E402
 from ci.profiles import runners  # noqa: E402
 
@@ -146,6 +149,15 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         # `invoke warmup` / the chain's warmup step: same interpreter, so the same engine.
         session.run(py, "-m", "ci.warmup", "--profile", profile.name, *warm_flags, env=env,
                     external=external)
+        return
+    try:
+        calibrate_args, posargs = calibrate_flags.split_flags(posargs)
+    except ValueError as exc:
+        session.error(str(exc))
+    if calibrate_args is not None:
+        # `invoke calibrate`: the runs measure this session's engine, in its interpreter.
+        session.run(py, "-m", "ci.calibrate", "--profile", profile.name, "--model", model,
+                    *calibrate_args, env=env, external=external)
         return
     shard_spec, posargs = sharding.split_shard_arg(posargs)
     junit = artefacts.junit(REPORTS, profile.session)

@@ -5,6 +5,7 @@
     invoke pull IMAGE [--mirror HOST:PORT ...] [--attempts N]
     invoke start IMAGE [--vendor nvidia --device 0 ...]   /   invoke stop
     invoke reap [--dry-run]         stop what a killed run left (owner gone), nothing else
+    invoke calibrate --profile P [--runs N] [--model M] [--write]   measured bounds, as a diff
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -254,6 +255,28 @@ def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=Fa
     result = c.run(shlex.join(cmd), warn=True, pty=False)
     if result.exited != 0:
         raise Exit(f"warmup failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
+
+
+@task(help={
+    "profile": "runner profile (ci/profiles/runners.py) to measure, on a runner of that kind",
+    "runs": "fresh server launches to measure, >= 3 (default 3): each figure's min/median/max",
+    "model": "model to calibrate (default: the profile's)",
+    "write": "write the proposed rows to ci/kits/measured_bounds.json (default: print the diff only)",
+    "reuse_venv": "reuse the e2e session's venv as is (nox -R: no install)",
+})
+def calibrate(c, profile, runs=3, model=None, write=False, reuse_venv=False):
+    """Measure this runner N times (perf, accuracy, occupancy) and propose its bounds as a reviewable diff."""
+    from ci.calibrate import command
+    from ci.profiles import runners
+
+    try:
+        prof = runners.get_profile(profile)
+    except ValueError as exc:
+        raise Exit(f"calibrate: {exc}", code=2) from None
+    cmd = command.nox_command(prof, runs=int(runs), model=model, write=write, reuse_venv=reuse_venv)
+    result = c.run(shlex.join(cmd), warn=True, pty=False)
+    if result.exited != 0:
+        raise Exit(f"calibrate failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
 
 
 @task(iterable=["exclude", "constraint", "requirement"], help={

@@ -12,6 +12,7 @@ thrown off by a BOS token the tokenizer adds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
+from ci.kits.enforce import Check
+from ci.kits.thresholds import Bound
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,27 @@ class AccuracyResult:
     acc: float
     acc_norm: float
     metric: str
-    floor: float
+    floor: float | None  # None: scored only (calibrate, a test that judges the floor itself)
     tied: int
+    name: str = ""
 
     @property
     def score(self) -> float:
         """The value compared with the floor."""
         return self.acc if self.metric == "acc" else self.acc_norm
+
+    def line(self) -> str:
+        """One line: the scores, chance, ties and the floor when there is one."""
+        floor = f"; floor {self.floor:g} on {self.metric}" if self.floor is not None else ""
+        return (f"{self.n} items of {self.name}: acc {self.acc:.3f}, acc_norm {self.acc_norm:.3f} "
+                f"(chance {1 / N_ENDINGS:.2f}), {self.tied} tied{floor}")
+
+    def floor_check(self, floor: Bound) -> Check:
+        """The floor as a bound check (ci/kits/enforce.py decides whether it is enforced)."""
+        ok = self.score >= floor.value
+        detail = "" if ok else (f"accuracy {self.metric} {self.score:.3f} < floor {floor.value:g} "
+                                f"over {self.n} items of {self.name}")
+        return Check("accuracy", floor, ok, detail)
 
 
 def load_dataset(path: Path | str = DEFAULT_DATASET) -> list[MCItem]:
@@ -158,14 +175,13 @@ def score_items(client: EngineClient, items: Sequence[MCItem], *, echo_only: boo
     return out
 
 
-def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc_norm",
-                         dataset: Path | str = DEFAULT_DATASET, limit: int | None = None,
-                         items: Sequence[MCItem] | None = None, name: str | None = None,
-                         summary_path: str | Path | None = None) -> AccuracyResult:
-    """Score the dataset (or ``items``) and assert ``metric`` >= ``floor``; the table prints first.
+def score_accuracy(server: ServerLike, *, metric: str = "acc_norm", dataset: Path | str = DEFAULT_DATASET,
+                   limit: int | None = None, items: Sequence[MCItem] | None = None,
+                   name: str | None = None) -> AccuracyResult:
+    """Score the dataset (or ``items``) and print the per-item table; no floor.
 
-    ``summary_path`` (e.g. ``$GITHUB_STEP_SUMMARY``) gets a markdown line with
-    the figures, pass or fail.
+    Fails only where no floor could save the run: logprobs that tie on more
+    than MAX_TIED_FRACTION of the items carry no information.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown accuracy metric {metric!r}; known: {', '.join(METRICS)}")
@@ -181,23 +197,40 @@ def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc
     n = len(scores)
     acc = sum(s.pred_acc == s.item.label for s in scores) / n
     acc_norm = sum(s.pred_norm == s.item.label for s in scores) / n
-    tied = sum(s.tied for s in scores)
-    result = AccuracyResult(n, acc, acc_norm, metric, floor, tied)
+    result = AccuracyResult(n, acc, acc_norm, metric, None, sum(s.tied for s in scores), name)
     print(f"{'item':<8} gold acc norm  ending log-likelihoods")
     for s in scores:
         sums = " ".join(f"{v:8.2f}" for v in s.sums)
         print(f"{s.item.id:<8} {s.item.label:>4} {s.pred_acc:>3} {s.pred_norm:>4}  {sums}")
-    line = (f"{n} items of {name}: acc {acc:.3f}, acc_norm {acc_norm:.3f} "
-            f"(chance {1 / N_ENDINGS:.2f}), {tied} tied; floor {floor:g} on {metric}")
-    print(line)
-    if summary_path:
-        verdict = "pass" if result.score >= floor and tied <= MAX_TIED_FRACTION * n else "FAIL"
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n{line}\n\n")
-    if tied > MAX_TIED_FRACTION * n:
-        raise KitFailure(f"{tied}/{n} items have tied best endings: the engine's logprobs "
+    print(result.line())
+    if result.tied > MAX_TIED_FRACTION * n:
+        raise KitFailure(f"{result.tied}/{n} items have tied best endings: the engine's logprobs "
                          f"carry no information")
+    return result
+
+
+def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc_norm",
+                         dataset: Path | str = DEFAULT_DATASET, limit: int | None = None,
+                         items: Sequence[MCItem] | None = None, name: str | None = None,
+                         summary_path: str | Path | None = None) -> AccuracyResult:
+    """Score the dataset (or ``items``) and assert ``metric`` >= ``floor``; the table prints first.
+
+    ``summary_path`` (e.g. ``$GITHUB_STEP_SUMMARY``) gets a markdown line with
+    the figures, pass or fail.
+    """
+    try:
+        result = dataclasses.replace(score_accuracy(server, metric=metric, dataset=dataset, limit=limit,
+                                                    items=items, name=name), floor=floor)
+    except KitFailure as exc:
+        if summary_path:  # ties fail the kit; the summary still says so
+            with open(summary_path, "a", encoding="utf-8") as fh:
+                fh.write(f"### accuracy ({server.served_model}): FAIL\n\n{str(exc).splitlines()[0]}\n\n")
+        raise
+    if summary_path:
+        verdict = "pass" if result.score >= floor else "FAIL"
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n{result.line()}\n\n")
     if result.score < floor:
         raise KitFailure(f"accuracy {metric} {result.score:.3f} < floor {floor:g} "
-                         f"over {n} items of {name}")
+                         f"over {result.n} items of {result.name}")
     return result

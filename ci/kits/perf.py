@@ -17,6 +17,7 @@ from pathlib import Path
 from ci.kits.api import check_usage
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
 from ci.kits.decode import supports_ignore_eos
+from ci.kits.enforce import Check
 from ci.kits.stress import run_concurrent
 from ci.kits.thresholds import PerfBudget
 
@@ -83,18 +84,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def violations(result: PerfResult, budget: PerfBudget) -> list[str]:
-    """Every bound of ``budget`` that ``result`` breaks, one line each."""
+# Each figure of PerfResult.figures() with the PerfBudget field that bounds it.
+BOUND_OF = {"output_tok_s": "min_output_tok_s", "ttft_p50_s": "max_ttft_p50_s",
+            "ttft_p95_s": "max_ttft_p95_s", "latency_p50_s": "max_latency_p50_s",
+            "latency_p95_s": "max_latency_p95_s"}
+
+
+def checks(result: PerfResult, budget: PerfBudget) -> list[Check]:
+    """Every bound of ``budget`` checked against ``result``, in figure order (NaN breaks a bound)."""
     f = result.figures()
     out = []
-    if not f["output_tok_s"] >= budget.min_output_tok_s.value:
-        out.append(f"output {f['output_tok_s']:.1f} tok/s < {budget.min_output_tok_s.value:g}")
-    for name, bound in (("ttft_p50_s", budget.max_ttft_p50_s), ("ttft_p95_s", budget.max_ttft_p95_s),
-                        ("latency_p50_s", budget.max_latency_p50_s),
-                        ("latency_p95_s", budget.max_latency_p95_s)):
-        if not f[name] <= bound.value:
-            out.append(f"{name} {f[name]:.3f} > {bound.value:g}")
+    for figure, field_name in BOUND_OF.items():
+        bound = getattr(budget, field_name)
+        if figure == "output_tok_s":
+            ok = f[figure] >= bound.value
+            detail = f"output {f[figure]:.1f} tok/s < {bound.value:g}"
+        else:
+            ok = f[figure] <= bound.value
+            detail = f"{figure} {f[figure]:.3f} > {bound.value:g}"
+        out.append(Check(f"perf.{field_name}", bound, ok, "" if ok else detail))
     return out
+
+
+def violations(result: PerfResult, budget: PerfBudget) -> list[str]:
+    """Every bound of ``budget`` that ``result`` breaks, one line each."""
+    return [c.detail for c in checks(result, budget) if not c.ok]
 
 
 def measure(server: ServerLike, *, requests: int, concurrency: int, max_tokens: int,

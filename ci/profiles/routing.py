@@ -25,7 +25,8 @@ ROUTES: Mapping[str, str] = MappingProxyType({
 })
 DISPATCH_EVENT = "workflow_dispatch"
 POOLED_VENDOR = "amd"
-# Profiles that are not GPU jobs: e2e-cpu runs in the plain CI job (.ci/run).
+# Profiles that are not GPU jobs: e2e-cpu has its own job on a GitHub-hosted runner
+# (e2e-cpu in pr.yml and nightly.yml), open to forks, and runs in .ci/run.
 MATRIX_SKIP_VENDORS = frozenset({"cpu"})
 
 

@@ -41,6 +41,7 @@ MAX_SKIP_GROUPS = 30
 MAX_TIMELINE_SERVERS = 40
 SERVER_PROPERTY = "kiln_server"
 ENGINE_PROPERTY = "kiln_engine_version"
+UNCALIBRATED_PROPERTY = "kiln_uncalibrated"  # a pass whose estimate bounds were not enforced (ci/kits/enforce.py)
 
 _KNOWN_ISSUE = re.compile(r"known[ _-]?issue|non-?determinis|flaky", re.I)
 _CAPACITY = re.compile(r"\bGPUs?\b|\bcapacity\b|\bavailable\b|\bdevices?\b", re.I)
@@ -180,6 +181,8 @@ def verdict(run: RunResult | None, session: str, profile: Any = None) -> str:
                   (SKIPPED, "skipped"), (XFAILED, "xfailed"))
         counts = ", ".join(f"{run.count(o)} {label}{'s' if o == ERROR and run.count(o) > 1 else ''}"
                            for o, label in labels if run.count(o)) or "0 tests"
+        loose = sum(1 for c in run.cases if c.outcome == PASSED and c.prop(UNCALIBRATED_PROPERTY))
+        counts += f" ({loose} uncalibrated: estimates not enforced)" if loose else ""
         wall, engine = f" in {_duration(run.duration)}", run.prop(ENGINE_PROPERTY) or "unknown"
     runner = getattr(profile, "runner_label", None) or "unknown"
     hardware = f" ({profile.gpus}× {profile.vendor})" if profile is not None and profile.gpus else ""

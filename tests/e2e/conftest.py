@@ -5,13 +5,17 @@ ci/session/pytest_plugin.py, which pyproject.toml loads for every pytest run.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from ci.kits import thresholds
-from ci.report import artefacts
+from ci.kits import enforce, thresholds
+from ci.profiles import runners
+from ci.report import artefacts, render
 from ci.session import pytest_plugin
+
+log = logging.getLogger("kiln.e2e")
 
 
 @pytest.fixture
@@ -45,3 +49,42 @@ def kit_summary(pytestconfig) -> Path:
                                    pytest_plugin.session_name(pytestconfig))
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def bounds_rule(kiln_profile, record_property, kit_summary: Path):
+    """The function ``enforce_bounds`` gives a test; plain, so tests/unit drives the e2e tests with it."""
+    def apply(checks, model: str | None = None, enforced: bool = True) -> enforce.Judgement:
+        # The calibrate command names the model only when it is not the profile's own default
+        # (--kiln-model or a test's marker chose another).
+        model = model or kiln_profile.default_model
+        own = runners.get_profile(kiln_profile.name).default_model
+        judged = enforce.judge(checks, kiln_profile.name, None if model == own else model)
+        line = judged.uncalibrated_line()
+        if line:
+            # A warning, not a print: e2e sessions show logs live (log_cli), so the line
+            # is in the output of a *passing* test too, where pytest hides its prints.
+            log.warning("%s", line)
+            record_property(render.UNCALIBRATED_PROPERTY, line)
+            with kit_summary.open("a", encoding="utf-8") as fh:
+                fh.write(judged.markdown())
+        failure = judged.failure()
+        if failure and enforced:
+            pytest.fail(failure, pytrace=False)
+        if failure:
+            log.warning("report only on %s: %s", kiln_profile.name, failure)
+        return judged
+
+    return apply
+
+
+@pytest.fixture
+def enforce_bounds(kiln_profile, record_property, kit_summary):
+    """enforce_bounds(checks, model=None, enforced=True): the rule of ci/kits/enforce.py, applied.
+
+    A broken measured bound fails the test (when ``enforced``: a profile may
+    make perf report-only); an estimate is not enforced: the test logs a
+    warning ``uncalibrated: run `invoke calibrate --profile P` `` (live in e2e
+    output), appends it to the job summary, records it for the report's
+    verdict line, and passes.
+    """
+    return bounds_rule(kiln_profile, record_property, kit_summary)

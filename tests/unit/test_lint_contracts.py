@@ -62,6 +62,9 @@ LAYERS = "The ci/ packages import one way"
      "ci.warmup.specs -> ci.session.pytest_plugin"),
     # Siblings on one floor may not import each other either.
     ("report.render", "from ci.kits import client", LAYERS, "ci.report.render -> ci.kits.client"),
+    # Calibrate shares warmup's floor (both launch servers); kits start nothing, so never calibrate.
+    ("calibrate.run", "from ci.warmup import run as warm", LAYERS, "ci.calibrate.run -> ci.warmup.run"),
+    ("kits.perf", "from ci.calibrate import derive", LAYERS, "ci.kits.perf -> ci.calibrate.derive"),
     ("text.ansi", "from ci.host import procfs", LAYERS, "ci.text.ansi -> ci.host.procfs"),
     ("host.procs", "import pytest", "Only the session imports pytest", "ci.host.procs -> pytest"),
     ("engine.server", "import pytest", "Only the session imports pytest", "ci.engine.server -> pytest"),
@@ -70,7 +73,8 @@ LAYERS = "The ci/ packages import one way"
     # The pool importing the plugin that imports it: a cycle inside one package.
     ("session.pool", "from ci.session import pytest_plugin", "No import cycles among siblings",
      "No cycles are allowed in ci.session."),
-], ids=["host->engine", "engine->session", "warmup->plugin", "report->kits", "text->host", "host->pytest",
+], ids=["host->engine", "engine->session", "warmup->plugin", "report->kits", "calibrate->warmup",
+        "kits->calibrate", "text->host", "host->pytest",
         "engine->pytest", "report->host", "supervisor->psutil",
         "pool<->plugin"])
 def test_a_backwards_import_breaks_its_contract(tree, module, line, contract, chain):

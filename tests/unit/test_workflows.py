@@ -66,7 +66,7 @@ def test_least_privilege_and_no_pull_request_target(path):
     assert "pull_request_target" not in code
     assert re.search(r"^permissions: \{\}$", text, re.M), "workflow-level permissions must be empty"
     jobs = re.split(r"^  (?=[a-z0-9-]+:$)", text.split("\njobs:\n", 1)[1], flags=re.M)[1:]
-    assert {j.split(":", 1)[0] for j in jobs} == {"plan", "tests", "e2e"}
+    assert {j.split(":", 1)[0] for j in jobs} == {"plan", "tests", "e2e", "e2e-cpu"}
     for job in jobs:
         assert "    permissions:\n      contents: read\n" in job, job.split(":", 1)[0]
         assert "write-all" not in job and "contents: write" not in job
@@ -96,8 +96,8 @@ def test_matrix_routing_and_tasks_are_kiln_s_own(path):
 def test_pr_workflow_comments_on_failure_only_from_this_repository():
     text = PR.read_text()
     red = re.findall(r"if: failure\(\) && env\.SAME_REPO == 'true'\n.*\n.*\n\s+run: invoke comment (.*)", text)
-    assert len(red) == 2 and all("--session" in r and "--pr" in r for r in red)
-    assert text.count("--update-only") == 2
+    assert len(red) == 3 and all("--session" in r and "--pr" in r for r in red)  # tests, e2e, e2e-cpu
+    assert text.count("--update-only") == 3
 
 
 def test_dispatch_choices_are_the_routable_pools():
@@ -129,3 +129,38 @@ def test_docker_tests_run_as_root_on_the_runner_s_own_docker(path):
     # pip and uv caches, the uv one keyed by the locks the sessions install.
     assert "cache: pip" in tests_job and "hashFiles('requirements/locks/*.txt')" in tests_job
     assert "UV_CACHE_DIR" in (ROOT / ".ci" / "as-root").read_text()
+
+
+def _job(text: str, name: str) -> str:
+    """The YAML of one job (up to the next job or the end), comments dropped."""
+    body = re.split(r"^  (?=[a-z0-9-]+:$)", text.split("\njobs:\n", 1)[1], flags=re.M)
+    found = [j for j in body if j.startswith(f"{name}:\n")]
+    assert found, f"no job {name}"
+    return "\n".join(ln for ln in found[0].splitlines() if not ln.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_the_main_job_runs_e2e_cpu_cached_and_reported(path):
+    job = _job(path.read_text(), "e2e-cpu")
+    assert "runs-on: ubuntu-latest" in job and "run: nox -s e2e-cpu" in job
+    # pip, uv and kiln's own cache (ci/host/cachedir.py: <repo>/.kiln/cache), keyed by what fills them.
+    assert "cache: pip" in job and "UV_CACHE_DIR: ${{ runner.temp }}/uv-cache" in job
+    assert "path: .kiln/cache" in job and "'requirements/locks/e2e-cpu.txt'" in job
+    assert "'ci/engine/tinymodel.py'" in job and "'ci/engine/realmodel.py'" in job
+    # The report reaches the job summary on green runs too (perf figures, uncalibrated bounds).
+    assert re.search(r"if: always\(\)\n\s+run: invoke report --junit \"reports/junit-\$SESSION.xml\" "
+                     r"--session \"\$SESSION\"", job)
+    assert "SESSION: e2e-cpu" in job and "name: junit-e2e-cpu" in job
+
+
+def test_forks_get_lint_tests_and_e2e_cpu_but_no_self_hosted_gpu_job():
+    text = PR.read_text()
+    same_repo = "github.event.pull_request.head.repo.full_name == github.repository"
+    gpu = _job(text, "e2e")
+    assert re.search(rf"^    if: needs\.plan\.outputs\.count != '0' && {re.escape(same_repo)}$", gpu, re.M)
+    for name in ("tests", "e2e-cpu"):
+        job = _job(text, name)
+        assert not re.search(r"^    if:", job, re.M), f"{name} must run for forks too"
+        assert "runs-on: ubuntu-latest" in job
+    # A fork's comment steps are skipped, never failed on its read-only token.
+    assert "if: failure() && env.SAME_REPO == 'true'" in _job(text, "e2e-cpu")

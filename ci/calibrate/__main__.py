@@ -1,0 +1,6 @@
+"""``python -m ci.calibrate``: the calibrate CLI (``ci.calibrate.run.main``)."""
+import sys
+
+from ci.calibrate.run import main
+
+sys.exit(main())
