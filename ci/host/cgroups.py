@@ -28,6 +28,14 @@ import _signal as signal  # the C module: `signal` imports enum, ~5 ms a launch
 import time
 
 MODE_ENV = "KILN_CONTAINMENT"
+# A mount table read instead of /proc/self/mountinfo. The host's layout decides
+# the mode, so a test cannot pick v1 or v2 by asking: it shows kiln another
+# layout instead -- the host's table with one kind of hierarchy left out
+# (tests/integration/test_containment.py), or a fake cgroup root
+# (tests/fakes/cgroupfs.py). It travels to the supervisor in the environment.
+MOUNTINFO_ENV = "KILN_CGROUP_MOUNTINFO"
+PROC_MOUNTINFO = "/proc/self/mountinfo"
+PROC_CGROUP = "/proc/self/cgroup"
 V2, V1, NONE = "cgroup-v2", "cgroup-v1", "subreaper"
 MODES = ("auto", V2, V1, NONE)
 # Every kiln cgroup is named so; the reaper and humans can tell them apart.
@@ -43,55 +51,79 @@ class CgroupError(RuntimeError):
     """A cgroup could not be created or joined (the caller falls back or fails)."""
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, super options) for each mount of this process."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields, tail = pre.split(), post.split()
-                if len(fields) >= 5 and len(tail) >= 3:
-                    out.append((fields[4].replace("\\040", " "), tail[0], tail[2]))
-    except OSError:
-        pass
-    return out
-
-
-def _own_paths() -> dict[str, str]:
-    """Our cgroup path per hierarchy: ``""`` for v2, controller names for v1."""
-    paths = {}
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                for name in controllers.split(",") if controllers else [""]:
-                    paths[name] = path
-    except (OSError, ValueError):
-        pass
-    return paths
-
-
 def _join(mount: str, own: str) -> str:
     return mount if own in ("", "/") else mount + own.rstrip("/")
 
 
+class Layout:
+    """What this process sees of cgroupfs: its mounts, and its own cgroup in each hierarchy.
+
+    Hosts differ, and the mode a tree gets follows from this, never from a
+    caller's assumption: GitHub's Ubuntu runners mount only v2
+    (``/sys/fs/cgroup``), older distributions only v1 controllers, systemd's
+    hybrid setup both (v2 at ``/sys/fs/cgroup/unified``).
+    """
+
+    __slots__ = ("mounts", "own")
+
+    def __init__(self, mounts: list[tuple[str, str, str]], own: dict[str, str]):
+        self.mounts = mounts  # (mount point, fs type, super options)
+        self.own = own  # "" for v2, controller names (and name=...) for v1
+
+    @classmethod
+    def parse(cls, mountinfo: str, cgroup: str) -> "Layout":
+        """From the text of a mountinfo table and of a /proc/<pid>/cgroup file."""
+        mounts = []
+        for line in mountinfo.splitlines():
+            pre, _, post = line.partition(" - ")
+            fields, tail = pre.split(), post.split()
+            if len(fields) >= 5 and len(tail) >= 3:
+                mounts.append((fields[4].replace("\\040", " "), tail[0], tail[2]))
+        own = {}
+        for line in cgroup.splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3:
+                for name in parts[1].split(",") if parts[1] else [""]:
+                    own[name] = parts[2]
+        return cls(mounts, own)
+
+    @classmethod
+    def read(cls, mountinfo: str | None = None, cgroup: str = PROC_CGROUP) -> "Layout":
+        """This process's layout; the mount table from ``mountinfo``, ``$KILN_CGROUP_MOUNTINFO``
+        or /proc/self/mountinfo, first given first."""
+        table = mountinfo or os.environ.get(MOUNTINFO_ENV) or PROC_MOUNTINFO
+        return cls.parse(_read(table), _read(cgroup))
+
+    def v2_base(self) -> str | None:
+        """Our own cgroup in the v2 hierarchy, or None when there is none."""
+        own = self.own.get("")
+        for mount, fstype, _ in self.mounts:
+            # "/.." prefixes: our cgroup lies outside this namespace's view of the tree.
+            if fstype == "cgroup2" and own is not None and not own.startswith("/.."):
+                return _join(mount, own)
+        return None
+
+    def v1_base(self, controller: str = "freezer") -> str | None:
+        """Our own cgroup in the v1 hierarchy of ``controller``, or None."""
+        own = self.own.get(controller)
+        for mount, fstype, opts in self.mounts:
+            if fstype == "cgroup" and controller in opts.split(",") and own is not None:
+                return _join(mount, own)
+        return None
+
+    def hierarchies(self) -> list[str]:
+        """The cgroup mechanisms this layout mounts, best first (mounted is not yet writable)."""
+        return [v for v, base in ((V2, self.v2_base), (V1, self.v1_base)) if base() is not None]
+
+
 def v2_base() -> str | None:
-    """Our own cgroup in the v2 hierarchy, or None when there is none."""
-    own = _own_paths().get("")
-    for mount, fstype, _ in _mountinfo():
-        if fstype == "cgroup2" and own is not None and not own.startswith("/.."):
-            return _join(mount, own)
-    return None
+    """Our own cgroup in the v2 hierarchy on this host, or None when there is none."""
+    return Layout.read().v2_base()
 
 
 def v1_base(controller: str = "freezer") -> str | None:
-    """Our own cgroup in the v1 hierarchy of ``controller``, or None."""
-    own = _own_paths().get(controller)
-    for mount, fstype, opts in _mountinfo():
-        if fstype == "cgroup" and controller in opts.split(",") and own is not None:
-            return _join(mount, own)
-    return None
+    """Our own cgroup in the v1 hierarchy of ``controller`` on this host, or None."""
+    return Layout.read().v1_base(controller)
 
 
 class Cgroup:
@@ -174,6 +206,7 @@ class Cgroup:
 
 
 def _read(path: str) -> str:
+    """The file's text, stripped; "" when it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -199,11 +232,13 @@ def _make(base: str | None, version: str, name: str) -> Cgroup:
     return group
 
 
-def create(tree_id: str, mode: str | None = None) -> tuple[Cgroup | None, str]:
+def create(tree_id: str, mode: str | None = None,
+           layout: Layout | None = None) -> tuple[Cgroup | None, str]:
     """A new cgroup for one tree, by ``mode``; (None, why) when only the subreaper applies.
 
     An explicitly requested cgroup mechanism that cannot be had raises
     CgroupError: asked-for containment must never silently weaken.
+    ``layout`` defaults to this host's (``Layout.read``).
     """
     mode = mode or os.environ.get(MODE_ENV) or "auto"
     if mode not in MODES:
@@ -211,8 +246,9 @@ def create(tree_id: str, mode: str | None = None) -> tuple[Cgroup | None, str]:
     if mode == NONE:
         return None, f"{MODE_ENV}={NONE}"
     name = f"{PREFIX}{tree_id}"
+    layout = layout if layout is not None else Layout.read()
     tried = []
-    for version, base in ((V2, v2_base), (V1, v1_base)):
+    for version, base in ((V2, layout.v2_base), (V1, layout.v1_base)):
         if mode not in ("auto", version):
             continue
         try:
@@ -224,13 +260,26 @@ def create(tree_id: str, mode: str | None = None) -> tuple[Cgroup | None, str]:
     return None, "; ".join(tried)
 
 
+def detect(mode: str | None = None, layout: Layout | None = None) -> tuple[str, str]:
+    """(mechanism, detail) new trees get here: V2, V1 or NONE; detail is the cgroups'
+    parent directory, or why no cgroup.
+
+    Found by creating and removing a probe cgroup, so permissions (not root,
+    read-only /sys/fs/cgroup) count as well as mounts. CgroupError as ``create``.
+    """
+    group, why = create(f"probe-{os.getpid()}", mode, layout)
+    if group is None:
+        return NONE, why
+    group.remove()
+    return group.version, group.parent
+
+
 def probe(mode: str | None = None) -> str:
     """One line: the mechanism new trees get on this host, and why not a better one."""
     try:
-        group, why = create(f"probe-{os.getpid()}", mode)
+        mechanism, detail = detect(mode)
     except CgroupError as exc:
         return f"error: {exc}"
-    if group is None:
-        return f"{NONE} only ({why})"
-    group.remove()
-    return f"{NONE} + {group.version} ({group.parent})"
+    if mechanism == NONE:
+        return f"{NONE} only ({detail})"
+    return f"{NONE} + {mechanism} ({detail})"

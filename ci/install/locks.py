@@ -8,6 +8,7 @@ nothing outside it, and nothing whose bytes changed.
 
     nox -s lock                     # regenerate every lock (after editing requirements/*.txt)
     python -m ci.install.locks e2e-cpu      # one lock, the same way
+    nox -s lock -- --upgrade        # every lock resolved afresh (newest releases)
 """
 from __future__ import annotations
 
@@ -181,14 +182,23 @@ def header(lock: Lock) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_lock(lock: Lock, uv: str | None = None) -> Path:
-    """Resolve ``lock.source`` and write ``lock.path``; raises CalledProcessError on failure."""
+def compile_lock(lock: Lock, uv: str | None = None, *, upgrade: bool = False) -> Path:
+    """Resolve ``lock.source`` and write ``lock.path``; raises CalledProcessError on failure.
+
+    The lock's current pins are kept where the source still allows them;
+    ``upgrade`` resolves everything afresh (newest releases).
+    """
     machine = pipconfig.read_pip_config()
     env = dict(os.environ, **pipconfig.uv_env(machine, COMPILE_PIP_KEYS))
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kiln-lock-") as tmp:
         plain = without_sources(REQUIREMENTS / lock.source, Path(tmp) / lock.source)
         out = Path(tmp) / "lock.txt"
+        if lock.path.is_file() and not upgrade:
+            # uv keeps the pins of an existing output file where they still
+            # satisfy the source: adding one package does not move every other
+            # one to its newest release (a drift no session has run).
+            shutil.copyfile(lock.path, out)
         argv = [uv or uv_binary(), "pip", "compile", str(plain), "--generate-hashes", "--no-header",
                 "--no-annotate", "--quiet", f"--python-version={PYTHON_VERSION}",
                 f"--python-platform={PYTHON_PLATFORM}", "-o", str(out), *compile_sources(lock)]
@@ -206,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate requirements/locks/*.txt")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"locks to regenerate (default: all of {', '.join(LOCKS)})")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="resolve afresh to the newest releases (default: keep the current pins "
+                             "where the requirement files still allow them)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(LOCKS))
     if unknown:
         parser.error(f"no lock named {', '.join(unknown)}; known: {', '.join(LOCKS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.names or LOCKS:
-        compile_lock(LOCKS[name])
+        compile_lock(LOCKS[name], upgrade=args.upgrade)
     return 0
 
 

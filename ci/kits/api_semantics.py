@@ -9,7 +9,8 @@ ci/kits/api.py checks the *shape* of answers; this kit checks their *meaning*:
 - ``n`` gives n choices, ``stop`` ends the text before the stop string,
   ``seed`` makes sampling repeatable, ``logprobs`` are consistent with the
   greedy choice;
-- a JSON-schema ``response_format`` yields JSON that validates, where the
+- a JSON-schema ``response_format`` yields JSON that validates (with the
+  ``jsonschema`` library: every keyword, ``maxLength`` included), where the
   engine supports structured output (the test skips with the probe's reason
   where it does not).
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, Iterable, Mapping
+
+import jsonschema
 
 from ci.kits.api import check_health, check_models, check_usage
 from ci.kits.client import KitFailure, ServerLike, client_for, excerpt
@@ -45,16 +48,25 @@ LOGPROB_EPS = 1e-3
 # How far past the context limit the over-long prompt goes: clearly over, so
 # no engine can fit it by counting a special token differently.
 OVERFLOW_FACTOR = 1.5
-# A JSON object with a fixed shape: something any schema-guided decoder can
-# force, even from a model that writes gibberish.
-SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12},
-                   "count": {"type": "integer"}},
-    "required": ["name", "count"],
-    "additionalProperties": False,
-}
 SCHEMA_TOKENS = 48
+# A name within maxLength still fits SCHEMA_TOKENS with the rest of the object.
+SCHEMA_NAME_MAX = 12
+
+
+def default_schema() -> dict[str, Any]:
+    """The schema ``check_structured_output`` asks for: an object of a fixed shape, which any
+    schema-guided decoder can force even from a model that writes gibberish.
+
+    A new dict each call: a module-level one, shared as a default, would carry
+    any caller's change to it into every later check.
+    """
+    return {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": SCHEMA_NAME_MAX},
+                       "count": {"type": "integer"}},
+        "required": ["name", "count"],
+        "additionalProperties": False,
+    }
 
 
 def _extra(server: ServerLike) -> dict:
@@ -216,8 +228,10 @@ def check_logprobs(server: ServerLike, *, top: int = TOP_LOGPROBS) -> None:
     print(f"logprobs={top}: {len(tokens)} tokens, each the best of its top list")
 
 
-def check_structured_output(server: ServerLike, *, schema: dict = SCHEMA) -> dict:
-    """A ``json_schema`` response_format yields JSON that matches the schema's shape."""
+def check_structured_output(server: ServerLike, *, schema: Mapping[str, Any] | None = None) -> dict:
+    """A ``json_schema`` response_format yields JSON that validates against the schema
+    (``default_schema()`` unless given), every keyword included."""
+    schema = default_schema() if schema is None else schema
     fmt = {"type": "json_schema", "json_schema": {"name": "kiln_check", "schema": schema}}
     with client_for(server) as c:
         resp = c.chat(CHAT, max_tokens=SCHEMA_TOKENS, temperature=0, response_format=fmt)
@@ -230,29 +244,29 @@ def check_structured_output(server: ServerLike, *, schema: dict = SCHEMA) -> dic
                          f"{excerpt(text, 120)!r}") from None
     problems = schema_problems(obj, schema)
     if problems:
-        raise KitFailure(f"response_format json_schema: the JSON does not match: {problems[0]}")
+        raise KitFailure(f"response_format json_schema: the JSON does not match: {problems[0]}"
+                         + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     return obj
 
 
-_JSON_TYPES: dict[str, Any] = {"object": dict, "string": str, "integer": int, "array": list,
-                               "number": (int, float), "boolean": bool}
+def _where(path: Iterable[Any]) -> str:
+    """A JSONPath-like location: ``$``, ``$.name``, ``$.items[2]``."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
-def schema_problems(obj: Any, schema: dict) -> list[str]:
-    """What is wrong with ``obj`` against a flat object schema (types, required, extras)."""
-    if not isinstance(obj, dict):
-        return [f"expected an object, got {type(obj).__name__}"]
-    props = schema.get("properties", {})
-    out = [f"missing required {k!r}" for k in schema.get("required", []) if k not in obj]
-    if schema.get("additionalProperties") is False:
-        out += [f"unexpected key {k!r}" for k in obj if k not in props]
-    for k, sub in props.items():
-        if k in obj:
-            want = _JSON_TYPES[sub["type"]]
-            if not isinstance(obj[k], want) or (sub["type"] == "integer"
-                                                and isinstance(obj[k], bool)):
-                out.append(f"{k!r} is {type(obj[k]).__name__}, expected {sub['type']}")
-    return out
+def schema_problems(obj: Any, schema: Mapping[str, Any]) -> list[str]:
+    """Every way ``obj`` breaks ``schema`` (jsonschema, the schema's own draft or 2020-12), by location.
+
+    A schema that is itself invalid raises ValueError in one line: that is the
+    caller's mistake, not the engine's.
+    """
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+    errors = sorted(cls(schema).iter_errors(obj), key=lambda e: (_where(e.absolute_path), e.message))
+    return [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
 
 
 # Flags by which an engine's --help says it does schema-guided decoding.

@@ -3,6 +3,8 @@
 ``pytest_plugin`` (``-p ci.session.pytest_plugin``) gives tests the ``model``
 marker and the ``server`` fixture, backed by ``pool``'s session-wide servers
 (built by ``ci.engine.launch``); ``envinfo`` prints what the run is on;
-``shard`` splits a session across machines; ``known_issues`` skips by profile.
+``shard`` splits a session across machines (an empty shard fails its job);
+``known_issues`` skips by profile; ``skips`` fails a session whose every e2e
+test was skipped, counting the reasons.
 The only package that imports pytest. May import every floor below it.
 """

@@ -28,7 +28,7 @@ from ci.engine.server import Server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts
-from ci.session import known_issues
+from ci.session import known_issues, skips
 from ci.session.pool import ServerPool, key_from_marker
 from ci.warmup import markers as warmup_markers
 from ci.warmup.specs import WarmupSpec
@@ -43,6 +43,8 @@ _PREV_SIGTERM = pytest.StashKey[object]()
 _DISCOVERY = pytest.StashKey[gpu.Discovery]()
 _SERVER = pytest.StashKey[Server]()
 _BASELINE = pytest.StashKey[set]()
+_TALLY = pytest.StashKey[skips.Tally]()
+TALLY_PLUGIN = "kiln-skip-tally"
 DISRUPTIVE = "kiln_disruptive"
 
 
@@ -169,27 +171,35 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     profile = profile_of(config)
     found = _discovery(config)
     available = len(found.visible) if found else 0
-    capacity: list[str] = []
-    runnable = 0
+    reasons: list[str] = []
     for item in e2e:
-        if item.get_closest_marker("skip"):
-            continue  # skipped already (a known issue on this profile)
-        reason = _lane_skip_reason(item, profile)
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        marker = item.get_closest_marker("skip")
+        if marker:  # skipped already (a known issue on this profile, a plain skip marker)
+            reasons.append(marker.kwargs.get("reason") or (marker.args[0] if marker.args else "skip marker"))
             continue
-        reason = capacity_skip_reason(item, profile, available)
+        reason = _lane_skip_reason(item, profile) or capacity_skip_reason(item, profile, available)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
-            capacity.append(reason)
-        else:
-            runnable += 1
-    if capacity and not runnable:
-        # sglang #24222: a 0-GPU runner skipped everything and went green.
-        raise pytest.UsageError(
-            f"kiln: all {len(e2e)} e2e tests were skipped ({len(capacity)} for capacity) on profile "
-            f"{profile.name} ({available} GPU(s) available) — this run would test nothing. "
-            f"First reason: {capacity[0]}")
+            reasons.append(reason)
+    # Everything skipped before a test ran: stop now, nothing to launch. Skips
+    # raised while running are counted by the Tally (pytest_sessionfinish).
+    line = skips.tested_nothing_line(len(e2e), reasons, profile.name,
+                                     context=f"{available} GPU(s) available")
+    if line:
+        raise pytest.UsageError(f"kiln: {line}")
+    tally = skips.Tally(item.nodeid for item in e2e)
+    config.stash[_TALLY] = tally
+    config.pluginmanager.register(_TallyHook(tally), TALLY_PLUGIN)
+
+
+class _TallyHook:
+    """Feeds every test report to the session's skips.Tally (a hook needs an object to live on)."""
+
+    def __init__(self, tally: skips.Tally):
+        self.tally = tally
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.tally.record(report)
 
 
 def _topology(found: gpu.Discovery) -> alloc.Topology | None:
@@ -262,6 +272,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
+    tally = config.stash.get(_TALLY, None)
+    if tally is not None and session.exitstatus == pytest.ExitCode.OK:
+        line = tally.line(profile_of(config).name)
+        if line:  # every e2e test skipped itself while running (a fixture, pytest.skip)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            _say(config, line)
     pool = config.stash.get(_POOL_KEY, None)
     if pool is None:
         return

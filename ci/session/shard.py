@@ -173,12 +173,15 @@ def assign(nodeids: Sequence[str], estimates: Mapping[str, float], n: int,
         else:
             items.append((weight, members))
     items.sort(key=lambda item: (-item[0], min(item[1])))
-    heap = [(0.0, shard) for shard in range(n)]
+    # Ties in load go to the shard with fewer items: tests with no cost (an
+    # estimate of 0 s) would otherwise all land on shard 1 and leave the others
+    # empty -- and an empty shard fails its job (select_for_session).
+    heap = [(0.0, 0, shard) for shard in range(n)]
     packed: list[list[tuple[float, list[str]]]] = [[] for _ in range(n)]
     for item in items:
-        load, shard = heapq.heappop(heap)
+        load, count, shard = heapq.heappop(heap)
         packed[shard].append(item)
-        heapq.heappush(heap, (load + item[0], shard))
+        heapq.heappush(heap, (load + item[0], count + 1, shard))
     _refine(packed)
     return [sorted((t for _, members in b for t in members), key=order.__getitem__) for b in packed]
 
@@ -248,7 +251,8 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
 
     The shard's node ids go to ``reports/shard-<session>-<i>of<n>.txt`` and
     pytest reads them with ``@file`` (pytest >= 8.2): no argv limit, no quoting.
-    An empty shard (more shards than tests) skips the session, saying why.
+    An empty shard (more shards than tests, or than groups of tests sharing a
+    server) fails the session in one line (:func:`empty_shard_message`).
     ``python`` collects in the interpreter the tests will run in (GPU sessions
     have no venv: the engine's own); ``pytest_args`` (e.g. ``--kiln-model=X``)
     make collection declare the same servers as the run.
@@ -265,9 +269,12 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     # an artifact; restoring it before a sharded run is not wired yet).
     history = [p for p in (artefacts.junit(reports_dir, name),) if p.is_file()]
     estimates = estimates_from_junit(history, Path.cwd())
-    chosen = select(nodeids, estimates, shard, groups_from_keys(keys_file))
+    shards = assign(nodeids, estimates, shard.count, groups_from_keys(keys_file))
+    chosen = shards[shard.index - 1]
     if not chosen:
-        session.skip(f"shard {shard} has no tests: only {len(nodeids)} collected for {shard.count} shards")
+        # pytest-split's lesson: a shard with nothing to run is a misconfigured
+        # split, and a green job for it would hide that a machine tested nothing.
+        session.error(empty_shard_message(shard, len(nodeids), sum(1 for b in shards if b)))
     listing = reports_dir / f"shard-{name}-{shard.index}of{shard.count}.txt"
     listing.write_text("\n".join(chosen) + "\n")
     fallback = default_estimate(estimates)
@@ -276,6 +283,14 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     session.log(f"shard {shard}: {len(chosen)} of {len(nodeids)} tests, ~{mine:.0f}s of ~{total:.0f}s "
                 f"({len(history)} earlier JUnit files for estimates)")
     return [*pytest_options(targets), f"@{listing}"]
+
+
+def empty_shard_message(shard: Shard, collected: int, filled: int) -> str:
+    """The one line an empty shard fails with: what was collected and the n that fits."""
+    if not collected:
+        return f"shard {shard} has no tests: the selection collected none"
+    return (f"shard {shard} has no tests: {collected} collected fill only {filled} of {shard.count} "
+            f"shards (tests sharing a server stay together); use --shard i/{filled} or fewer")
 
 
 def pytest_options(args: Sequence[str]) -> list[str]:

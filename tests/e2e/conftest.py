@@ -27,20 +27,6 @@ def kiln_thresholds(kiln_profile) -> thresholds.Thresholds:
         pytest.fail(f"kiln: {exc}", pytrace=False)
 
 
-def _print_beside_bounds(title: str, measured: dict[str, float], bounds: dict[str, thresholds.Bound]) -> None:
-    print(f"{title}: measured vs bound")
-    for name, bound in bounds.items():
-        value = measured.get(name)
-        shown = "n/a" if value is None else f"{value:.4g}"
-        print(f"  {name:<16} {shown:>10}  bound {bound.value:<8g} ({bound.reason or 'reference'})")
-
-
-@pytest.fixture
-def beside_bounds():
-    """print(title, measured, bounds): each figure next to its bound and the bound's basis."""
-    return _print_beside_bounds
-
-
 @pytest.fixture
 def kit_summary(pytestconfig) -> Path:
     """Where a kit writes its job-summary section: under reports/ (ci/report/jobsummary.py says why);

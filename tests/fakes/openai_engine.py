@@ -108,6 +108,7 @@ class Knobs:
     ignore_n: bool = False  # always one choice per prompt
     ignore_stop: bool = False  # stop strings are not applied
     structured_output: bool = True  # honour response_format json_schema
+    json_name: str = "fake"  # the "name" of a structured answer (too long: breaks the schema's maxLength)
     # Streams as timed steps: each token takes step_s "in the model", is logged
     # to step_log the way vLLM's --enable-logging-iteration-details does, and
     # stream_delay_s after it is time *between* steps (not logged).
@@ -451,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
             text, finish = text[:min(cuts)], "stop"
         if chat:
             if params["json"]:
-                text = json.dumps({"name": "fake", "count": len(toks)})
+                text = json.dumps({"name": self.fake.knobs.json_name, "count": len(toks)})
             return {"index": index, "message": {"role": "assistant", "content": text},
                     "finish_reason": finish}
         logprobs = None

@@ -5,6 +5,17 @@ Real processes only: tests/fakes/renaming_engine.py uses the real
 ``procfs.matching``: every live process whose name or command line matches
 the fake's names, zombies aside -- a scan that reads no tag, registry or
 cgroup of kiln's.
+
+The cgroup mode is the host's, not a test parameter: each containment test
+runs once with whatever ``auto`` gives here ([host]: cgroup-v2 on GitHub's
+v2-only runners, cgroup-v1 on a v1-only host) and once with the subreaper
+alone ([subreaper], the fallback every host has). To see this host as
+another layout, set ``KILN_TEST_CGROUP_LAYOUT=v2-only`` or ``v1-only``: kiln
+then reads this host's mount table with the other kind of hierarchy left out
+(tests/fakes/cgroupfs.py), in every process it starts, and the real kernel
+contains. A layout the host cannot show (v1-only on a v2-only host) is one
+line, not a skip. tests/unit/test_cgroups.py covers every layout on a fake
+cgroup root.
 """
 from __future__ import annotations
 
@@ -19,11 +30,16 @@ from pathlib import Path
 import pytest
 
 from ci.host import cgroups, procfs, procs, reaper, registry
+from tests import requires
+from tests.fakes.cgroupfs import KEEP, trim_mountinfo
 from tests.fakes.renaming_engine import NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "tests" / "fakes" / "renaming_engine.py"
-MODES = (cgroups.V2, cgroups.V1, cgroups.NONE)
+# The layout to show kiln instead of this host's own (module docstring).
+LAYOUT_ENV = "KILN_TEST_CGROUP_LAYOUT"
+# [host]: the mode `auto` gives on this (possibly trimmed) layout; [subreaper]: none.
+CONTAINMENT = ("host", cgroups.NONE)
 # The fake is up (every helper renamed) in well under a second; a loaded
 # 2-core runner gets this long.
 UP_DEADLINE_S = 30.0
@@ -63,19 +79,62 @@ def _isolated_state(tmp_path, monkeypatch):
     assert left == [], f"engine processes left: {left}"
 
 
-@pytest.fixture(params=MODES)
-def containment(request, monkeypatch) -> str:
-    mode = request.param
-    if mode != cgroups.NONE:
-        try:
-            group, _ = cgroups.create(f"test-{os.getpid()}", mode)
-            group.remove()
-        except cgroups.CgroupError as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"{mode} unavailable on a CI machine that has it: {exc}")
-            pytest.skip(f"{mode} unavailable here: {exc}")
+@pytest.fixture(scope="module", autouse=True)
+def host_layout(tmp_path_factory) -> tuple[str, str]:
+    """(mode, detail) of this host as kiln sees it: ``auto``'s pick, or the simulated layout's.
+
+    A simulated layout reaches every supervisor and child harness through
+    ``$KILN_CGROUP_MOUNTINFO`` in the environment.
+    """
+    layout = os.environ.get(LAYOUT_ENV, "")
+    if layout and layout not in KEEP:
+        pytest.fail(f"{LAYOUT_ENV}={layout!r} is not one of {', '.join(KEEP)}", pytrace=False)
+    with pytest.MonkeyPatch.context() as mp:
+        if layout:
+            path = tmp_path_factory.mktemp("cgroup-layout") / "mountinfo"
+            path.write_text(trim_mountinfo(Path(cgroups.PROC_MOUNTINFO).read_text(), layout))
+            mp.setenv(cgroups.MOUNTINFO_ENV, str(path))
+        mode, detail = cgroups.detect("auto")
+        if layout and mode == cgroups.NONE:
+            pytest.fail(f"{LAYOUT_ENV}={layout}: this host has no usable {KEEP[layout]} hierarchy to "
+                        f"keep ({detail})", pytrace=False)
+        yield mode, detail
+
+
+@pytest.fixture(params=CONTAINMENT)
+def containment(request, monkeypatch, host_layout) -> str:
+    """The mode this test's trees must get: the host's own, or the subreaper alone."""
+    mode = host_layout[0] if request.param == "host" else cgroups.NONE
     monkeypatch.setenv(cgroups.MODE_ENV, mode)
     return mode
+
+
+def test_auto_gives_trees_the_hosts_mode(tmp_path, monkeypatch, host_layout):
+    # Through a real supervisor: it reads the (possibly trimmed) layout itself.
+    monkeypatch.setenv(cgroups.MODE_ENV, "auto")
+    layout = os.environ.get(LAYOUT_ENV)
+    if layout:
+        assert host_layout[0] == (cgroups.V2 if layout == "v2-only" else cgroups.V1)
+    tree, _ = _start(tmp_path, "--workers", "1")
+    try:
+        assert tree.mechanism == host_layout[0]
+        if tree.cgroup is not None:
+            assert tree.cgroup.parent == host_layout[1]
+    finally:
+        tree.stop(STOP_GRACE_S)
+
+
+def test_a_mode_the_host_lacks_is_refused_in_one_line(tmp_path, monkeypatch, host_layout):
+    lacking = [m for m in (cgroups.V2, cgroups.V1) if m not in cgroups.Layout.read().hierarchies()]
+    if not lacking:
+        pytest.skip(f"this host mounts both cgroup kinds; {LAYOUT_ENV}=v2-only or v1-only hides one")
+    for other in lacking:
+        monkeypatch.setenv(cgroups.MODE_ENV, other)
+        with pytest.raises(RuntimeError, match=rf"^KILN_CONTAINMENT={other} asked for, but: no {other} "
+                                               rf"hierarchy mounted for this process$"):
+            procs.ProcessTree.spawn([sys.executable, str(ENGINE), "--workers", "1"],
+                                    log_path=tmp_path / "e.log")
+    assert registry.Registry().entries() == []
 
 
 def _start(tmp_path: Path, *flags: str) -> tuple[procs.ProcessTree, list[int]]:
@@ -193,9 +252,12 @@ def test_harness_death_stops_the_tree(tmp_path, sig):
     assert registry.Registry().entries() == []
 
 
-@pytest.mark.parametrize("mode", [cgroups.V2, cgroups.V1])
 def test_stale_tree_of_a_dead_owner_and_supervisor_is_reaped_live_one_untouched(
-        tmp_path, monkeypatch, mode):
+        tmp_path, monkeypatch, host_layout):
+    mode, why = host_layout
+    if mode == cgroups.NONE:
+        # Only cgroup membership outlives the supervisor (README, "Limit").
+        requires.missing(f"a stale tree is found again only through its cgroup; this host has none ({why})")
     monkeypatch.setenv(cgroups.MODE_ENV, mode)
     live, live_pids = _start(tmp_path, "--workers", "1")
     try:
@@ -259,9 +321,9 @@ def test_bad_containment_mode_is_one_line_and_starts_nothing(tmp_path, monkeypat
     assert registry.Registry().entries() == []
 
 
-def test_missing_engine_binary_is_one_line_and_leaves_no_cgroup(tmp_path, monkeypatch):
+def test_missing_engine_binary_is_one_line_and_leaves_no_cgroup(tmp_path, monkeypatch, host_layout):
     monkeypatch.setenv(cgroups.MODE_ENV, "auto")
-    base = cgroups.v2_base()
+    base = host_layout[1] if host_layout[0] != cgroups.NONE else None
     before = {n for n in os.listdir(base) if n.startswith(cgroups.PREFIX)} if base else set()
     with pytest.raises(RuntimeError, match=r"^cannot start 'kiln-no-such-engine': No such file"):
         procs.ProcessTree.spawn(["kiln-no-such-engine", "--port", "1"], log_path=tmp_path / "e.log")

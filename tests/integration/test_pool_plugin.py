@@ -225,8 +225,9 @@ def test_all_skipped_for_capacity_fails_loudly_instead_of_green(tmp_path):
     # No GPU here (and CUDA_VISIBLE_DEVICES=-1): every test of a GPU profile skips.
     out = _run_capacity(tmp_path, "h100-1")
     assert out.returncode == pytest.ExitCode.USAGE_ERROR, out.stdout + out.stderr
-    assert "all 3 e2e tests were skipped (3 for capacity) on profile h100-1" in out.stderr
-    assert "0 GPU(s) available" in out.stderr
+    assert ("kiln: all 3 e2e tests were skipped on profile h100-1 (0 GPU(s) available), so this run "
+            "tested nothing: 3 capacity. First reason: capacity: fake tp=2 needs 2 GPU(s), 0 available "
+            "on this runner") in out.stderr
 
 
 def test_crash_signature_ends_a_launch_long_before_its_timeout(tmp_path):

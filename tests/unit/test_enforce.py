@@ -47,7 +47,7 @@ def e2e(tmp_path):
 def run_perf_test(rule, summary, perf_budget):
     th = dataclasses.replace(thresholds.for_profile("h100-1"), perf=perf_budget)
     with fake_engine() as srv:
-        e2e_perf.test_performance_budget(srv, H100, th, summary, e2e_conftest._print_beside_bounds, rule)
+        e2e_perf.test_performance_budget(srv, H100, th, summary, rule)
 
 
 def test_a_broken_estimate_reports_uncalibrated_and_the_test_passes(e2e, caplog):

@@ -61,18 +61,45 @@ def test_over_long_prompt_must_get_a_400_naming_the_limit(knobs, cause):
      r"^logprobs: greedy token 0 ' t\d+' \(-3.0000\) is not the best of its top list"),
     ({"structured_output": False}, sem.check_structured_output,
      r"^response_format json_schema gave text that is not JSON"),
-], ids=["n-ignored", "stop-ignored", "seed-ignored", "greedy-not-best", "schema-ignored"])
+    # JSON of the right shape whose string is over the schema's maxLength: the
+    # hand-written check this replaced looked at types only and passed it.
+    ({"json_name": "a-name-well-over-twelve"}, sem.check_structured_output,
+     r"^response_format json_schema: the JSON does not match: \$\.name: 'a-name-well-over-twelve' is "
+     r"too long$"),
+], ids=["n-ignored", "stop-ignored", "seed-ignored", "greedy-not-best", "schema-ignored",
+        "string-over-maxLength"])
 def test_an_engine_that_breaks_the_parameter_fails_naming_it(knobs, check, cause):
     with fake_engine(**knobs) as srv:
         with pytest.raises(KitFailure, match=cause):
             check(srv)
 
 
-def test_schema_problems_are_named():
-    assert sem.schema_problems({"name": "x", "count": True, "extra": 1}, sem.SCHEMA) == [
-        "unexpected key 'extra'", "'count' is bool, expected integer"]
-    assert sem.schema_problems([], sem.SCHEMA) == ["expected an object, got list"]
-    assert sem.schema_problems({"count": 1}, sem.SCHEMA) == ["missing required 'name'"]
+def test_schema_problems_are_named_by_location():
+    schema = sem.default_schema()
+    assert sem.schema_problems({"name": "x", "count": True, "extra": 1}, schema) == [
+        "$: Additional properties are not allowed ('extra' was unexpected)",
+        "$.count: True is not of type 'integer'"]
+    assert sem.schema_problems([], schema) == ["$: [] is not of type 'object'"]
+    assert sem.schema_problems({"count": 1}, schema) == ["$: 'name' is a required property"]
+    assert sem.schema_problems({"name": "x" * 13, "count": 1}, schema) == [f"$.name: '{'x' * 13}' is too long"]
+    assert sem.schema_problems({"name": "x" * 12, "count": 1}, schema) == []
+    nested = {"type": "array", "items": {"type": "string", "maxLength": 2}}
+    assert sem.schema_problems(["ok", "long"], nested) == ["$[1]: 'long' is too long"]
+
+
+def test_a_schema_that_is_not_valid_is_one_line_naming_it():
+    with pytest.raises(ValueError, match=r"^not a valid JSON schema: 'strin' is not valid under any of "):
+        sem.schema_problems({}, {"type": "strin"})
+
+
+def test_the_default_schema_is_a_fresh_dict_each_time():
+    first = sem.default_schema()
+    first["properties"]["name"]["maxLength"] = 1000  # a caller's change stays its own
+    assert sem.default_schema()["properties"]["name"]["maxLength"] == sem.SCHEMA_NAME_MAX
+    with fake_engine(json_name="a-name-well-over-twelve") as srv:
+        assert sem.check_structured_output(srv, schema=first)["name"] == "a-name-well-over-twelve"
+        with pytest.raises(KitFailure, match="is too long"):
+            sem.check_structured_output(srv)
 
 
 class _Probe:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,3 +61,43 @@ def test_failed_requests_fail_even_when_not_enforced():
     with fake_engine(fail_every=3) as srv:
         with pytest.raises(KitFailure, match=r"^perf run: 2/6 requests failed"):
             perf.check_perf(srv, GENEROUS, enforce=False)
+
+
+def test_each_figure_is_printed_beside_its_bound_and_basis(capsys):
+    budget = dataclasses.replace(GENEROUS, min_output_tok_s=Bound(1.0, "measured: h200, run 123"))
+    with fake_engine() as srv:
+        perf.check_perf(srv, budget, enforce=True)
+    out = capsys.readouterr().out
+    assert "bound >= 1        (measured: h200, run 123)" in out
+    assert all(f"{name} " in out for name in perf.BOUND_OF)
+    assert "ttft_p95_s" in out and "bound <= 30       (reference)" in out
+
+
+def _run_e2e_test(summary, enforce: bool, reason: str = "measured: a cited run for the test"):
+    # The e2e test itself (tests/e2e/test_perf.py), its fixtures filled in by hand, the
+    # bounds rule the e2e conftest gives it (tests/unit/test_enforce.py covers estimates).
+    import tests.e2e.conftest as e2e_conftest  # noqa: PLC0415  (test modules, imported for their code)
+    from tests.e2e import test_perf as e2e_perf  # noqa: PLC0415
+
+    profile = SimpleNamespace(name="cpu", default_model="tiny-llama")
+    budget = dataclasses.replace(IMPOSSIBLE, **{
+        f.name: Bound(getattr(IMPOSSIBLE, f.name).value, reason)
+        for f in dataclasses.fields(IMPOSSIBLE) if isinstance(getattr(IMPOSSIBLE, f.name), Bound)})
+    th = SimpleNamespace(perf=budget, enforce_perf=enforce)
+    rule = e2e_conftest.bounds_rule(profile, lambda k, v: None, summary)
+    with fake_engine() as srv:
+        e2e_perf.test_performance_budget(srv, profile, th, summary, rule)
+
+
+def test_the_e2e_test_is_check_perf_report_only_where_the_profile_does_not_enforce(tmp_path, caplog):
+    summary = tmp_path / "kit-summary.md"
+    _run_e2e_test(summary, enforce=False)
+    text = summary.read_text()
+    assert text.startswith("### perf on cpu (tiny-llama)") and "(report only)" in text
+    assert "tok/s < 1e+09" in text
+    assert "report only on cpu: measured bound broken: output " in caplog.text
+
+
+def test_the_e2e_test_fails_where_the_profile_enforces_a_measured_bound(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match=r"^measured bound broken: output "):
+        _run_e2e_test(tmp_path / "kit-summary.md", enforce=True)

@@ -6,6 +6,7 @@ A lock out of step with its source (a pin edited, a package added, no
 from __future__ import annotations
 
 import re
+import sys
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -128,3 +129,31 @@ def test_unknown_lock_name_is_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         locks.main(["nope"])
     assert "no lock named nope; known: tests, lint, torch-cpu, e2e-cpu" in capsys.readouterr().err
+
+
+# Stands in for uv: records what the -o file held when it started, then writes a compiled pin.
+STUB_UV = '''#!{python}
+import sys
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("-o") + 1])
+Path({seen!r}).write_text(out.read_text() if out.exists() else "<none>")
+out.write_text("newpkg==2.0 \\\\\\n    --hash=sha256:00\\n")
+'''
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_a_remade_lock_starts_from_its_current_pins_unless_upgrading(tmp_path, monkeypatch, upgrade):
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "tests.txt").write_text("newpkg\n")
+    (tmp_path / "locks" / "tests.txt").write_text("# old header\noldpkg==1.0 \\\n    --hash=sha256:11\n")
+    monkeypatch.setattr(locks, "REQUIREMENTS", tmp_path)
+    monkeypatch.setattr(locks, "LOCK_DIR", tmp_path / "locks")
+    monkeypatch.setattr(locks, "ROOT", tmp_path)  # the log line names the lock relative to it
+    seen = tmp_path / "seen"
+    uv = tmp_path / "uv"
+    uv.write_text(STUB_UV.format(python=sys.executable, seen=str(seen)))
+    uv.chmod(0o755)
+    locks.compile_lock(locks.LOCKS["tests"], uv=str(uv), upgrade=upgrade)
+    # uv prefers the pins of an existing output file: the old lock goes in as -o unless upgrading.
+    assert ("oldpkg==1.0" in seen.read_text()) is not upgrade
+    assert (tmp_path / "locks" / "tests.txt").read_text().endswith("newpkg==2.0 \\\n    --hash=sha256:00\n")

@@ -23,8 +23,10 @@ def test_needs_a_tool():
 """
 
 
-@pytest.mark.parametrize(("ci", "outcome"), [("true", "failed"), ("1", "failed"), (None, "skipped"),
-                                             ("false", "skipped"), ("", "skipped")])
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "failed"), ("1", "failed"), ("YES", "failed"),
+                                             ("on", "failed"), (None, "skipped"), ("false", "skipped"),
+                                             ("False", "skipped"), ("0", "skipped"), ("off", "skipped"),
+                                             ("", "skipped")])
 def test_missing_fails_in_ci_and_skips_elsewhere(pytester, monkeypatch, ci, outcome):
     monkeypatch.syspath_prepend(str(ROOT))
     if ci is None:
@@ -35,6 +37,18 @@ def test_missing_fails_in_ci_and_skips_elsewhere(pytester, monkeypatch, ci, outc
     result = pytester.runpytest("-rfs", "-p", "no:cacheprovider")
     result.assert_outcomes(**{outcome: 1})
     result.stdout.fnmatch_lines(["*frobnicator not on PATH*"])
+
+
+def test_a_ci_value_that_is_neither_yes_nor_no_fails_in_one_line_naming_it(pytester, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("CI", "maybe")
+    pytester.makepyfile(test_tool=NEEDS_A_TOOL)
+    result = pytester.runpytest("-rf", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*CI='maybe' is neither yes nor no: use one of 1/true/yes/on or "
+                                 "0/false/no/off, or leave it unset (needed to decide whether "
+                                 "'frobnicator not on PATH' fails or skips)*"])
+    assert "Traceback" not in result.stdout.str()
 
 
 def test_docker_tests_fail_naming_the_cause_when_ci_has_no_dockerd(tmp_path):

@@ -98,6 +98,16 @@ def test_more_shards_than_tests_leaves_empty_shards():
         shard.assign(["a"], {}, 0)
 
 
+def test_no_shard_is_left_empty_while_there_are_tests_to_spread():
+    # Tests whose history says 0 s would all tie at load 0 and pile onto shard 1.
+    ids = [f"t{i}" for i in range(5)]
+    bins = shard.assign(ids, dict.fromkeys(ids, 0.0), 4)
+    assert sorted(map(len, bins)) == [1, 1, 1, 2]
+    # A server group within a fair share stays one item: three tests, two items, one empty shard.
+    bins = shard.assign(["long", "a", "b"], {"long": 100.0, "a": 1.0, "b": 1.0}, 3, {"a": "A", "b": "A"})
+    assert sorted(map(len, bins)) == [0, 1, 2]
+
+
 def test_server_groups_stay_together_unless_too_big():
     ids = [f"t{i}" for i in range(8)]
     est = dict.fromkeys(ids, 10.0)
@@ -165,8 +175,8 @@ class FakeSession:
     def log(self, message):
         self.logs.append(message)
 
-    def skip(self, message):
-        raise RuntimeError(f"skipped: {message}")
+    def error(self, message):
+        raise RuntimeError(f"error: {message}")
 
 
 def test_select_for_session_writes_an_argsfile(tmp_path):
@@ -180,8 +190,12 @@ def test_select_for_session_writes_an_argsfile(tmp_path):
     assert "--kiln-profile=h100-4" in session.calls[0] and "tests/e2e" in session.calls[0]
     assert session.calls[0][-3:] == ("-x", "-k", "chat or models")
     assert "shard 2/3" in session.logs[0]
-    with pytest.raises(RuntimeError, match="skipped: shard 3/3 has no tests"):
+    with pytest.raises(RuntimeError, match=r"^error: shard 3/3 has no tests: 1 collected fill only 1 of 3 "
+                                           r"shards \(tests sharing a server stay together\); use "
+                                           r"--shard i/1 or fewer$"):
         shard.select_for_session(FakeSession("e2e-cpu", ids[:1]), ["tests/e2e"], Shard(3, 3), tmp_path)
+    with pytest.raises(RuntimeError, match=r"^error: shard 1/2 has no tests: the selection collected none$"):
+        shard.select_for_session(FakeSession("e2e-cpu", []), ["tests/e2e"], Shard(1, 2), tmp_path)
 
 
 def test_gpu_sessions_collect_in_the_engine_interpreter_with_the_runs_model(tmp_path):
