@@ -45,9 +45,12 @@ case "$engine" in
   sglang)
     # 0.5.17 is the newest SGLang whose torch== pin is 2.11.0 (0.5.18+ pin 2.13);
     # its wheels are cp312 only. It pins transformers==5.12.1 where the image has
-    # 5.17.0: the pinned one travels (the image's name list minus transformers).
-    roots=(sglang==0.5.17 transformers==5.12.1 dill)
-    grep -v -x transformers "$present" > "$work/present.txt"
+    # 5.17.0, and the pin matters: under 5.17 SGLang dies at import registering
+    # 'qwen3_asr', a name 5.17 already has (seen on an H100). 5.12.1 in turn refuses
+    # the image's tokenizers 0.23.2 (it checks tokenizers<=0.23.0 at import): both
+    # travel (the image's name list minus these two).
+    roots=(sglang==0.5.17 transformers==5.12.1 "tokenizers>=0.22.0,<=0.23.0" dill)
+    grep -v -x -e transformers -e tokenizers "$present" > "$work/present.txt"
     present=$work/present.txt
     # Not imported by a bf16 Llama on one GPU with --attention-backend triton:
     # other attention/MLA/MoE kernels (tilelang, tokenspeed-mla and its Triton fork,

@@ -32,10 +32,11 @@ class BadRequest:
     raw: bytes | None = None
 
 
-def bad_requests(model: str) -> list[BadRequest]:
-    """The malformed requests every engine must answer with a 4xx."""
+def bad_requests(model: str, *, rejects_unknown_model: bool = True) -> list[BadRequest]:
+    """The malformed requests every engine must answer with a 4xx (an unknown model
+    only where the engine checks the field: BackendSpec.rejects_unknown_model)."""
     ok = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
-    return [
+    cases = [
         BadRequest("body is not JSON", "/v1/completions", raw=b"{not json"),
         BadRequest("negative max_tokens", "/v1/completions", {**ok, "max_tokens": -1}),
         BadRequest("negative temperature", "/v1/completions", {**ok, "temperature": -1.0}),
@@ -46,6 +47,7 @@ def bad_requests(model: str) -> list[BadRequest]:
         BadRequest("chat messages of the wrong type", "/v1/chat/completions",
                    {"model": model, "messages": "hello", "max_tokens": MAX_TOKENS}),
     ]
+    return [c for c in cases if rejects_unknown_model or c.name != "unknown model"]
 
 
 def check_health(server: ServerLike) -> None:
@@ -164,7 +166,12 @@ def check_streaming(server: ServerLike, *, chat: bool = False) -> None:
 
 def check_bad_requests(server: ServerLike, cases: list[BadRequest] | None = None) -> None:
     """Every malformed request gets a 4xx, and the server is healthy afterwards."""
-    cases = cases if cases is not None else bad_requests(server.served_model)
+    if cases is None:
+        checks_model = getattr(server.backend, "rejects_unknown_model", True)
+        cases = bad_requests(server.served_model, rejects_unknown_model=checks_model)
+        if not checks_model:
+            print(f"{server.backend.name} serves any model name (BackendSpec.rejects_unknown_model): "
+                  f"'unknown model' is not asked")
     rows, wrong = [], []
     with client_for(server) as c:
         for case in cases:

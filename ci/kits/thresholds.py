@@ -101,6 +101,9 @@ class Thresholds:
     enforce_perf: bool
     # A model's own perf budget where it differs from ``perf`` (the profile's default model's).
     perf_by_model: Mapping[str, PerfBudget] = field(default_factory=lambda: MappingProxyType({}))
+    # A model's own occupancy bounds where it differs: how busy a GPU stays depends on
+    # the model (a 2-layer tiny model is CPU-bound: 24 % fwd_occupancy on an H100).
+    occupancy_by_model: Mapping[str, OccupancyThresholds] = field(default_factory=lambda: MappingProxyType({}))
 
     def accuracy_floor(self, model: str) -> Bound:
         """The floor for ``model`` on this profile; a clear error when none is set."""
@@ -116,8 +119,9 @@ class Thresholds:
         """This row for the pair (profile, ``model``): its floor and its perf budget."""
         floor = self.accuracy_floor(model)
         return dataclasses.replace(self, perf=self.perf_by_model.get(model, self.perf),
+                                   occupancy=self.occupancy_by_model.get(model, self.occupancy),
                                    accuracy_floors=MappingProxyType({model: floor}),
-                                   perf_by_model=MappingProxyType({}))
+                                   perf_by_model=MappingProxyType({}), occupancy_by_model=MappingProxyType({}))
 
 
 # Bound paths whose *smaller* value is looser (accuracy floors too); every
@@ -287,33 +291,64 @@ def _nvidia(base: Thresholds, kind: str) -> Thresholds:
         tiny_perf = dataclasses.replace(tiny_perf, **{
             f.name: Bound(getattr(tiny_perf, f.name).value, why)
             for f in dataclasses.fields(tiny_perf) if isinstance(getattr(tiny_perf, f.name), Bound)})
-    occupancy = base.occupancy
+    occupancy_by_model = {}
     if kind == "h200":
-        occupancy = dataclasses.replace(
-            occupancy, threshold=Bound(occupancy.threshold.value, _H200_OCC),
-            min_samples=Bound(occupancy.min_samples.value, _H200_OCC))
+        # Measured with the tiny model: its bound, not the profile's default model's.
+        occupancy_by_model[_TINY] = dataclasses.replace(
+            base.occupancy, threshold=Bound(base.occupancy.threshold.value, _H200_OCC),
+            min_samples=Bound(base.occupancy.min_samples.value, _H200_OCC))
     return dataclasses.replace(
-        base, occupancy=occupancy,
+        base, occupancy_by_model=MappingProxyType(occupancy_by_model),
         accuracy_floors=MappingProxyType({**base.accuracy_floors, _TINY: _TINY_HOPPER_FLOOR}),
         perf_by_model=MappingProxyType({_TINY: tiny_perf}))
 
 
+# SGLang with the tiny model, measured on an H100 (docs/gpu-verification.md, "Issue 21"):
+# sglang 0.5.17 staged with Triton attention (no FA3), `nox -s e2e-h100-1-sglang -- --kiln-model
+# tiny-llama`, one run. Perf at 64 x 128 tokens, concurrency 16: 3,749.6 tok/s, TTFT p50/p95
+# 0.051/0.818 s, latency p50/p95 0.387/1.059 s; bounds by invoke calibrate's rules
+# (ci/calibrate/derive.py: throughput min x 0.5, times max x 2.5 + 50 ms). fwd_occupancy of
+# one long request: 0.243 (34 samples) healthy, 0.034 (190 samples) with the scheduler
+# idling 20 ms per batch (tests/fakes/engine_throttle): the bound halves the healthy figure
+# and is 3.5x the idling one. n = 1: calibrate on the runner kind tightens it.
+_SGLANG_H100_RUN = "measured: H100, SGLang 0.5.17 (Triton attention), tiny model, one run"
+_SGLANG_TINY_PERF = PerfBudget(
+    **_GPU_PERF_SHAPE,
+    min_output_tok_s=Bound(1875.0, _SGLANG_H100_RUN + ": 3,749.6 tok/s; bound 0.5x"),
+    max_ttft_p50_s=Bound(0.178, _SGLANG_H100_RUN + ": TTFT p50 0.051 s; bound 2.5x + 50 ms"),
+    max_ttft_p95_s=Bound(2.1, _SGLANG_H100_RUN + ": TTFT p95 0.818 s; bound 2.5x + 50 ms"),
+    max_latency_p50_s=Bound(1.02, _SGLANG_H100_RUN + ": latency p50 0.387 s; bound 2.5x + 50 ms"),
+    max_latency_p95_s=Bound(2.7, _SGLANG_H100_RUN + ": latency p95 1.059 s; bound 2.5x + 50 ms"),
+)
+_SGLANG_TINY_OCC_WHY = (_SGLANG_H100_RUN + ": fwd_occupancy 0.243 over 34 samples healthy, 0.034 over 190 "
+                        "with the scheduler idling 20 ms a batch; bound half the healthy figure")
+
+
+def _as_estimate(budget, why: str):
+    """``budget`` (a PerfBudget or OccupancyThresholds) with every bound's reason replaced by ``why``."""
+    return dataclasses.replace(budget, **{
+        f.name: Bound(getattr(budget, f.name).value, why)
+        for f in dataclasses.fields(budget) if isinstance(getattr(budget, f.name), Bound)})
+
+
 def _nvidia_sglang(kind: str) -> Thresholds:
-    """An H100/H200 SGLang row: sglang's own reference, plus the tiny model's budget."""
-    why = (f"estimate: SGLang on {kind.upper()} with the tiny model, not yet run; vLLM's H200 "
-           "figures for the same model and load shape stand until an SGLang run")
-    tiny_perf = dataclasses.replace(_TINY_HOPPER_PERF, **{
-        f.name: Bound(getattr(_TINY_HOPPER_PERF, f.name).value, why)
-        for f in dataclasses.fields(_TINY_HOPPER_PERF) if isinstance(getattr(_TINY_HOPPER_PERF, f.name), Bound)})
+    """An H100/H200 SGLang row: sglang's reference for the default model (estimates), and the
+    tiny model's bounds measured on an H100 (the H200 reuses them as estimates: same compute)."""
     occ = SGLANG_REFERENCE.occupancy
-    occ_why = "estimate: sglang #25886's CI bound for fwd_occupancy, on its runners; not yet run by kiln"
+    ref_why = "estimate: sglang #25886's CI bound for fwd_occupancy, on its runners; not run by kiln"
+    tiny_occ = dataclasses.replace(occ, threshold=Bound(0.12, _SGLANG_TINY_OCC_WHY),
+                                   min_samples=Bound(5, _SGLANG_TINY_OCC_WHY + "; >= 5 as sglang #25886"),
+                                   accept_length_min=Bound(occ.accept_length_min.value, ref_why))
+    tiny_perf = _SGLANG_TINY_PERF
+    if kind != "h100":
+        why = f"estimate: {kind.upper()} shares the H100's compute; the H100 SGLang figure stands until a run there"
+        tiny_perf, tiny_occ = _as_estimate(tiny_perf, why), _as_estimate(tiny_occ, why)
     return dataclasses.replace(
         SGLANG_REFERENCE,
-        occupancy=dataclasses.replace(
-            occ, threshold=Bound(occ.threshold.value, occ_why), min_samples=Bound(occ.min_samples.value, occ_why),
-            accept_length_min=Bound(occ.accept_length_min.value, occ_why)),
+        occupancy=_as_estimate(occ, ref_why),
         accuracy_floors=MappingProxyType({**SGLANG_REFERENCE.accuracy_floors, _TINY: _TINY_HOPPER_FLOOR}),
-        perf_by_model=MappingProxyType({_TINY: tiny_perf}))
+        perf_by_model=MappingProxyType({_TINY: tiny_perf}),
+        occupancy_by_model=MappingProxyType({_TINY: tiny_occ}))
 
 
 def _row(profile: Profile) -> Thresholds:
@@ -382,11 +417,12 @@ def bounds(th: Thresholds) -> Iterator[tuple[str, Bound]]:
                 yield f"{section}.{f.name}", value
     for model, bound in th.accuracy_floors.items():
         yield f"accuracy.{model}", bound
-    for model, budget in th.perf_by_model.items():
-        for f in dataclasses.fields(budget):
-            value = getattr(budget, f.name)
-            if isinstance(value, Bound):
-                yield f"perf[{model}].{f.name}", value
+    for section, by_model in (("perf", th.perf_by_model), ("occupancy", th.occupancy_by_model)):
+        for model, obj in by_model.items():
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if isinstance(value, Bound):
+                    yield f"{section}[{model}].{f.name}", value
 
 
 def _lower_is_looser(path: str) -> bool:

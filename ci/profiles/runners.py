@@ -76,11 +76,31 @@ class Profile:
         return self.nox_command(*flags, *models, reuse_venv=reuse_venv, nox=nox)
 
 
-_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+@dataclass(frozen=True)
+class Verified:
+    """An engine release kiln ran on a real GPU, and where that run is written down."""
+
+    engine: str
+    version: str
+    where: str
+    # The image digest of that release, when a run pulled the image; the GPU machines
+    # kiln verified on reach no registry (they ran the release's wheels, staged by
+    # bench/gpu_stage.sh), so none is recorded yet: pin it where the image is pulled.
+    digest: str | None = None
+
+
+# The releases whose images the GPU profiles name: each ran kiln's e2e suite on a GPU.
+VERIFIED = MappingProxyType({
+    "vllm": Verified("vllm", "0.26.0", "H200, docs/gpu-verification.md (issues 12, 15): torch 2.11 pin"),
+    "sglang": Verified("sglang", "0.5.17", "H100, docs/gpu-verification.md (issue 21): torch 2.11 pin"),
+})
+
+_VLLM_IMAGE = f"docker.io/vllm/vllm-openai:v{VERIFIED['vllm'].version}"
+# Not run by kiln: no AMD GPU has been reachable (the lane contract prints it so).
 _ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
-# SGLang's CUDA 13 image of the release verified on an H200 (docs/gpu-verification.md):
-# 0.5.17 is the newest SGLang whose torch pin (2.11.0) matches the runner's torch.
-_SGLANG_CUDA_IMAGE = "docker.io/lmsysorg/sglang:v0.5.17-cu130"
+# SGLang's CUDA 13 image of the verified release: 0.5.17 is the newest SGLang whose
+# torch pin (2.11.0) matches the runners' torch.
+_SGLANG_CUDA_IMAGE = f"docker.io/lmsysorg/sglang:v{VERIFIED['sglang'].version}-cu130"
 
 
 # Per GPU vendor: (backend, image, launch timeout, per-test timeout) of its default engine.

@@ -5,6 +5,7 @@ import pytest
 
 from ci.engine import compat, realmodel
 from ci.kits import api_semantics as sem
+from ci.session.pool import ServerKey
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
@@ -28,8 +29,18 @@ def test_stop_string_ends_the_text(server):
     sem.check_stop_string(server)
 
 
-def test_seed_makes_sampling_reproducible(server):
-    sem.check_seed_reproducible(server)
+def test_seed_makes_sampling_reproducible(server, kiln_pool, kiln_profile):
+    flag = server.backend.seed_flag
+    if flag is None:
+        sem.check_seed_reproducible(server)
+        return
+    # The engine reads a request's seed only when launched with this flag
+    # (SGLang: --enable-deterministic-inference): ask for that server.
+    seeded = kiln_pool.acquire(ServerKey(kiln_profile.default_model, 1, (flag,)))
+    try:
+        sem.check_seed_reproducible(seeded)
+    finally:
+        kiln_pool.release(seeded)
 
 
 def test_logprobs_are_consistent(server):

@@ -36,6 +36,10 @@ def test_every_sglang_launch_has_metrics_and_the_device_timer_the_kits_read():
     assert "TVM_FFI_CACHE_DIR" in dict(sglang.cache_vars)
     # vLLM needs no flag: its metrics are on unless hidden.
     assert get_backend("vllm").metrics_flag is None
+    # Seen on an H100 with SGLang 0.5.17: another model name is served (200), and a
+    # request's seed is ignored unless the engine runs deterministic inference.
+    assert not sglang.rejects_unknown_model and get_backend("vllm").rejects_unknown_model
+    assert sglang.seed_flag == "--enable-deterministic-inference" and get_backend("vllm").seed_flag is None
 
 
 def test_generic_template_fills_port_and_model():

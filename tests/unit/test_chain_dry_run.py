@@ -86,7 +86,7 @@ def test_h100_4_dry_run_prints_every_step_in_order_with_devices_and_no_secret(tm
 
     assert shown["pull"].startswith("invoke pull docker.io/vllm/vllm-openai:")
     start = shlex.split(shown["start"])
-    assert start[:3] == ["invoke", "start", "docker.io/vllm/vllm-openai:v0.11.0"]
+    assert start[:3] == ["invoke", "start", "docker.io/vllm/vllm-openai:v0.26.0"]
     assert start[start.index("--vendor") + 1] == "nvidia"
     assert [start[i + 1] for i, w in enumerate(start) if w == "--device"] == ["0", "1", "2", "3"]
     assert start[start.index("--shm-size") + 1] == "16g"

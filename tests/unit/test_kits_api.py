@@ -67,3 +67,10 @@ def test_2xx_on_bad_request_fails_too():
                                  {"model": srv.served_model, "prompt": "hi", "max_tokens": 2})
         with pytest.raises(KitFailure, match="actually valid -> HTTP 200"):
             api.check_bad_requests(srv, [ok_case])
+
+
+def test_the_unknown_model_case_is_asked_only_of_engines_that_check_the_field():
+    names = [c.name for c in api.bad_requests("m")]
+    assert "unknown model" in names
+    lenient = [c.name for c in api.bad_requests("m", rejects_unknown_model=False)]
+    assert lenient == [n for n in names if n != "unknown model"]

@@ -5,7 +5,9 @@ import pytest
 
 from ci.kits import occupancy
 from ci.kits.client import KitFailure
-from tests.fakes.openai_engine import FAKE_GAUGES, FAKE_VLLM_LIKE, fake_engine
+import dataclasses
+
+from tests.fakes.openai_engine import FAKE_BACKEND, FAKE_GAUGES, FAKE_VLLM_LIKE, fake_engine
 
 # The long request lasts ~0.18 s; scraping every 10 ms gives ~15 samples (3 needed).
 SLOW = {"token_delay_s": 0.003}
@@ -179,3 +181,16 @@ def test_a_starved_round_that_saw_only_the_edges_is_inconclusive_not_idle():
                                              r"in 2 round\(s\) \(0 NaN dropped, [1-9]\d* outside"):
             occupancy.check_occupancy(srv, threshold=0.8, min_samples=50, mode="busy",
                                       interval_s=0.01, long_max_tokens=10, max_rounds=2)
+
+
+def test_a_percentage_gauge_is_read_as_a_fraction_and_an_idling_engine_fails():
+    # SGLang publishes fwd_occupancy as 0-100 (occupancy_full=100). Figures seen on an
+    # H100 with the tiny model: 24.3 % healthy, 3.4 % with the scheduler idling 20 ms per
+    # batch (docs/gpu-verification.md); the measured bound 0.12 lies between them.
+    percent = dataclasses.replace(FAKE_BACKEND, gauges=dataclasses.replace(FAKE_GAUGES, occupancy_full=100.0))
+    with fake_engine(backend=percent, occupancy=24.3, **SLOW) as srv:
+        healthy = occupancy.check_occupancy(srv, threshold=0.12, min_samples=3, **FAST)
+    assert healthy.statistic == pytest.approx(0.243)
+    with fake_engine(backend=percent, occupancy=3.4, **SLOW) as srv:
+        with pytest.raises(KitFailure, match=r"^occupancy 0\.034 < threshold 0\.12 \(ratio of fake:fwd_occupancy"):
+            occupancy.check_occupancy(srv, threshold=0.12, min_samples=3, **FAST)

@@ -260,6 +260,16 @@ def test_every_gpu_profile_is_routed_and_prints_each_entry_with_its_plan(plans):
     print("\n".join(lines))
 
 
+def image_status(p: runners.Profile) -> str:
+    """Whether the lane's image is an engine release kiln ran on a GPU (and where that is written)."""
+    verified = runners.VERIFIED.get(p.backend)
+    tag = imageref.parse_ref(p.image).tag or ""
+    if p.vendor == "nvidia" and verified and tag.startswith(f"v{verified.version}"):
+        digest = verified.digest or "digest not recorded (the GPU machines reach no registry)"
+        return f"{p.backend} {verified.version} verified ({verified.where}); {digest}"
+    return f"NOT VERIFIED by kiln ({p.vendor}: no such GPU has been reachable)"
+
+
 def describe_plan(plan: LanePlan) -> list[str]:
     """A few lines: the start command, the devices, each launch, what the kits lack, the model."""
     p = plan.profile
@@ -273,6 +283,7 @@ def describe_plan(plan: LanePlan) -> list[str]:
         devices = f"docker device request (gpu), ids {','.join(plan.create['device_requests'][0].device_ids)}"
     out = [f"  {p.name} ({p.vendor} x{p.gpus}, backend {p.backend})",
            f"    start:   {shlex.join(start)} ... (shm, mounts, env, keep-alive)",
+           f"    image:   {image_status(p)}",
            f"    devices: {devices}"]
     for tp, (argv, _) in plan.launches.items():
         out.append(f"    launch tp={tp}: {shlex.join(['python', *argv[1:]])}")
@@ -288,3 +299,14 @@ def describe_plan(plan: LanePlan) -> list[str]:
         source = f"NOT OBTAINABLE: {exc}"
     out.append(f"    model:   {p.default_model} ({source})")
     return out
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in runners.PROFILES.items() if p.vendor == "nvidia"))
+def test_every_nvidia_image_is_a_release_kiln_verified_with_its_engine(name):
+    # A lane must start the engine release its bounds and kits were checked with: the
+    # NVIDIA image once named vLLM v0.11.0 while every GPU run used 0.26.0.
+    p = runners.get_profile(name)
+    verified = runners.VERIFIED[p.backend]
+    tag = imageref.parse_ref(p.image).tag
+    assert tag in (f"v{verified.version}", f"v{verified.version}-cu130"), (
+        f"{name}: image {p.image} is not the verified {p.backend} {verified.version} ({verified.where})")

@@ -55,4 +55,6 @@ SGLANG = BackendSpec(
     cache_vars=COMMON_CACHES + _SGLANG_CACHES + DEEPGEMM_CACHES + FLASHINFER_CACHES + TVM_FFI_CACHES,
     accepts_ignore_eos=True,
     reference="sglang",
+    rejects_unknown_model=False,
+    seed_flag="--enable-deterministic-inference",
 )

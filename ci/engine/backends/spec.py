@@ -117,6 +117,15 @@ class BackendSpec:
     # (a local directory served under the name the tests use); None: the
     # engine cannot rename, so such a launch is refused.
     served_name_flag: str | None = "--served-model-name"
+    # Whether a request naming another model than the served one gets a 4xx.
+    # SGLang 0.5.17 answers it 200 with its own model (seen on an H100,
+    # docs/gpu-verification.md): the bad-request kit leaves that case out for it.
+    rejects_unknown_model: bool = True
+    # The launch flag without which the engine ignores a request's ``seed``
+    # (None: always honoured). SGLang passes ``seed`` on as ``sampling_seed`` but
+    # its sampler reads it only under --enable-deterministic-inference
+    # (sampling_batch_info.py); seen ignored on an H100 without it.
+    seed_flag: str | None = None
 
     def version(self) -> str | None:
         """The installed engine version in this interpreter, or None when not installed here."""
