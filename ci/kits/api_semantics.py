@@ -25,7 +25,7 @@ import jsonschema
 
 from ci.kits.api import check_health, check_models, check_usage
 from ci.kits.client import KitFailure, ServerLike, client_for, excerpt
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params, logprob_lists
 from ci.kits.metrics import SETTLE_DEADLINE_S, wait_idle
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def default_schema() -> dict[str, Any]:
 
 
 def _extra(server: ServerLike) -> dict:
-    return {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    return exact_count_params(server.backend)
 
 
 def _text(choice: dict) -> str:
@@ -207,12 +207,9 @@ def check_logprobs(server: ServerLike, *, top: int = TOP_LOGPROBS) -> None:
         resp = c.completion(PROMPT, max_tokens=SAMPLE_TOKENS, temperature=0, logprobs=top,
                             **_extra(server))
     choice = (resp.get("choices") or [{}])[0]
-    lp = choice.get("logprobs") or {}
-    tokens, values, tops = lp.get("tokens"), lp.get("token_logprobs"), lp.get("top_logprobs")
-    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
-            and len(tokens) == len(values) == len(tops) and tokens):
-        raise KitFailure(f"logprobs={top}: tokens/token_logprobs/top_logprobs missing or of "
-                         f"different lengths: {excerpt(json.dumps(lp), 200)}")
+    tokens, values, tops = logprob_lists(choice.get("logprobs"), f"logprobs={top}")
+    if not tokens:
+        raise KitFailure(f"logprobs={top}: no tokens in the answer's logprobs")
     usage = check_usage(resp.get("usage"), where=f"logprobs={top}")
     if len(tokens) != usage["completion_tokens"]:
         raise KitFailure(f"logprobs={top}: {len(tokens)} entries for "

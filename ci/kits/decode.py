@@ -7,12 +7,13 @@ ignored, and not change because other prompts shared the batch.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 from ci.kits.api import check_usage
-from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
+from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for, excerpt
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,32 @@ def supports_ignore_eos(backend: object) -> bool:
     return bool(getattr(backend, "accepts_ignore_eos", False))
 
 
-def _extra(server: ServerLike, ignore_eos: bool | None) -> dict:
-    use = supports_ignore_eos(server.backend) if ignore_eos is None else ignore_eos
+def exact_count_params(backend: object, ignore_eos: bool | None = None) -> dict:
+    """Request fields that make the engine decode exactly ``max_tokens`` (EOS ignored):
+    ``{"ignore_eos": True}`` where the engine takes it, else nothing. ``ignore_eos``
+    forces the choice (None: the backend's spec decides). The one place the field is spelled."""
+    use = supports_ignore_eos(backend) if ignore_eos is None else ignore_eos
     return {"ignore_eos": True} if use else {}
+
+
+def logprob_lists(logprobs: object, where: str, *, with_top: bool = True) -> tuple[list, list, list]:
+    """(tokens, token_logprobs, top_logprobs) of an OpenAI completions ``logprobs`` object,
+    checked to be lists of one length; KitFailure naming ``where`` otherwise. Without
+    ``with_top`` the top lists are not required (returned empty). The one place the
+    shape of an answer's logprobs is checked (api, reference and accuracy kits)."""
+    lp = logprobs if isinstance(logprobs, dict) else {}
+    tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+    tops = lp.get("top_logprobs") if with_top else []
+    lists = [tokens, values] + ([tops] if with_top else [])
+    if not all(isinstance(x, list) for x in lists) or len({len(x) for x in lists}) != 1:
+        names = "tokens/token_logprobs" + ("/top_logprobs" if with_top else "")
+        raise KitFailure(f"{where}: logprobs {names} missing or of different lengths: "
+                         f"{excerpt(json.dumps(lp), 200)}")
+    return tokens, values, tops
+
+
+def _extra(server: ServerLike, ignore_eos: bool | None) -> dict:
+    return exact_count_params(server.backend, ignore_eos)
 
 
 def _decoded(choice: dict, where: str, completion_tokens: int = -1) -> Decoded:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ci.kits.api import check_usage
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for, excerpt
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params
 from ci.kits.stress import run_concurrent
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _gauge_sum(samples: Samples, name: str) -> float:
 
 def _load(server: ServerLike, *, requests: int, concurrency: int, max_tokens: int) -> int:
     """Send ``requests`` completions; return the completion tokens the server reported."""
-    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    extra = exact_count_params(server.backend)
 
     def one(c: EngineClient, i: int) -> int:
         resp = c.completion(f"Metrics load {i}: the weather today is", max_tokens=max_tokens,

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 
 from ci.kits.client import KitFailure, ServerLike, client_for
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params
 from ci.kits.metrics import LabelSet, aggregate, label_str, require, scrape
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _sample_round(server: ServerLike, c, rnd: int, gauge: str, accept_gauge: str
     done = threading.Event()
     lock = threading.Lock()
     outcome: dict = {"remaining": n_requests}
-    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    extra = exact_count_params(server.backend)
 
     def long_request() -> None:
         try:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ci.kits.api import check_usage
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params
 from ci.kits.enforce import Check
 from ci.kits.stress import run_concurrent
 from ci.kits.thresholds import Bound, PerfBudget
@@ -130,7 +130,7 @@ Rule = Callable[..., object]
 def measure(server: ServerLike, *, requests: int, concurrency: int, max_tokens: int,
             enforced: bool = False) -> PerfResult:
     """Run ``requests`` streaming completions, ``concurrency`` at a time; collect figures."""
-    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    extra = exact_count_params(server.backend)
     with client_for(server) as c:
         # The first request pays one-off costs (compilation, allocator growth).
         c.completion("warm up", max_tokens=WARMUP_MAX_TOKENS, temperature=0)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params, logprob_lists
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,7 @@ def engine_greedy(client: EngineClient, prompt: str, n_tokens: int, top_k: int,
     choices = resp.get("choices") or []
     if len(choices) != 1:
         raise KitFailure(f"reference: asked for 1 completion, got {len(choices)} choices")
-    lp = choices[0].get("logprobs") or {}
-    tokens, values, tops = lp.get("tokens"), lp.get("token_logprobs"), lp.get("top_logprobs")
-    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
-            and len(tokens) == len(values) == len(tops)):
-        raise KitFailure(f"reference: the engine's answer lacks matching logprobs.tokens/"
-                         f"token_logprobs/top_logprobs for {prompt[:40]!r}")
+    tokens, values, tops = logprob_lists(choices[0].get("logprobs"), f"reference ({prompt[:40]!r})")
     steps = []
     for tok, value, top in zip(tokens, values, tops):
         if value is None or not isinstance(top, dict):
@@ -194,7 +189,7 @@ def check_reference(server: ServerLike, reference: Reference, *,
     """Every prompt's greedy decode agrees with ``reference`` (see the module docstring)."""
     if not 0 < min_tokens <= n_tokens:
         raise ValueError(f"need 0 < min_tokens <= n_tokens, got {min_tokens}, {n_tokens}")
-    extra = {"ignore_eos": True} if supports_ignore_eos(server.backend) else {}
+    extra = exact_count_params(server.backend)
     comparisons = []
     with client_for(server) as c:
         for prompt in prompts:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ci.kits.api import check_health, check_usage
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
-from ci.kits.decode import supports_ignore_eos
+from ci.kits.decode import exact_count_params, supports_ignore_eos
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def check_concurrent(server: ServerLike, *, requests: int = REQUESTS,
                      concurrency: int = CONCURRENCY, max_tokens: int = MAX_TOKENS) -> list[Outcome]:
     """``requests`` completions on ``concurrency`` threads all succeed with sane usage."""
     ignore_eos = supports_ignore_eos(server.backend)
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    extra = exact_count_params(server.backend, ignore_eos)
 
     def one(c: EngineClient, i: int) -> int:
         resp = c.completion(_prompt(i), max_tokens=max_tokens, temperature=0, **extra)
@@ -115,7 +115,7 @@ def check_streaming_under_load(server: ServerLike, *, requests: int = REQUESTS,
                                max_tokens: int = MAX_TOKENS) -> list[Outcome]:
     """``requests`` concurrent streams are each well-formed and end in [DONE]."""
     ignore_eos = supports_ignore_eos(server.backend)
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    extra = exact_count_params(server.backend, ignore_eos)
 
     def one(c: EngineClient, i: int) -> int:
         res = c.stream_completion(_prompt(i), max_tokens=max_tokens, temperature=0,

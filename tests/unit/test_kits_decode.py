@@ -64,3 +64,16 @@ def test_first_divergence():
 def test_ignore_eos_is_only_sent_to_engines_that_accept_it():
     assert decode.supports_ignore_eos(IGNORE_EOS_FAKE)
     assert not decode.supports_ignore_eos(FAKE_BACKEND)
+
+
+def test_logprob_lists_is_the_one_shape_check():
+    from ci.kits.decode import logprob_lists  # noqa: PLC0415
+
+    good = {"tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{"a": -0.1}, {"b": -0.2}]}
+    assert logprob_lists(good, "x") == (good["tokens"], good["token_logprobs"], good["top_logprobs"])
+    assert logprob_lists({"tokens": ["a"], "token_logprobs": [-1.0]}, "x", with_top=False)[2] == []
+    with pytest.raises(KitFailure, match=r"^item 3: logprobs tokens/token_logprobs/top_logprobs missing or of "
+                                         r"different lengths"):
+        logprob_lists({**good, "top_logprobs": [{"a": -0.1}]}, "item 3")
+    with pytest.raises(KitFailure, match="missing or of different lengths"):
+        logprob_lists(None, "item 4", with_top=False)
