@@ -22,12 +22,12 @@ import shlex
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from ci.images import containers
+from ci.report import junit as junit_report
 from tests import requires
 from tests.integration import chain_image
 from tests.integration import docker_env as dk
@@ -120,15 +120,6 @@ def _kiln_containers(docker_env) -> list[str]:
         return [c.name for c in client.containers.list(all=True, filters={"label": f"{containers.LABEL_MANAGED}=1"})]
 
 
-def _junit_counts(path: Path) -> dict[str, int]:
-    cases = ET.parse(path).getroot().iter("testcase")
-    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for case in cases:
-        kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
-        counts[{"failure": "failed", "error": "error", "skipped": "skipped"}[kinds.pop()] if kinds else "passed"] += 1
-    return counts
-
-
 def _written_since(path: Path, started: float) -> bool:
     # Whole-second slack: some filesystems keep coarse mtimes.
     return path.is_file() and path.stat().st_mtime >= started - 1
@@ -169,8 +160,9 @@ def test_chain_runs_every_step_in_the_container_and_reports_on_the_host(docker_e
     assert "rootdir: /workspace" in e2e and "3 passed" in e2e, e2e
     junit = REPORTS / f"junit-{SESSION}.xml"
     assert _written_since(junit, started)
-    counts = _junit_counts(junit)
-    assert counts["passed"] >= 1 and counts["failed"] == counts["error"] == 0, counts
+    run = junit_report.read_junit(junit)
+    assert run.count(junit_report.PASSED) >= 1, run
+    assert run.count(junit_report.FAILED) == run.count(junit_report.ERROR) == 0, run
     servers = json.loads((REPORTS / f"servers-{SESSION}.json").read_text())
     assert servers and all(s["model"].startswith("/workspace/") and s["ready"] and s["error"] is None
                            for s in servers), servers
@@ -227,7 +219,7 @@ def test_failing_e2e_step_still_removes_the_container_and_renders_the_report(doc
     assert _kiln_containers(docker_env) == []
     junit = REPORTS / f"junit-{SESSION}.xml"
     assert _written_since(junit, started)
-    assert _junit_counts(junit)["error"] == 1
+    assert junit_report.read_junit(junit).count(junit_report.ERROR) == 1
     assert [s for s, text in _headers(done.stdout) if OK_RE.match(text)] == ["pull", "start", "warmup", "report"]
     report = REPORTS / f"report-{SESSION}.md"
     assert _written_since(report, started)
