@@ -21,6 +21,7 @@ from ci.kits.decode import exact_count_params
 from ci.kits.enforce import Check
 from ci.kits.stress import run_concurrent
 from ci.kits.thresholds import Bound, PerfBudget
+from ci.text.summary import append_section
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,7 @@ def check_perf(server: ServerLike, budget: PerfBudget, *, enforce: bool,
     result.violations = [c.detail for c in judged if not c.ok]
     print(result.table(budget))
     if summary_path:
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(result.markdown(title) + "\n")
+        append_section(summary_path, result.markdown(title))
     if rule is not None:
         rule(judged, enforced=enforce)
         return result

@@ -29,6 +29,7 @@ from typing import Protocol, Sequence
 
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
 from ci.kits.decode import exact_count_params, logprob_lists
+from ci.text.summary import append_section
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,7 @@ def check_reference(server: ServerLike, reference: Reference, *,
     ties = [c for c in comparisons if c.tie_at is not None]
     if summary_path:
         verdict = "FAIL" if failed or len(ties) > max_ties else "pass"
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(f"### reference ({server.served_model}): {verdict}\n\n{result.line()}\n\n")
+        append_section(summary_path, f"### reference ({server.served_model}): {verdict}\n\n{result.line()}")
     if failed:
         first = failed[0]
         raise KitFailure(f"engine disagrees with the reference on {len(failed)}/{len(prompts)} "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ci.report import artefacts
+from ci.text.summary import append_section
 
 ENV = "GITHUB_STEP_SUMMARY"
 
@@ -22,9 +23,7 @@ def append(markdown: str, env: Mapping[str, str] | None = None) -> Path | None:
     target = (os.environ if env is None else env).get(ENV)
     if not target:
         return None
-    with open(target, "a", encoding="utf-8") as fh:
-        fh.write(markdown if markdown.endswith("\n") else markdown + "\n")
-    return Path(target)
+    return append_section(target, markdown)
 
 
 def with_kits(markdown: str, reports_dir: str | Path, session: str) -> str:

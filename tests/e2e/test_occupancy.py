@@ -17,6 +17,7 @@ import pytest
 
 from ci.kits import occupancy, steps
 from ci.kits.enforce import Check
+from ci.text.summary import append_section
 
 
 def test_engine_stays_busy_during_a_long_request(server, kiln_thresholds, enforce_bounds):
@@ -55,9 +56,8 @@ def test_engine_does_not_idle_between_steps(server, kiln_thresholds, record_prop
     result = steps.check_step_occupancy(server, threshold=0.0)
     record_property("kiln_step_occupancy", result.line())
     ok = result.busy >= bound.value
-    with kit_summary.open("a", encoding="utf-8") as fh:
-        fh.write(f"### step occupancy ({server.served_model}): {'pass' if ok else 'below bound'}\n\n"
-                 f"{result.line()} (bound {bound.value:g})\n\n")
+    append_section(kit_summary, f"### step occupancy ({server.served_model}): {'pass' if ok else 'below bound'}"
+                                f"\n\n{result.line()} (bound {bound.value:g})")
     print(f"step occupancy measured: {result.busy:.3f} (bound {bound.value:g}: {bound.reason})")
     enforce_bounds([Check("occupancy.step_busy_min", bound, ok,
                           "" if ok else f"step occupancy {result.busy:.3f} < {bound.value:g}: the engine "

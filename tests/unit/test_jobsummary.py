@@ -16,7 +16,8 @@ def test_step_summary_appends_only_when_set(tmp_path):
     summary.write_text("earlier step\n")
     assert jobsummary.append("# kiln", {"GITHUB_STEP_SUMMARY": str(summary)}) == summary
     assert jobsummary.append("more\n", {"GITHUB_STEP_SUMMARY": str(summary)}) == summary
-    assert summary.read_text() == "earlier step\n# kiln\nmore\n"
+    # Each section ends with a blank line (ci/text/summary.py): the next starts a new block.
+    assert summary.read_text() == "earlier step\n# kiln\n\nmore\n\n"
     assert jobsummary.append("# kiln", {}) is None
 
 
