@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -236,6 +237,13 @@ def route(c, event, input=None):
         raise Exit(f"route: {exc}", code=2) from None
 
 
+def _need_nox(task_name: str, cmd: list[str]) -> None:
+    """Stop before running ``cmd`` when its first word is not on PATH (one line, and the fix)."""
+    if not shutil.which(cmd[0]):
+        raise Exit(f"{task_name}: no `{cmd[0]}` on PATH -- install the task tools: "
+                   f"python3 -m pip install -r requirements/tasks.txt", code=127)
+
+
 @task(iterable=["model"], help={
     "profile": "runner profile (ci/profiles/runners.py) whose e2e declarations say what to warm (default cpu)",
     "cold": "ignore markers and clear kiln's caches for the selected specs first",
@@ -252,6 +260,7 @@ def warmup(c, profile="cpu", cold=False, strict=False, model=None, reuse_venv=Fa
     except ValueError as exc:
         raise Exit(f"warmup: {exc}") from None
     cmd = prof.warmup_command(cold=cold, strict=strict, models=model or (), reuse_venv=reuse_venv)
+    _need_nox("warmup", cmd)
     result = c.run(shlex.join(cmd), warn=True, pty=False)
     if result.exited != 0:
         raise Exit(f"warmup failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
@@ -274,6 +283,7 @@ def calibrate(c, profile, runs=3, model=None, write=False, reuse_venv=False):
     except ValueError as exc:
         raise Exit(f"calibrate: {exc}", code=2) from None
     cmd = command.nox_command(prof, runs=int(runs), model=model, write=write, reuse_venv=reuse_venv)
+    _need_nox("calibrate", cmd)
     result = c.run(shlex.join(cmd), warn=True, pty=False)
     if result.exited != 0:
         raise Exit(f"calibrate failed (exit {result.exited}); rerun: {shlex.join(cmd)}", code=result.exited)
