@@ -216,6 +216,12 @@ HARNESS = textwrap.dedent("""
 """)
 
 
+def _default_interrupts() -> None:
+    """In the child before exec: SIGINT and SIGQUIT as a terminal would deliver them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def _harness(tmp_path: Path, *, pytest_harness: bool = True) -> tuple[subprocess.Popen, list[int], int]:
     script = tmp_path / "test_harness.py"
     script.write_text(HARNESS)
@@ -223,8 +229,11 @@ def _harness(tmp_path: Path, *, pytest_harness: bool = True) -> tuple[subprocess
            "FAKE_PIDS": str(tmp_path / "pids"), "FAKE_SUP": str(tmp_path / "sup")}
     env.pop("PYTEST_ADDOPTS", None)
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)]
+    # SIGINT/SIGQUIT back to their defaults in the harness: a job started in the
+    # background by a non-interactive shell inherits them ignored, and a harness
+    # that ignores SIGINT would never see the Ctrl-C this test sends.
     harness = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, preexec_fn=_default_interrupts)
     try:
         pids = _read_pids(tmp_path / "pids")
         sup = int(_wait(lambda: (tmp_path / "sup").exists() and (tmp_path / "sup").read_text(),
