@@ -37,6 +37,7 @@ from ci.report import artefacts  # noqa: E402  (needs the repo root on sys.path)
 from ci.calibrate import command as calibrate_flags  # noqa: E402
 from ci.install import locks, pipconfig  # noqa: E402
 from ci.profiles import runners  # noqa: E402
+from ci.text.posargs import PosargError, take_value  # noqa: E402
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -90,21 +91,6 @@ def _install_e2e(session: nox.Session, profile: runners.Profile, wheelhouse: str
                         *extra, external=True)
 
 
-def _split_value_flag(posargs: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """(value, rest) for ``FLAG VALUE`` / ``FLAG=VALUE`` in posargs; (None, posargs) when absent."""
-    rest, value, args = [], None, iter(posargs)
-    for arg in args:
-        if arg == flag:
-            value = next(args, None)
-            if value is None:
-                raise ValueError(f"{flag} needs a value")
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
-
-
 # Harness flags for the warmup mode of an e2e session, with the ci.warmup.run
 # option each one becomes; stripped before anything reaches pytest.
 WARMUP_FLAGS = {"--kiln-warmup": None, "--kiln-cold": "--cold", "--kiln-strict": "--strict"}
@@ -131,9 +117,9 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     try:
         # Harness flags: the wheelhouse is nox's business; the model goes to
         # pytest and, through $KILN_MODEL, to warmup's collection.
-        wheelhouse, posargs = _split_value_flag(session.posargs, "--kiln-wheelhouse")
-        model, posargs = _split_value_flag(posargs, "--kiln-model")
-    except ValueError as exc:
+        wheelhouse, posargs = take_value(session.posargs, "--kiln-wheelhouse")
+        model, posargs = take_value(posargs, "--kiln-model")
+    except PosargError as exc:
         session.error(str(exc))
     wheelhouse = wheelhouse or os.environ.get("KILN_WHEELHOUSE")
     model = model or os.environ.get("KILN_MODEL") or profile.default_model

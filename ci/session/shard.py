@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from ci.report import artefacts
 from ci.report.junit import SKIPPED, XFAILED, CaseResult, JUnitError, read_junit
+from ci.text import posargs as posargs_mod
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +74,11 @@ def split_shard_arg(posargs: Sequence[str]) -> tuple[Shard | None, list[str]]:
 
     Everything after a literal ``--`` is left alone: it belongs to pytest.
     """
-    shard: Shard | None = None
-    rest: list[str] = []
-    args = list(posargs)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            rest.extend(args[i:])
-            break
-        if arg == SHARD_FLAG or arg.startswith(SHARD_FLAG + "="):
-            if arg == SHARD_FLAG:
-                if i + 1 >= len(args):
-                    raise ShardError("--shard needs a value i/n (e.g. --shard 2/4)")
-                value, i = args[i + 1], i + 2
-            else:
-                value, i = arg.split("=", 1)[1], i + 1
-            if shard is not None:
-                raise ShardError("--shard given twice")
-            shard = parse_shard(value)
-            continue
-        rest.append(arg)
-        i += 1
-    return shard, rest
+    try:
+        value, rest = posargs_mod.take_value(posargs, SHARD_FLAG, hint="i/n (e.g. --shard 2/4)")
+    except posargs_mod.PosargError as exc:
+        raise ShardError(str(exc)) from None
+    return (parse_shard(value) if value is not None else None), rest
 
 
 def _history(paths: Iterable[str | Path], root: Path | None) -> Iterator[CaseResult]:
