@@ -112,6 +112,50 @@ def check_spread(gateway: ServerLike | None, workers: Sequence[ServerLike], *,
     return spread
 
 
+# The label vLLM puts on each data-parallel rank's series (engine="0", "1", ...).
+RANK_LABEL = "engine"
+
+
+def rank_counts(server: ServerLike) -> dict[str, int]:
+    """{rank: finished requests} from one server's ``/metrics``, by its series' rank label."""
+    name = server.backend.gauges.requests
+    with client_for(server) as c:
+        samples = metrics.scrape(server, c)
+    metrics.require(server, samples, [name], "finished-request counter")
+    out: dict[str, int] = {}
+    for labels, value in samples[name].items():
+        rank = dict(labels).get(RANK_LABEL, "0")
+        out[rank] = out.get(rank, 0) + int(value)
+    return out
+
+
+def check_rank_spread(server: ServerLike, ranks: int, *, per_rank: int = REQUESTS_PER_WORKER) -> dict[str, int]:
+    """One server running the engine's own data parallelism (``--data-parallel-size ranks``):
+    requests sent to it reach every rank, by each rank's request counter. Fails naming each
+    rank that served none, or a server that shows fewer ranks than it was launched with."""
+    sent = per_rank * ranks
+    before = rank_counts(server)
+    with client_for(server) as c:
+        for i in range(sent):
+            c.completion(f"Request {i} of the rank check:", max_tokens=SPREAD_MAX_TOKENS, temperature=0)
+    deadline = time.monotonic() + COUNTER_SETTLE_S
+    while True:
+        after = rank_counts(server)
+        deltas = {r: after[r] - before.get(r, 0) for r in sorted(after)}
+        if sum(deltas.values()) >= sent or time.monotonic() >= deadline:
+            break
+        time.sleep(COUNTER_POLL_S)  # bounded poll on the condition above
+    log.info("%d requests to %s: per rank %s", sent, server.base_url, deltas)
+    if len(deltas) < ranks:
+        raise KitFailure(f"{server.base_url} shows {len(deltas)} rank(s) ({RANK_LABEL} labels "
+                         f"{sorted(deltas)}) in {server.backend.gauges.requests}; launched with {ranks}")
+    idle = [r for r, n in deltas.items() if n <= 0]
+    if idle:
+        raise KitFailure(f"rank(s) {', '.join(idle)} of {server.base_url} served none of {sent} requests "
+                         f"(per rank: {deltas})")
+    return deltas
+
+
 def _fetchers(server: ServerLike):
     """(name, fetch) for a greedy completion and chat, plain and streamed, against ``server``."""
     params: dict[str, Any] = {"max_tokens": COMPARE_MAX_TOKENS, "temperature": 0}

@@ -27,7 +27,8 @@ from ci.engine.gateway import Gateway
 from ci.engine.launch import ServerKey, start_watched
 from ci.engine.server import Server, ServerError
 from ci.engine.teardown import stop_in_order
-from ci.engine.topology import Topology, TopologyKey, gateway_label, gpus_per_server, worker_label
+from ci.engine.topology import (Topology, TopologyKey, data_parallel_size, gateway_label, gpus_per_server,
+                                worker_label)
 from ci.host import alloc
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,15 @@ class ServerPool:
     # -- building ----------------------------------------------------------------------
     def _build(self, key: Key) -> Unit:
         if isinstance(key, ServerKey):
-            self._make_room(1)
+            self._make_room(data_parallel_size(key.args))
             return self._new_engine(key, self._place(gpus_per_server(key), 1)[0])
-        if key.workers > self._max_live:
-            raise PoolError(f"topology {key} needs {key.workers} engines at once; this pool runs at most "
+        slots = key.workers * data_parallel_size(key.server.args)
+        if slots > self._max_live:
+            raise PoolError(f"topology {key} needs {slots} engines at once; this pool runs at most "
                             f"{self._max_live} (the profile's max_live_servers)")
         adopted = self._adoptable(key)
         protect = {id(s) for s in adopted}
-        self._make_room(key.workers - len(adopted), protect)
+        self._make_room((key.workers - len(adopted)) * data_parallel_size(key.server.args), protect)
         groups = self._place(gpus_per_server(key.server), key.workers - len(adopted), protect)
         if key.gateway is not None and self._gateway_factory is None:
             raise PoolError(f"topology {key}: this pool was made without a gateway factory")
@@ -178,6 +180,12 @@ class ServerPool:
     def _engines_held(self, exclude: Key | None = None) -> dict[int, Server]:
         return {id(s): s for k, e in self._live.items() if k != exclude for s in e.engines()}
 
+    def _slots_held(self) -> int:
+        # An engine running its own data parallelism is that many engine
+        # processes (vLLM: one EngineCore per rank), so it takes that many slots.
+        return sum(data_parallel_size(self._serves[i].args) if i in self._serves else 1
+                   for i in self._engines_held())
+
     def _place(self, per_server: int, count: int, protect: set[int] = frozenset()) -> list[tuple[int, ...]]:
         """Devices for ``count`` new servers of ``per_server`` GPUs each; evicts idle units when short."""
         if not self._gpus or count == 0:
@@ -202,14 +210,14 @@ class ServerPool:
 
     def _make_room(self, engines: int, protect: set[int] = frozenset()) -> None:
         """Stop least recently used idle units until ``engines`` more fit under max_live."""
-        while len(self._engines_held()) + engines > self._max_live:
+        while self._slots_held() + engines > self._max_live:
             idle = [(e.last_used, k) for k, e in self._live.items()
                     if not e.busy and not any(id(s) in protect for s in e.engines())]
             if not idle:
                 raise PoolError(f"all {self._max_live} engine slots are busy; cannot launch another")
             _, key = min(idle, key=lambda t: t[0])
-            log.info("pool full (%d engines live): stopping least recently used %s",
-                     len(self._engines_held()), key)
+            log.info("pool full (%d engine slots held): stopping least recently used %s",
+                     self._slots_held(), key)
             self._retire(key)
 
     def _drop_dead(self, asked: Key) -> None:

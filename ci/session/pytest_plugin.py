@@ -25,6 +25,7 @@ from ci.engine import gateway, launch, models
 from ci.engine.backends import BackendSpec, get_backend
 from ci.engine.launch import ServerKey
 from ci.engine.server import Server
+from ci.engine.topology import gpus_per_server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts
@@ -135,12 +136,16 @@ def _discovery(config: pytest.Config) -> gpu.Discovery | None:
 
 
 def gpu_need(item: pytest.Item, key: ServerKey) -> int:
-    """GPUs a test needs: its model's tp, or more when ``@pytest.mark.gpus(n)`` says so."""
+    """GPUs a test needs: its model's tp (x the engine's own data-parallel ranks), or more when
+    ``@pytest.mark.gpus(n)`` says so."""
     marker = item.get_closest_marker("gpus")
     n = marker.args[0] if marker and marker.args else 0
     if not isinstance(n, int) or n < 0:
         raise pytest.UsageError(f"{item.nodeid}: gpus marker needs a non-negative int, got {n!r}")
-    return max(n, key.tp)
+    try:
+        return max(n, gpus_per_server(key))
+    except ValueError as exc:  # a data-parallel flag without a positive count
+        raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
 
 
 def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available: int) -> str | None:

@@ -21,7 +21,7 @@ import pytest
 from ci.engine.gateway import Gateway, get_gateway
 from ci.engine.launch import ServerKey
 from ci.engine.server import Server
-from ci.engine.topology import Topology, TopologyKey, gateway_label
+from ci.engine.topology import Topology, TopologyKey, data_parallel_size, gateway_label
 from ci.profiles import runners
 from ci.session.pool import GatewayFactory, ServerPool, topology_from_marker
 
@@ -59,8 +59,9 @@ def capacity_skip_reason(key: TopologyKey, profile: runners.Profile, available: 
         if key.server.tp > 1:
             return (f"capacity: topology {key} needs {key.server.tp} GPUs per worker; "
                     f"the cpu profile serves tp=1")
-        if key.workers > profile.max_live_servers:
-            return (f"capacity: topology {key} runs {key.workers} engines at once; the {profile.name} "
+        engines = key.workers * data_parallel_size(key.server.args)
+        if engines > profile.max_live_servers:
+            return (f"capacity: topology {key} runs {engines} engines at once; the {profile.name} "
                     f"profile runs at most {profile.max_live_servers}")
         return None
     if key.gpus > available:

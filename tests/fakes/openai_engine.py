@@ -124,6 +124,9 @@ class _State:
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
     finished: int = 0  # requests answered in full (the request_success counter)
+    # ... per data-parallel rank: the fake's "ranks" take requests in turn, as vLLM's own
+    # DP load balancer spreads sequential requests.
+    finished_by_rank: dict[int, int] = field(default_factory=dict)
     leaked: int = 0  # running slots of dropped streams never given back (leak_aborted)
     steps: int = 0  # timed steps logged (step_log knob)
     generation_total: float = 0.0
@@ -283,7 +286,7 @@ class FakeEngine:
         k, st = self.knobs, self.state
         with st.lock:
             active, gen, prompt = st.active + st.leaked, st.generation_total, st.prompt_total
-            since, finished = st.busy_since, st.finished
+            since, finished = st.busy_since, dict(st.finished_by_rank)
         now = time.monotonic()
         if active and (now - since < k.publish_lag_s
                        or (now % DUTY_PERIOD_S) / DUTY_PERIOD_S >= k.busy_duty):
@@ -303,7 +306,7 @@ class FakeEngine:
         if k.spec_accept_length is not None:
             series[FAKE_GAUGES.spec_accept_length] = ("gauge", per_rank(k.spec_accept_length))
         series[FAKE_GAUGES.generation_tokens] = ("counter", [(0, gen)])
-        series[FAKE_GAUGES.requests] = ("counter", [(0, float(finished))])
+        series[FAKE_GAUGES.requests] = ("counter", [(r, float(finished.get(r, 0))) for r in ranks])
         series[FAKE_GAUGES.prompt_tokens] = ("counter", [(0, prompt)])
         lines = []
         for name, (kind, values) in series.items():
@@ -446,6 +449,10 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.prompt_total += prompt_tokens
             st.generation_total += completion_tokens + self.fake.knobs.counter_skew
+            knobs = self.fake.knobs
+            serving = [r for r in range(max(1, knobs.ranks)) if r != knobs.bad_rank] or [0]
+            rank = serving[st.finished % len(serving)]  # a bad rank gets no requests either
+            st.finished_by_rank[rank] = st.finished_by_rank.get(rank, 0) + 1
             st.finished += 1
 
     def _choice(self, index: int, prompt: str, toks: list[str], params: dict, chat: bool) -> dict:

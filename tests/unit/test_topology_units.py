@@ -10,9 +10,12 @@ from ci.engine.gateway import VLLM_ROUTER, Gateway, GatewayLaunch, get_gateway
 from ci.engine.launch import ServerKey
 from ci.engine.teardown import stop_in_order
 from ci.engine.topology import TopologyKey, data_parallel_size, gpus_per_server
+from ci.kits import topology as kit
+from ci.kits.client import KitFailure
 from ci.profiles import runners
 from ci.session import pytest_plugin, topologies
 from ci.session.pool import topology_from_marker
+from tests.fakes.openai_engine import fake_engine
 
 TINY = ServerKey("tiny-llama")
 
@@ -162,3 +165,31 @@ def test_a_test_that_stops_the_whole_pool_runs_after_the_other_disruptive_ones()
     items = [_item({"pool": True}), _item({}), _item(None)]
     order = sorted(items, key=pytest_plugin._disruption)
     assert order == [items[2], items[1], items[0]]
+
+
+def test_the_engines_own_data_parallel_ranks_each_serve():
+    with fake_engine(ranks=2) as fake:
+        assert kit.check_rank_spread(fake, 2) == {"0": 2, "1": 2}
+    with fake_engine(ranks=2, bad_rank=1) as fake:
+        with pytest.raises(KitFailure, match=r"rank\(s\) 1 of http://127.0.0.1:\d+ served none of 4 requests"):
+            kit.check_rank_spread(fake, 2)
+    with fake_engine() as fake:
+        with pytest.raises(KitFailure, match=r"shows 1 rank\(s\) \(engine labels \['0'\]\).*launched with 2"):
+            kit.check_rank_spread(fake, 2)
+
+
+def test_a_server_running_its_own_data_parallelism_takes_a_slot_per_rank():
+    from ci.session.pool import PoolError, ServerPool
+
+    made = []
+
+    def make(key, devices, label=None):
+        made.append((key, devices))
+        return SimpleNamespace(key=str(key), devices=devices, exit_code=lambda: None, record=None)
+
+    pool = ServerPool(make, max_live=2, gpus=(0, 1, 2, 3))
+    dp2 = ServerKey("m", 1, ("--data-parallel-size", "2"))
+    pool._build(dp2)
+    assert made == [(dp2, (0, 1))], "tp x dp GPUs for one server"
+    with pytest.raises(PoolError, match=r"needs 4 engines at once; this pool runs at most 2"):
+        pool._build(TopologyKey(dp2, 2, "vllm-router"))
