@@ -162,10 +162,6 @@ class Topology:
                 return f"{srv.key} exited with code {code}"
         return None
 
-    def exit_code(self) -> int | None:
-        """The exit code of the first member that has exited; None while all run (the pool's check)."""
-        return next((c for s in self.members() if (c := s.exit_code()) is not None), None)
-
     def note_test(self, nodeid: str) -> None:
         for srv in self.members():
             srv.note_test(nodeid)
@@ -173,10 +169,6 @@ class Topology:
     def note_error(self, text: str) -> None:
         for srv in self.members():
             srv.note_error(text)
-
-    def log_tail(self) -> str:
-        """Every member's log tail, each under its name (a failed test shows them all)."""
-        return "\n".join(f"--- {s.key} ---\n{s.log_tail()}" for s in self.members() if s.launched())
 
     # -- life ---------------------------------------------------------------------------
     def start(self) -> "Topology":

@@ -133,6 +133,8 @@ class ServerPool:
         if isinstance(key, ServerKey):
             self._make_room(data_parallel_size(key.args))
             return self._new_engine(key, self._place(gpus_per_server(key), 1)[0])
+        if key.gateway is not None and self._gateway_factory is None:
+            raise PoolError(f"topology {key}: this pool was made without a gateway factory")
         slots = key.workers * data_parallel_size(key.server.args)
         if slots > self._max_live:
             raise PoolError(f"topology {key} needs {slots} engines at once; this pool runs at most "
@@ -141,8 +143,6 @@ class ServerPool:
         protect = {id(s) for s in adopted}
         self._make_room((key.workers - len(adopted)) * data_parallel_size(key.server.args), protect)
         groups = self._place(gpus_per_server(key.server), key.workers - len(adopted), protect)
-        if key.gateway is not None and self._gateway_factory is None:
-            raise PoolError(f"topology {key}: this pool was made without a gateway factory")
         workers: list[Server] = list(adopted)
         for devices in groups:
             workers.append(self._new_engine(key.server, devices, label=worker_label(key, len(workers))))

@@ -192,4 +192,4 @@ def test_a_server_running_its_own_data_parallelism_takes_a_slot_per_rank():
     pool._build(dp2)
     assert made == [(dp2, (0, 1))], "tp x dp GPUs for one server"
     with pytest.raises(PoolError, match=r"needs 4 engines at once; this pool runs at most 2"):
-        pool._build(TopologyKey(dp2, 2, "vllm-router"))
+        pool._build(TopologyKey(dp2, 2))
