@@ -193,3 +193,17 @@ def test_a_server_running_its_own_data_parallelism_takes_a_slot_per_rank():
     assert made == [(dp2, (0, 1))], "tp x dp GPUs for one server"
     with pytest.raises(PoolError, match=r"needs 4 engines at once; this pool runs at most 2"):
         pool._build(TopologyKey(dp2, 2))
+
+
+def test_a_gateway_that_is_not_installed_fails_its_launch_in_one_line(tmp_path):
+    import dataclasses
+
+    from ci.engine.server import ServerError
+
+    missing = dataclasses.replace(VLLM_ROUTER, module="kiln_no_such_gateway.launch")
+    gw = Gateway(missing, [_stub_worker("http://127.0.0.1:1")], log_dir=tmp_path, launch_timeout_s=1, key="gw")
+    with pytest.raises(ServerError) as err:
+        gw.start()
+    assert err.value.cause.startswith("gateway vllm-router is not installed in ")
+    assert "requirements/e2e-cpu.txt pins it" in err.value.cause and "\n" not in err.value.cause
+    assert not gw.launched()
