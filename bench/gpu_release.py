@@ -19,7 +19,7 @@ names, reported as "goal"):
    fails, the ReleaseLedger makes it sticky and the next launch (a real
    ci.engine.server.Server) is refused naming device, bytes and PIDs. Then the same
    server under ci.host.procs.ProcessTree, whose tag finds and kills the grandchild.
-5. ci.engine.server.stop_many on two fake servers sharing this GPU (one-GPU machine).
+5. ci.engine.teardown.stop_many on two fake servers sharing this GPU (one-GPU machine).
 """
 from __future__ import annotations
 
@@ -280,7 +280,8 @@ def _alive(pid: int | None) -> bool:
 
 def stop_many_round(device: int, workdir: Path) -> dict:
     from ci.engine.backends import generic
-    from ci.engine.server import Server, stop_many
+    from ci.engine.server import Server
+    from ci.engine.teardown import stop_many
     tele = NvmlTelemetry()
     guard = DeviceMemoryGuard(tele, ReleaseLedger())
     backend = generic(f"{{python}} {SERVER} --port {{port}} --gib 8 --max-lifetime-s {FAKE_LIFETIME_S}")
@@ -344,7 +345,7 @@ def main() -> int:
         for k, v in out["leak_round"].items():
             print(f"   {k}: {v}")
         out["stop_many_round"] = stop_many_round(args.device, workdir)
-        print(f"\n5. ci.engine.server.stop_many, two servers on GPU {args.device}: {out['stop_many_round']}")
+        print(f"\n5. ci.engine.teardown.stop_many, two servers on GPU {args.device}: {out['stop_many_round']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1, default=str))
     return 0

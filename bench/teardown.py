@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ci.engine import tinymodel  # noqa: E402
 from ci.engine.backends import get_backend  # noqa: E402
-from ci.engine.server import Server, stop_many  # noqa: E402
+from ci.engine.server import Server  # noqa: E402
+from ci.engine.teardown import stop_many  # noqa: E402
 from ci.profiles import runners  # noqa: E402
 
 GOAL_RATIO = 1.25

@@ -6,6 +6,9 @@ started, watched ``server.Server`` (model resolution, args, environment,
 memory guard); ``crashwatch`` ends a launch at the first crash signature;
 ``compat`` probes what the installed engine accepts; ``caches`` owns the JIT
 cache directories; ``models``/``tinymodel``/``realmodel`` are the models a run
-serves. May import ``ci.profiles``, ``ci.install``, ``ci.host``, ``ci.text``;
+serves. Several servers as one: ``gateway`` (a router process in front of
+workers, ready when its own worker list calls them healthy), ``topology``
+(N workers of one key, a gateway or none, started in order) and ``teardown``
+(``stop_many``: all in parallel, one device-memory wait; gateways first). May import ``ci.profiles``, ``ci.install``, ``ci.host``, ``ci.text``;
 never pytest, a test session, warmup or the report.
 """

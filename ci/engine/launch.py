@@ -104,19 +104,21 @@ def build_server(profile: runners.Profile, backend: BackendSpec, key: ServerKey,
                  cache_root: Path | None = None, launch_timeout_s: float | None = None,
                  warm_dependent: bool = False, launched: Launch | None = None,
                  extra_env: Mapping[str, str] | None = None,
-                 factory: Callable[..., Server] = Server) -> Server:
+                 factory: Callable[..., Server] = Server, label: str | None = None) -> Server:
     """The (not yet started) server for ``key``: resolved model and args, env, devices, memory guard.
 
     ``launched`` is the :class:`Launch` already computed by :func:`launch_args`
     (warmup computes it once for its cache key).
     ``extra_env`` goes over the usual environment (a benchmark's fault shim).
+    ``label`` names the server in logs and records instead of its key (a
+    topology's "worker 1 of ...": two workers of one key must be told apart).
     """
     model, args, served_name = launched if launched is not None else launch_args(profile, key, backend)
     return factory(backend, model, tp=key.tp, args=tuple(args), served_name=served_name,
                    env={**engine_env(backend, profile, cache_root), **(extra_env or {})},
                    log_dir=log_dir,
                    launch_timeout_s=launch_timeout_s or profile.launch_timeout_s,
-                   key=str(key), devices=devices, vendor=profile.vendor, memory=memory,
+                   key=label or str(key), devices=devices, vendor=profile.vendor, memory=memory,
                    warm_dependent=warm_dependent)
 
 

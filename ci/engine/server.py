@@ -8,7 +8,6 @@ included, so a red job always carries the engine's last words.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import requests
 
@@ -66,6 +65,10 @@ class StaleServer(ServerError):
     """The port answered, but the listener is not a process of ours."""
 
 
+class LaunchAborted(ServerError):
+    """The launch was called off from outside (a sibling of a topology failed first)."""
+
+
 class MemoryGuard(Protocol):
     """Device-memory bookkeeping a Server delegates to (ci.host.gpumem on GPU runners)."""
 
@@ -108,6 +111,9 @@ class ServerRecord:
     containment: str | None = None
     stop_seconds: float | None = None
     stop_killed: list[str] = field(default_factory=list)
+    # Parts it played in topologies ("worker 0 of vllm-router:round_robin x2 ..."):
+    # an engine lent to a topology keeps its own key.
+    roles: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +172,7 @@ class Server:
         self._stop_lock = threading.Lock()
         self._terminated = False
         self._finished = False
+        self._abort: str | None = None
         self.health_polls = 0
 
     # -- facts -----------------------------------------------------------------
@@ -252,6 +259,19 @@ class Server:
         log.info("launched %s (pid %d, port %d, %s): %s", self.key, self.tree.pid, self.port,
                  self.tree.mechanism, shlex.join(self.command))
 
+    def abort_launch(self, reason: str) -> None:
+        """Call off a launch in progress from another thread: ``start()`` stops the tree and raises
+        LaunchAborted within EXIT_CHECK_INTERVAL_S. Stopping it from here instead would race the
+        spawn (a tree spawned after the stop would be nobody's)."""
+        self._abort = reason
+
+    def _judge_health(self, resp: requests.Response) -> tuple[bool, str]:
+        """(ready, what to log) for one health answer; an engine is ready on HTTP 200."""
+        return resp.status_code == 200, f"HTTP {resp.status_code}"
+
+    def _check_peers(self) -> None:
+        """Raise a ServerError when something this server depends on has died (a gateway's workers)."""
+
     def _wait_ready(self) -> None:
         assert self.tree is not None
         changed = threading.Event()
@@ -267,11 +287,11 @@ class Server:
                     self.health_polls += 1
                     try:
                         resp = http.get(url, timeout=HEALTH_REQUEST_TIMEOUT_S)
-                        if resp.status_code == 200:
+                        ready, state["last"] = self._judge_health(resp)
+                        if ready:
                             state["ready"] = True
                             changed.set()
                             return
-                        state["last"] = f"HTTP {resp.status_code}"
                     except requests.RequestException as exc:
                         state["last"] = type(exc).__name__
                     quit_probe.wait(HEALTH_POLL_INTERVAL_S)
@@ -293,6 +313,10 @@ class Server:
                     raise ServerExited(f"{self.backend.name} exited with code {code} before it was "
                                        f"ready ({time.time() - self.record.launched:.1f} s after launch)",
                                        self.log_tail(), self.log_path)
+                if self._abort is not None:
+                    raise LaunchAborted(f"launch of {self.key} called off: {self._abort}",
+                                        self.log_tail(), self.log_path)
+                self._check_peers()
                 if state["ready"]:
                     self._check_listener_is_ours()
                     self.record.ready = time.time()
@@ -346,12 +370,7 @@ class Server:
 
     def wait_memory(self) -> None:
         """Wait until the devices this server used are back to their baseline."""
-        if self._finished:
-            return
-        self._finished = True
-        if self.memory is not None and self.devices and self.tree is not None:
-            self.memory.wait_released(self.devices, owner=self.key)
-        self.record.memory_free = time.time()
+        wait_memory_together([self])
 
     def stop(self) -> None:
         """Terminate, then wait for device memory. Safe to call any number of times."""
@@ -365,29 +384,24 @@ class Server:
         self.stop()
 
 
-def stop_many(servers: Iterable[Server]) -> None:
-    """Terminate every server in parallel, then wait for device memory once.
+def wait_memory_together(servers: Sequence[Server]) -> None:
+    """One device-memory wait for every device of ``servers`` (all stopped, one memory guard).
 
-    One by one, each stop pays its own grace and memory wait (vllm #41166:
-    ~10 min lost per DP test group). Every failure is collected; none is lost:
-    more than one is raised together as an ExceptionGroup.
+    vllm #41166 waited per server and lost minutes per data-parallel group;
+    the trees are already dead here, so one poll loop over the union of
+    their devices judges them all. Each server is waited for once, whatever
+    calls this; ``memory_free`` is stamped only when the wait succeeded.
     """
-    servers = list(servers)
-    errors: list[BaseException] = []
-    if not servers:
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(servers),
-                                               thread_name_prefix="stop") as pool:
-        futures = {pool.submit(s.terminate): s for s in servers}
-        for fut in concurrent.futures.as_completed(futures):
-            if fut.exception() is not None:
-                errors.append(fut.exception())
-    for s in servers:
-        try:
-            s.wait_memory()
-        except Exception as exc:
-            errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ExceptionGroup(f"stop_many: {len(errors)} of {len(servers)} stops failed", errors)
+    pending = [s for s in servers if not s._finished]
+    for s in pending:
+        s._finished = True
+    held = [s for s in pending if s.memory is not None and s.devices and s.tree is not None]
+    if held:
+        guard = held[0].memory
+        if any(s.memory is not guard for s in held):
+            raise ValueError("wait_memory_together: servers with different memory guards")
+        devices = sorted({d for s in held for d in s.devices})
+        guard.wait_released(devices, owner=", ".join(s.key for s in held))
+    now = time.time()
+    for s in pending:
+        s.record.memory_free = now

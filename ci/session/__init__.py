@@ -1,8 +1,8 @@
 """The pytest side of an e2e session: the plugin, the server pool, shards, known issues.
 
 ``pytest_plugin`` (``-p ci.session.pytest_plugin``) gives tests the ``model``
-marker and the ``server`` fixture, backed by ``pool``'s session-wide servers
-(built by ``ci.engine.launch``); ``envinfo`` prints what the run is on;
+marker and the ``server`` fixture, the ``topology`` marker and fixture, backed
+by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``envinfo`` prints what the run is on;
 ``shard`` splits a session across machines (an empty shard fails its job);
 ``known_issues`` skips by profile; ``skips`` fails a session whose every e2e
 test was skipped, counting the reasons.

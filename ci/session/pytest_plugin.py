@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from ci.engine import launch, models
+from ci.engine import gateway, launch, models
 from ci.engine.backends import BackendSpec, get_backend
 from ci.engine.launch import ServerKey
 from ci.engine.server import Server
+from ci.engine.topology import gpus_per_server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts
-from ci.session import known_issues, skips
+from ci.session import known_issues, skips, topologies
 from ci.session.pool import ServerPool, key_from_marker
 from ci.warmup import markers as warmup_markers
 from ci.warmup.specs import WarmupSpec
@@ -46,6 +47,7 @@ _BASELINE = pytest.StashKey[set]()
 _TALLY = pytest.StashKey[skips.Tally]()
 TALLY_PLUGIN = "kiln-skip-tally"
 DISRUPTIVE = "kiln_disruptive"
+TOPOLOGY_PLUGIN = "kiln-topologies"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -72,8 +74,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
     config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
     config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
-    config.addinivalue_line("markers", f"{DISRUPTIVE}: leaves its server unusable (stops or kills "
-                                       f"it); runs after every other test")
+    config.addinivalue_line("markers", f"{DISRUPTIVE}(pool=False): leaves its server unusable (stops or "
+                                       f"kills it); runs after every other test; pool=True (it stops the "
+                                       f"whole pool) after those too")
+    if not config.pluginmanager.has_plugin(TOPOLOGY_PLUGIN):
+        # The topology marker and fixture (pytest replays pytest_configure for it).
+        config.pluginmanager.register(topologies, TOPOLOGY_PLUGIN)
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
@@ -93,18 +99,23 @@ def session_name(config: pytest.Config) -> str:
     return os.environ.get(SESSION_ENV) or profile_of(config).session
 
 
+def log_dir_of(config: pytest.Config) -> Path:
+    """Where this session's server (and gateway) logs go."""
+    return Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
+
+
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     profile = profile_of(config)
     backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
-    log_dir = Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
+    log_dir = log_dir_of(config)
 
-    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
+    def make(key: ServerKey, devices: tuple[int, ...], label: str | None = None) -> Server:
         # A launch that relies on caches `invoke warmup` filled: if it fails,
         # the report suggests `invoke warmup --cold` (a poisoned cache).
         spec = WarmupSpec(model=key.model, tp=key.tp, args=key.args, backend=backend.name)
         warm = warmup_markers.marker_path(cachedir.default_root(), spec).exists()
         return launch.build_server(profile, backend, key, log_dir=log_dir, devices=devices,
-                                   memory=memory, warm_dependent=warm)
+                                   memory=memory, warm_dependent=warm, label=label)
 
     return make
 
@@ -125,16 +136,23 @@ def _discovery(config: pytest.Config) -> gpu.Discovery | None:
 
 
 def gpu_need(item: pytest.Item, key: ServerKey) -> int:
-    """GPUs a test needs: its model's tp, or more when ``@pytest.mark.gpus(n)`` says so."""
+    """GPUs a test needs: its model's tp (x the engine's own data-parallel ranks), or more when
+    ``@pytest.mark.gpus(n)`` says so."""
     marker = item.get_closest_marker("gpus")
     n = marker.args[0] if marker and marker.args else 0
     if not isinstance(n, int) or n < 0:
         raise pytest.UsageError(f"{item.nodeid}: gpus marker needs a non-negative int, got {n!r}")
-    return max(n, key.tp)
+    try:
+        return max(n, gpus_per_server(key))
+    except ValueError as exc:  # a data-parallel flag without a positive count
+        raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
 
 
 def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available: int) -> str | None:
     """Why ``item`` cannot run on this machine, or None when it fits."""
+    topology = topologies.topology_key(item, profile)
+    if topology is not None:
+        return topologies.capacity_skip_reason(topology, profile, available)
     key = server_key(item, profile)
     need = gpu_need(item, key)
     if profile.vendor == "cpu":
@@ -156,15 +174,17 @@ def _lane_skip_reason(item: pytest.Item, profile: runners.Profile) -> str | None
 
 
 def _wants_engine(item: pytest.Item) -> bool:
-    return "server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("gpus") is not None
+    names = getattr(item, "fixturenames", ())
+    return "server" in names or "topology" in names or item.get_closest_marker("gpus") is not None
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     known_issues.apply(items, profile_of(config).name, strict=config.getoption(known_issues.STRICT_OPTION))
     # A test that breaks its server goes last, so no other test borrows a
-    # broken server or pays for a relaunch (the sort is stable).
-    items.sort(key=lambda item: item.get_closest_marker(DISRUPTIVE) is not None)
+    # broken server or pays for a relaunch (the sort is stable); one that
+    # stops the whole pool after those, or they would relaunch what it stopped.
+    items.sort(key=_disruption)
     e2e = [item for item in items if _wants_engine(item)]
     if not e2e:
         return
@@ -192,6 +212,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     tally = skips.Tally(item.nodeid for item in e2e)
     config.stash[_TALLY] = tally
     config.pluginmanager.register(_TallyHook(tally), TALLY_PLUGIN)
+
+
+def _disruption(item: pytest.Item) -> int:
+    marker = item.get_closest_marker(DISRUPTIVE)
+    return 0 if marker is None else 2 if marker.kwargs.get("pool") else 1
 
 
 class _TallyHook:
@@ -228,8 +253,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     profile = profile_of(session.config)
     keys: dict[str, dict] = {}
     for item in session.items:
-        if "server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("skip"):
-            key = server_key(item, profile)
+        if item.get_closest_marker("skip"):
+            continue
+        names = getattr(item, "fixturenames", ())
+        # A topology's workers are servers of one key: warmup warms that key.
+        key = (server_key(item, profile) if "server" in names else
+               topologies.worker_key(item, profile) if "topology" in names else None)
+        if key is not None:
             keys.setdefault(str(key), {"model": key.model, "tp": key.tp, "args": list(key.args),
                                        "tests": []})["tests"].append(item.nodeid)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -245,8 +275,9 @@ def _say(config: pytest.Config, line: str) -> None:
 
 
 def engine_processes(backend: BackendSpec) -> list[procfs.Stat]:
-    """Live processes that look like ``backend``'s by name or command line (no tag, no registry)."""
-    return procfs.matching(backend.process_names) if backend.process_names else []
+    """Live processes that look like ``backend``'s or a gateway's by name or command line (no tag,
+    no registry): a topology's router must not outlive the session either."""
+    return procfs.matching(backend.process_names + gateway.PROCESS_NAMES) if backend.process_names else []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -265,7 +296,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         topology = _topology(found)
         visible = found.visible
     config.stash[_POOL_KEY] = ServerPool(_factory(config, memory), max_live=profile.max_live_servers,
-                                         gpus=visible, topology=topology)
+                                         gpus=visible, topology=topology,
+                                         gateway_factory=topologies.gateway_factory(profile, log_dir_of(config)))
     try:
         config.stash[_PREV_SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (embedded runs): leave signals alone

@@ -23,7 +23,7 @@ from ci.session.pytest_plugin import new_engine_processes
 WEDGED_GRACE_S = 2.0
 
 
-@pytest.mark.kiln_disruptive
+@pytest.mark.kiln_disruptive(pool=True)  # it stops the whole pool: after the other disruptive tests
 def test_a_stopped_engine_is_killed_and_nothing_is_left(kiln_pool, kiln_profile, pytestconfig):
     srv = kiln_pool.acquire(ServerKey(kiln_profile.default_model))
     try:

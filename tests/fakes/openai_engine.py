@@ -53,6 +53,7 @@ FAKE_GAUGES = Gauges(
     occupancy=_PREFIX + "fwd_occupancy",
     kv_usage=_PREFIX + "kv_cache_usage_perc",
     spec_accept_length=_PREFIX + "spec_accept_length",
+    requests=_PREFIX + "request_success_total",
 )
 
 
@@ -122,6 +123,10 @@ class _State:
     active: int = 0
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
+    finished: int = 0  # requests answered in full (the request_success counter)
+    # ... per data-parallel rank: the fake's "ranks" take requests in turn, as vLLM's own
+    # DP load balancer spreads sequential requests.
+    finished_by_rank: dict[int, int] = field(default_factory=dict)
     leaked: int = 0  # running slots of dropped streams never given back (leak_aborted)
     steps: int = 0  # timed steps logged (step_log knob)
     generation_total: float = 0.0
@@ -151,7 +156,7 @@ class FakeEngine:
     served_model = MODEL
 
     def __init__(self, knobs: Knobs | None = None, *, backend: BackendSpec = FAKE_BACKEND,
-                 args: tuple[str, ...] = ()):
+                 args: tuple[str, ...] = (), port: int = 0):
         self.knobs = knobs or Knobs()
         self.backend = backend
         self.args = args
@@ -162,7 +167,7 @@ class FakeEngine:
         class Handler(_Handler):
             fake = engine
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": SHUTDOWN_POLL_S},
@@ -281,7 +286,7 @@ class FakeEngine:
         k, st = self.knobs, self.state
         with st.lock:
             active, gen, prompt = st.active + st.leaked, st.generation_total, st.prompt_total
-            since = st.busy_since
+            since, finished = st.busy_since, dict(st.finished_by_rank)
         now = time.monotonic()
         if active and (now - since < k.publish_lag_s
                        or (now % DUTY_PERIOD_S) / DUTY_PERIOD_S >= k.busy_duty):
@@ -301,6 +306,7 @@ class FakeEngine:
         if k.spec_accept_length is not None:
             series[FAKE_GAUGES.spec_accept_length] = ("gauge", per_rank(k.spec_accept_length))
         series[FAKE_GAUGES.generation_tokens] = ("counter", [(0, gen)])
+        series[FAKE_GAUGES.requests] = ("counter", [(r, float(finished.get(r, 0))) for r in ranks])
         series[FAKE_GAUGES.prompt_tokens] = ("counter", [(0, prompt)])
         lines = []
         for name, (kind, values) in series.items():
@@ -443,6 +449,11 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.prompt_total += prompt_tokens
             st.generation_total += completion_tokens + self.fake.knobs.counter_skew
+            knobs = self.fake.knobs
+            serving = [r for r in range(max(1, knobs.ranks)) if r != knobs.bad_rank] or [0]
+            rank = serving[st.finished % len(serving)]  # a bad rank gets no requests either
+            st.finished_by_rank[rank] = st.finished_by_rank.get(rank, 0) + 1
+            st.finished += 1
 
     def _choice(self, index: int, prompt: str, toks: list[str], params: dict, chat: bool) -> dict:
         finish = "length"
@@ -575,3 +586,25 @@ def fake_engine(backend: BackendSpec = FAKE_BACKEND, args: tuple[str, ...] = (),
                 **knobs: Any) -> FakeEngine:
     """A running FakeEngine with the given knobs; use it as a context manager."""
     return FakeEngine(Knobs(**knobs), backend=backend, args=args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve as a process of its own until SIGTERM: ``python -m tests.fakes.openai_engine --port P
+    [--knobs JSON]`` -- a worker behind a real gateway, under kiln's supervisor."""
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--knobs", default="{}", help="Knobs fields as a JSON object")
+    a, _engine_args = ap.parse_known_args(argv)  # launch args meant for a real engine (--enable-metrics)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeEngine(Knobs(**json.loads(a.knobs)), port=a.port) as fake:
+        print(f"fake engine serving on {fake.base_url}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from ci.engine.backends import generic
-from ci.engine.server import Server, ServerExited, ServerTimeout, stop_many
+from ci.engine.server import Server, ServerExited, ServerTimeout
+from ci.engine.teardown import stop_many
 from ci.host import ports, procfs, procs
 
 FAULT_ENGINE = Path(__file__).resolve().parents[1] / "fakes" / "fault_engine.py"

@@ -35,6 +35,7 @@ SGLANG = BackendSpec(
         occupancy="sglang:fwd_occupancy",
         kv_usage="sglang:token_usage",
         spec_accept_length="sglang:spec_accept_length",
+        requests="sglang:num_requests_total",  # "Number of requests processed" (metrics/collector.py)
         occupancy_full=100.0,  # a 0-100 percentage (sglang #25886's kit reads it so)
     ),
     # /health answers 200 as soon as the server is up; /health_generate runs a

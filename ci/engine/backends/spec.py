@@ -22,6 +22,9 @@ class Gauges:
     occupancy: str | None = None
     kv_usage: str | None = None
     spec_accept_length: str | None = None
+    # A counter of requests the engine finished: a topology kit reads each
+    # worker's own to see that traffic through a gateway reached it.
+    requests: str | None = None
     # The value of ``occupancy`` that means "busy all the time": SGLang publishes
     # fwd_occupancy as a 0-100 percentage (metrics_reporter.py: gpu time / wall
     # time * 100), a ratio gauge elsewhere reads 0-1. The kit divides by it, so

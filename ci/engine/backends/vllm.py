@@ -22,6 +22,8 @@ _VLLM_GAUGES = Gauges(
     occupancy="vllm:num_requests_running",
     kv_usage="vllm:kv_cache_usage_perc",
     spec_accept_length=None,
+    # Per finished_reason label; the kits sum them.
+    requests="vllm:request_success_total",
 )
 
 
