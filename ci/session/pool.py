@@ -68,8 +68,9 @@ class ServerPool:
         with self._lock:
             if key in self._failed:
                 first = self._failed[key]
+                # Chained, so whoever types the failure sees the first launch's own error.
                 raise PoolError(f"launch of {key} already failed in this run: {first.cause}",
-                                first.tail, first.log_path)
+                                first.tail, first.log_path) from first
             entry = self._live.get(key)
             if entry is not None and entry.server.exit_code() is not None:
                 code = entry.server.exit_code()
@@ -107,6 +108,16 @@ class ServerPool:
                         server.note_test(nodeid)
                     return
         log.warning("release of a server the pool does not hold: %s", server.key)
+
+    def forget(self, key: ServerKey) -> None:
+        """Make the next borrow of ``key`` launch a fresh server: stop an idle live one, drop a
+        failed launch. For a retry after an infra failure (ci/session/outcomes.py), which must not
+        borrow the server -- or the launch error -- that failed."""
+        with self._lock:
+            self._failed.pop(key, None)
+            entry = self._live.get(key)
+            if entry is not None and not entry.busy:
+                self._retire(key)
 
     def _place(self, key: ServerKey) -> tuple[int, ...]:
         """Devices for a new server of ``key``; evicts idle servers when short."""
