@@ -28,7 +28,7 @@ from ci.engine.server import Server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts
-from ci.session import known_issues, skips
+from ci.session import known_issues, outcomes, skips
 from ci.session.pool import ServerPool, key_from_marker
 from ci.warmup import markers as warmup_markers
 from ci.warmup.specs import WarmupSpec
@@ -66,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kiln-collect-keys", default=None, metavar="PATH",
                     help="write the server keys the collected tests need to PATH (JSON) — "
                          "warmup reads the same declarations the tests use")
+    outcomes.add_options(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,6 +75,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
     config.addinivalue_line("markers", f"{DISRUPTIVE}: leaves its server unusable (stops or kills "
                                        f"it); runs after every other test")
+    # Every failure typed infra / engine / test from its evidence; infra ones retried on a fresh server.
+    config.pluginmanager.register(outcomes.OutcomeHooks(
+        outcomes.retries_from(config), fresh=lambda item: _fresh_server(item),
+        servers=lambda: pool.servers() if (pool := config.stash.get(_POOL_KEY, None)) else [],
+        profile=config.getoption("--kiln-profile")), outcomes.PLUGIN_NAME)
+
+
+def _fresh_server(item: pytest.Item) -> None:
+    """Before an infra retry: the test's key launches anew (its server, or failed launch, forgotten)."""
+    pool = item.config.stash.get(_POOL_KEY, None)
+    if pool is not None and _wants_engine(item):
+        pool.forget(server_key(item, profile_of(item.config)))
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
