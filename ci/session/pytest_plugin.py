@@ -27,7 +27,7 @@ from ci.engine.launch import ServerKey
 from ci.engine.server import Server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
-from ci.report import artefacts
+from ci.report import artefacts, quarantine
 from ci.session import known_issues, outcomes, skips
 from ci.session.pool import ServerPool, key_from_marker
 from ci.warmup import markers as warmup_markers
@@ -66,6 +66,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kiln-collect-keys", default=None, metavar="PATH",
                     help="write the server keys the collected tests need to PATH (JSON) — "
                          "warmup reads the same declarations the tests use")
+    group.addoption("--kiln-quarantine", default=None, metavar="PATH",
+                    help="quarantined tests (run, reported, not failing the job); default "
+                         f"${quarantine.PATH_ENV} or tests/quarantine.json (invoke flakes writes it)")
     outcomes.add_options(group)
 
 
@@ -175,6 +178,11 @@ def _wants_engine(item: pytest.Item) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     known_issues.apply(items, profile_of(config).name, strict=config.getoption(known_issues.STRICT_OPTION))
+    try:
+        entries = quarantine.load(config.getoption("--kiln-quarantine") or quarantine.default_path())
+    except quarantine.QuarantineError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+    known_issues.apply_quarantine(items, profile_of(config).name, entries)
     # A test that breaks its server goes last, so no other test borrows a
     # broken server or pays for a relaunch (the sort is stable).
     items.sort(key=lambda item: item.get_closest_marker(DISRUPTIVE) is not None)
