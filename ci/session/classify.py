@@ -99,12 +99,14 @@ class Evidence:
     ``exc``: what the test (or its setup) raised. ``log``: the engine's log
     written while the test ran (for a launch failure, the launch's log).
     ``server_exit``: the engine's exit code when it exited on its own under
-    the test, None while it runs or when kiln stopped it.
+    the test, None while it runs or when kiln stopped it. ``served``: the test
+    had a server (so a plain failure was "against a healthy server").
     """
 
     exc: BaseException | None = None
     log: str = ""
     server_exit: int | None = None
+    served: bool = False
 
 
 def chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -234,8 +236,9 @@ def classify(evidence: Evidence, *, still_progressing_s: float = STILL_PROGRESSI
     exc = evidence.exc
     if exc is None:
         return Verdict(TEST, "failed without an exception (pytest.fail or a hook)")
+    against = " against a healthy server" if evidence.served else ""
     if isinstance(exc, KitFailure):
-        return Verdict(TEST, f"kit check failed against a healthy server: {_first_line(exc)}")
+        return Verdict(TEST, f"kit check failed{against}: {_first_line(exc)}")
     if isinstance(exc, AssertionError):
-        return Verdict(TEST, f"assertion failed against a healthy server: {_first_line(exc)}")
+        return Verdict(TEST, f"assertion failed{against}: {_first_line(exc)}")
     return Verdict(TEST, f"{type(exc).__name__} in the test: {_first_line(exc)}")

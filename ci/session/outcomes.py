@@ -164,7 +164,7 @@ class OutcomeHooks:
         else:  # a server the test built itself: its error names the log
             paths = [e.log_path for e in chain(exc) if isinstance(e, ServerError) and e.log_path]
             text, exit_code = (read_window(paths[0]) if paths else ""), None
-        return Evidence(exc, text, exit_code), srv
+        return Evidence(exc, text, exit_code, served=srv is not None), srv
 
     # -- classification and properties -----------------------------------------
     @pytest.hookimpl(wrapper=True)
