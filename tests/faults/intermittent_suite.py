@@ -2,7 +2,7 @@
 
 Not collected by any session: bench/flake_history.py runs it N times through
 kiln's plugin, one JUnit file per run, as CI runs would leave them, and
-tests/integration/test_flakes.py runs it a few times to read the files back.
+tests/integration/test_flake_history.py runs it a few times to read the files back.
 Nothing is random by seed or by a coin flip: the one intermittent test has a
 real data race whose outcome the thread scheduler decides.
 """

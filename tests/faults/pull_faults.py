@@ -1,6 +1,6 @@
 """Image pulls with real causes on a real Docker engine, failing on purpose so kiln types them infra.
 
-Not collected by any session: tests/integration/test_failure_classes.py runs it
+Not collected by any session: tests/integration/test_pull_failure_classes.py runs it
 in a child pytest with kiln's plugin and ``--kiln-retry-infra 1``, against its
 own dockerd and registries (tests/integration/docker_env.py), passing them in
 through the environment:

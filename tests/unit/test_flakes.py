@@ -1,7 +1,7 @@
 """Flakes by data: the figures per (test, profile) and vLLM's quarantine rule, edge by edge.
 
 The JUnit text here is what pytest writes with kiln's plugin (xunit1, kiln's
-properties), cut to the fields the reader uses; tests/integration/test_flakes.py
+properties), cut to the fields the reader uses; tests/integration/test_flake_history.py
 reads files made by real runs.
 """
 from __future__ import annotations
