@@ -6,6 +6,7 @@
     invoke start IMAGE [--vendor nvidia --device 0 ...]   /   invoke stop
     invoke reap [--dry-run]         stop what a killed run left (owner gone), nothing else
     invoke calibrate --profile P [--runs N] [--model M] [--write]   measured bounds, as a diff
+    invoke flakes --junit DIR [--days 7] [--write]   fail rates per test and profile; the quarantine
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -223,6 +224,38 @@ def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_onl
     except (github.GitHubError, ValueError) as exc:
         raise Exit(f"comment: {exc}") from None
     print(f"sticky comment for {session}: {outcome}" + (f" (id {cid})" if cid else ""))
+
+
+@task(help={"junit": "directory of JUnit files: the workflows' junit-* artefacts (folders or the zips "
+                     "GitHub serves) or any folder of them",
+            "days": "window in days, ending now (default 7: vLLM's rule)",
+            "quarantine": "the quarantine file (default $KILN_QUARANTINE or tests/quarantine.json)",
+            "write": "write the proposed quarantine (default: print the diff only)",
+            "all": "list every test, not only those that failed or change state"})
+def flakes(c, junit, days=7, quarantine=None, write=False, all=False):
+    """Runs, fails and fail rate per test and hardware profile from a JUnit history; propose the quarantine."""
+    from datetime import timedelta
+
+    from ci.report import flakes as history
+    from ci.report import quarantine as rule
+
+    path = Path(quarantine) if quarantine else rule.default_path()
+    try:
+        if int(days) < 1:
+            raise ValueError(f"--days must be >= 1, got {days}")
+        review = rule.review(junit, path, window=timedelta(days=int(days)))
+    except (history.HistoryError, rule.QuarantineError, ValueError) as exc:
+        raise Exit(f"flakes: {exc}") from None
+    print(review.text(everything=all))
+    if not review.changed():
+        print(f"\nquarantine unchanged: {path}")
+        return
+    print(f"\nproposed change to {path}:\n{review.diff()}", end="")
+    if write:
+        path.write_text(review.after, encoding="utf-8")
+        print(f"written: {path}")
+    else:
+        print("(not written: rerun with --write to apply it)")
 
 
 @task(help={"event": "GitHub event: pull_request, schedule or workflow_dispatch",

@@ -58,7 +58,19 @@ class ServerExited(ServerError):
 
 
 class ServerTimeout(ServerError):
-    """The engine was not ready by the launch deadline."""
+    """The engine was not ready by the launch deadline.
+
+    ``log_silent_s`` is how long its log had been silent at the deadline (None:
+    it never wrote a line): an engine whose log still advanced was working --
+    a cold compile, a slow disk -- not hung, and that decides whose fault the
+    timeout is (ci/session/classify.py; vllm #57372 counts it as the largest
+    share of red jobs that pass on retry).
+    """
+
+    def __init__(self, cause: str, tail: str = "", log_path: Path | None = None, *,
+                 log_silent_s: float | None = None):
+        super().__init__(cause, tail, log_path)
+        self.log_silent_s = log_silent_s
 
 
 class StaleServer(ServerError):
@@ -114,6 +126,9 @@ class ServerRecord:
     # Parts it played in topologies ("worker 0 of vllm-router:round_robin x2 ..."):
     # an engine lent to a topology keeps its own key.
     roles: list[str] = field(default_factory=list)
+    # Typed failures of the tests this server served (ci/session/classify.py):
+    # {"test": nodeid, "class": test|engine|infra, "reason": one line}.
+    failures: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +223,15 @@ class Server:
         """Record why this server went wrong (the report shows it beside the server)."""
         self.record.error = text
 
+    def note_failure(self, nodeid: str, failure_class: str, reason: str) -> None:
+        """Record a typed failure of a test this server served (the report's server record)."""
+        self.record.failures.append({"test": nodeid, "class": failure_class, "reason": reason})
+
+    @property
+    def stopped_by_harness(self) -> bool:
+        """True once kiln began stopping this server: its exit then is no crash."""
+        return self._terminated
+
     def note_test(self, nodeid: str) -> None:
         """Record a test this server served (for the report)."""
         self.record.tests.append(nodeid)
@@ -301,8 +325,12 @@ class Server:
         started = time.monotonic()
         deadline = started + self.launch_timeout_s
         next_note = started + PROGRESS_INTERVAL_S
+        log_size, log_grew = 0, None  # when the log last grew: evidence of progress at a timeout
         try:
             while True:
+                size = self.log_size()
+                if size > log_size:
+                    log_size, log_grew = size, time.monotonic()
                 if time.monotonic() >= next_note:
                     next_note += PROGRESS_INTERVAL_S
                     last_line = (logtail.read_tail(self.log_path, 1) or "(empty)").strip()
@@ -321,15 +349,25 @@ class Server:
                     self._check_listener_is_ours()
                     self.record.ready = time.time()
                     return
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
+                    silent = None if log_grew is None else now - log_grew
                     raise ServerTimeout(
                         f"{self.backend.name} not ready after {self.launch_timeout_s:.0f} s "
-                        f"({self.health_polls} health polls; last: {state['last']})",
-                        self.log_tail(), self.log_path)
+                        f"({self.health_polls} health polls; last: {state['last']}; its log "
+                        + ("never got a line)" if silent is None else f"last grew {silent:.1f} s before)"),
+                        self.log_tail(), self.log_path, log_silent_s=silent)
                 changed.wait(EXIT_CHECK_INTERVAL_S)
         finally:
             quit_probe.set()
             prober.join(HEALTH_REQUEST_TIMEOUT_S + 1)
+
+    def log_size(self) -> int:
+        """Bytes in the server's log now (0 before it exists): where a test's window of it starts."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
 
     def _check_listener_is_ours(self) -> None:
         assert self.tree is not None

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ci.kits.client import KitFailure, ServerLike, client_for, excerpt
+from ci.kits.client import KitFailure, ServerLike, client_for, excerpt, status_failure
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def check_health(server: ServerLike) -> None:
     with client_for(server) as c:
         resp = c.get(server.backend.health_path)
         if resp.status_code != 200:
-            raise KitFailure(f"health {server.backend.health_path} -> HTTP {resp.status_code}: "
-                             f"{excerpt(resp.text)}")
+            raise status_failure(resp.status_code, f"health {server.backend.health_path} -> HTTP "
+                                                   f"{resp.status_code}: {excerpt(resp.text)}")
 
 
 def check_models(server: ServerLike) -> dict:
@@ -65,7 +65,7 @@ def check_models(server: ServerLike) -> dict:
         path = server.backend.models_path
         resp = c.get(path)
         if resp.status_code != 200:
-            raise KitFailure(f"{path} -> HTTP {resp.status_code}: {excerpt(resp.text)}")
+            raise status_failure(resp.status_code, f"{path} -> HTTP {resp.status_code}: {excerpt(resp.text)}")
         try:
             data = resp.json().get("data")
         except (ValueError, AttributeError):

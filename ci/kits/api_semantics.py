@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import jsonschema
 
 from ci.kits.api import check_health, check_models, check_usage
-from ci.kits.client import KitFailure, ServerLike, client_for, excerpt
+from ci.kits.client import KitFailure, ServerLike, client_for, excerpt, status_failure
 from ci.kits.decode import exact_count_params, logprob_lists
 from ci.kits.metrics import SETTLE_DEADLINE_S, wait_idle
 
@@ -110,7 +110,8 @@ def check_stream_abort_recovers(server: ServerLike, *, read_chunks: int = ABORT_
     with client_for(server) as c:
         with c.open_stream("/v1/completions", body) as resp:
             if resp.status_code != 200:
-                raise KitFailure(f"stream to abort -> HTTP {resp.status_code}: {excerpt(resp.text)}")
+                raise status_failure(resp.status_code,
+                                     f"stream to abort -> HTTP {resp.status_code}: {excerpt(resp.text)}")
             seen = 0
             for line in resp.iter_lines():
                 if line.startswith(b"data:"):
@@ -143,8 +144,8 @@ def check_context_limit(server: ServerLike, *, max_model_len: int | None = None)
     print(f"prompt of ~{int(limit * OVERFLOW_FACTOR)} tokens, limit {limit}: HTTP "
           f"{resp.status_code} {excerpt(resp.text, 200)}")
     if resp.status_code != 400:
-        raise KitFailure(f"over-long prompt -> HTTP {resp.status_code}, expected 400: "
-                         f"{excerpt(resp.text)}")
+        raise status_failure(resp.status_code, f"over-long prompt -> HTTP {resp.status_code}, expected 400: "
+                                               f"{excerpt(resp.text)}")
     if str(limit) not in resp.text:
         raise KitFailure(f"over-long prompt: the 400 does not name the limit {limit}: "
                          f"{excerpt(resp.text)}")

@@ -39,6 +39,22 @@ class KitFailure(AssertionError):
     """A kit found the server misbehaving; the first line of the message is the cause."""
 
 
+class EngineFault(KitFailure):
+    """The server itself failed the request, whatever the kit was checking.
+
+    ``kind`` is what it did: ``5xx`` (it answered a server error), ``hung``
+    (no answer within the request timeout), ``connection`` (refused or dropped
+    the connection) or ``protocol`` (a body or stream that is not the API's).
+    The failure is then the engine's, not the assertion's: kiln types it so
+    (ci/session/classify.py) and never retries it.
+    """
+
+    def __init__(self, kind: str, message: str, status: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
 class ServerLike(Protocol):
     """What a kit needs from a server: the pool's Server, or a test fake."""
 
@@ -175,9 +191,9 @@ class EngineClient:
         try:
             return self._session.request(method, url, **kwargs)
         except requests.Timeout:
-            raise KitFailure(f"{method} {path}: no answer within {timeout_s:.0f} s") from None
+            raise EngineFault("hung", f"{method} {path}: no answer within {timeout_s:.0f} s") from None
         except requests.ConnectionError as exc:
-            raise KitFailure(f"{method} {path}: connection failed: {excerpt(str(exc))}") from None
+            raise EngineFault("connection", f"{method} {path}: connection failed: {excerpt(str(exc))}") from None
 
     # -- OpenAI endpoints ---------------------------------------------------
     def completion(self, prompt: str | list, **params: Any) -> dict:
@@ -213,11 +229,11 @@ class EngineClient:
 
     def _json_ok(self, resp: requests.Response, path: str) -> dict:
         if not 200 <= resp.status_code < 300:
-            raise KitFailure(f"POST {path} -> HTTP {resp.status_code}: {excerpt(resp.text)}")
+            raise status_failure(resp.status_code, f"POST {path} -> HTTP {resp.status_code}: {excerpt(resp.text)}")
         try:
             data = resp.json()
         except ValueError:
-            raise KitFailure(f"POST {path} -> non-JSON body: {excerpt(resp.text)}") from None
+            raise EngineFault("protocol", f"POST {path} -> non-JSON body: {excerpt(resp.text)}") from None
         if not isinstance(data, dict):
             raise KitFailure(f"POST {path} -> JSON {type(data).__name__}, expected an object")
         return data
@@ -229,14 +245,14 @@ class EngineClient:
         with resp:
             result.status = resp.status_code
             if not 200 <= resp.status_code < 300:
-                raise KitFailure(f"POST {path} (stream) -> HTTP {resp.status_code}: "
-                                 f"{excerpt(resp.text)}")
+                raise status_failure(resp.status_code, f"POST {path} (stream) -> HTTP {resp.status_code}: "
+                                                       f"{excerpt(resp.text)}")
             try:
                 for payload in parse_sse(resp.iter_lines()):
                     self._take_event(result, payload, start)
             except requests.RequestException as exc:
-                raise KitFailure(f"POST {path} (stream) broke after {len(result.chunks)} "
-                                 f"chunks: {excerpt(str(exc))}") from None
+                raise EngineFault("protocol", f"POST {path} (stream) broke after {len(result.chunks)} "
+                                              f"chunks: {excerpt(str(exc))}") from None
         result.latency_s = time.monotonic() - start
         return result
 
@@ -259,6 +275,15 @@ class EngineClient:
         result.chunks.append(chunk)
         if result.ttft_s is None and any(_choice_text(c) for c in chunk.get("choices") or []):
             result.ttft_s = time.monotonic() - start
+
+
+def status_failure(status: int, message: str) -> KitFailure:
+    """The failure for a non-2xx answer: the engine's (EngineFault) for a 5xx, the kit's otherwise.
+
+    A 4xx is the server judging the request, which is what a kit checks; a 5xx
+    is the server failing it.
+    """
+    return EngineFault("5xx", message, status) if status >= 500 else KitFailure(message)
 
 
 def client_for(server: ServerLike, *, timeout_s: float = REQUEST_TIMEOUT_S) -> EngineClient:

@@ -2,16 +2,17 @@
 
 From the run's JUnit XML, the session name, the runner profile and the pool's
 per-server records (``reports/servers-<session>.json``, optional) it renders:
-a one-line verdict; for each failure its node id, a one-line cause, the command
+a one-line verdict; the failures grouped by whose fault they are (infra first,
+collapsed, then engine, then test: ci/report/outcome.py), each with its node id,
+its class and reason, what the retry policy did, a one-line cause, the command
 that reproduces it as pasted into a shell, and the pytest output and server log
-tail in ``<details>``; skipped tests grouped by reason so lost coverage shows;
-a Mermaid timeline of every server. Everything from logs goes through
+tail in ``<details>``; the tests that passed only after an infra retry; skipped
+tests grouped by reason so lost coverage shows; a Mermaid timeline of every server. Everything from logs goes through
 ci.text.redact (secrets, ANSI, binary, @mentions, HTML) and the whole report stays
 under MAX_REPORT_CHARS however large the logs are.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ci.report import artefacts
+from ci.report import artefacts, outcome
 from ci.report.junit import ERROR, FAILED, PASSED, SKIPPED, XFAILED, CaseResult, JUnitError, RunResult, read_junit
-from ci.text.redact import (MAX_SECTION_LINES, Redactor, Tail, code_span, fence, html_text, read_log_tail,
-                       sanitize, sanitize_lines)
 from ci.report.repro import WARMUP_HINT, repro_command
+# The server records and their sections live in ci.report.servers; these names stay importable from here.
+from ci.report.servers import (MAX_CAUSE_CHARS, ServerInfo, load_servers, stops_md,  # noqa: F401
+                               timeline_md)
+from ci.text.redact import (MAX_SECTION_LINES, Redactor, Tail, code_span, fence, html_text, read_log_tail,
+                            sanitize, sanitize_lines)
 
 log = logging.getLogger(__name__)
 
@@ -33,95 +37,16 @@ MAX_REPORT_CHARS = 60_000
 # When the report is too big, logs shrink step by step before any failure is
 # dropped: the repro commands matter more than the log lines.
 LOG_LINE_STEPS = (MAX_SECTION_LINES, 120, 40, 10, 0)
-# A cause is one line in a list; longer than this it is a log excerpt, which has its own section.
-MAX_CAUSE_CHARS = 300
 # Beyond these the lists stop being read; the counts still say how many.
 MAX_SKIP_IDS = 20
 MAX_SKIP_GROUPS = 30
-MAX_TIMELINE_SERVERS = 40
+MAX_RETRIED_PASSES = 30
 SERVER_PROPERTY = "kiln_server"
 ENGINE_PROPERTY = "kiln_engine_version"
 UNCALIBRATED_PROPERTY = "kiln_uncalibrated"  # a pass whose estimate bounds were not enforced (ci/kits/enforce.py)
 
 _KNOWN_ISSUE = re.compile(r"known[ _-]?issue|non-?determinis|flaky", re.I)
 _CAPACITY = re.compile(r"\bGPUs?\b|\bcapacity\b|\bavailable\b|\bdevices?\b", re.I)
-_MERMAID_UNSAFE = re.compile(r"[^A-Za-z0-9 _.,=/+()-]+")
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """One record of ``servers-<session>.json`` as written by the pool."""
-
-    key: str
-    model: str = ""
-    tp: int = 1
-    devices: tuple[int, ...] = ()
-    log_path: str = ""
-    launched: float | None = None
-    ready: float | None = None
-    stopped: float | None = None
-    memory_free: float | None = None
-    tests: tuple[str, ...] = ()
-    error: str | None = None
-    warm_dependent: bool = False
-    containment: str | None = None
-    stop_killed: tuple[str, ...] = ()
-
-    @property
-    def launch_failed(self) -> bool:
-        """Launched but never ready: the failure happened during the launch."""
-        return self.launched is not None and self.ready is None
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def load_servers(path: str | Path) -> tuple[tuple[ServerInfo, ...], str | None]:
-    """The server records at ``path`` and a note when they could not be read.
-
-    The file is optional (no server launched, or the run died first), so a
-    missing file is no records and no note; a broken one is a note, never a crash.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return (), None
-    except (OSError, ValueError) as exc:
-        return (), f"server records {path} unreadable: {exc}"
-    if not isinstance(data, list):
-        return (), f"server records {path}: expected a JSON list, got {type(data).__name__}"
-    records = []
-    for item in data:
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
-            continue
-        records.append(ServerInfo(
-            key=item["key"], model=str(item.get("model", "")), tp=int(_num(item.get("tp")) or 1),
-            devices=tuple(d for d in item.get("devices") or () if isinstance(d, int)),
-            log_path=str(item.get("log_path") or ""), launched=_num(item.get("launched")),
-            ready=_num(item.get("ready")), stopped=_num(item.get("stopped")),
-            memory_free=_num(item.get("memory_free")),
-            tests=tuple(t for t in item.get("tests") or () if isinstance(t, str)),
-            error=item.get("error") if isinstance(item.get("error"), str) else None,
-            warm_dependent=bool(item.get("warm_dependent")),
-            containment=item.get("containment") if isinstance(item.get("containment"), str) else None,
-            stop_killed=tuple(k for k in item.get("stop_killed") or () if isinstance(k, str))))
-    return tuple(records), None
-
-
-def stops_md(servers: Sequence[ServerInfo], redactor: Redactor) -> str:
-    """Servers whose tree had to be SIGKILLed at stop: a wedged or stopped engine, said out loud."""
-    hard = [s for s in servers if s.stop_killed]
-    if not hard:
-        return ""
-    lines = ["### Stops that needed SIGKILL"]
-    for srv in hard:
-        names = sanitize(", ".join(srv.stop_killed), redactor)
-        lines.append(f"- {code_span(srv.key)} ({srv.containment or 'unknown containment'}): "
-                     f"{len(srv.stop_killed)} process(es) ignored SIGTERM for the grace period: "
-                     f"{code_span(names[:MAX_CAUSE_CHARS])}")
-    return "\n".join(lines)
 
 
 def one_line_cause(case: CaseResult, redactor: Redactor) -> str:
@@ -177,17 +102,39 @@ def verdict(run: RunResult | None, session: str, profile: Any = None) -> str:
     if run is None:
         counts, wall, engine = "no test results", "", "unknown"
     else:
-        labels = ((FAILED, "failed"), (ERROR, "error"), (PASSED, "passed"),
-                  (SKIPPED, "skipped"), (XFAILED, "xfailed"))
-        counts = ", ".join(f"{run.count(o)} {label}{'s' if o == ERROR and run.count(o) > 1 else ''}"
-                           for o, label in labels if run.count(o)) or "0 tests"
-        loose = sum(1 for c in run.cases if c.outcome == PASSED and c.prop(UNCALIBRATED_PROPERTY))
-        counts += f" ({loose} uncalibrated: estimates not enforced)" if loose else ""
+        counts = _counts(run)
         wall, engine = f" in {_duration(run.duration)}", run.prop(ENGINE_PROPERTY) or "unknown"
     runner = getattr(profile, "runner_label", None) or "unknown"
     hardware = f" ({profile.gpus}× {profile.vendor})" if profile is not None and profile.gpus else ""
     return (f"### {icon} {code_span(session)} {word}: {counts}{wall} · runner {code_span(runner)}"
             f"{hardware} · engine {code_span(engine)}")
+
+
+def _counts(run: RunResult) -> str:
+    """``2 failed, 1 error (1 infra, 2 test), 5 passed (1 after infra retry)``: every outcome counted,
+    the red ones by whose fault they are, passes that needed an infra retry never hidden among the rest."""
+    labels = ((FAILED, "failed"), (ERROR, "error"), (PASSED, "passed"), (SKIPPED, "skipped"), (XFAILED, "xfailed"))
+    notes = {
+        ERROR: outcome.class_summary(run.cases),
+        PASSED: ", ".join(n for n in (
+            _plural(sum(outcome.passed_after_retry(c) for c in run.cases), "after infra retry"),
+            _plural(sum(1 for c in run.cases if c.outcome == PASSED and c.prop(UNCALIBRATED_PROPERTY)),
+                    "uncalibrated: estimates not enforced")) if n),
+        XFAILED: _plural(sum(outcome.quarantined_fail(c) for c in run.cases), "quarantined: not failing the job"),
+    }
+    if not run.count(ERROR):  # the class breakdown goes after the last red count
+        notes[FAILED], notes[ERROR] = notes[ERROR], ""
+    parts = []
+    for o, label in labels:
+        n = run.count(o)
+        if n:
+            note = notes.get(o, "")
+            parts.append(f"{n} {label}{'s' if o == ERROR and n > 1 else ''}" + (f" ({note})" if note else ""))
+    return ", ".join(parts) or "0 tests"
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n else ""
 
 
 def _pytest_output(case: CaseResult, redactor: Redactor, cap: int) -> Tail:
@@ -211,11 +158,33 @@ class _Failure:
     server: ServerInfo | None
     repro: str
     server_state: str = ""
+    kind: str = outcome.UNTYPED
+    typed: str = ""  # the class line: reason, retry policy, earlier attempts
+
+
+def _typed_line(case: CaseResult, redactor: Redactor) -> str:
+    """``**infra**: reason · retry: ... · attempt 1: ...``, sanitised, or "" when kiln wrote nothing."""
+    reason = outcome.failure_reason(case)
+    if reason is None:
+        return ""
+    bits = [f"**{outcome.failure_class(case)}**: {code_span(_one_line(reason, redactor))}"]
+    note = outcome.retry_note(case)
+    if note:
+        bits.append(f"retry: {code_span(_one_line(note, redactor))}")
+    bits += [f"attempt {code_span(_one_line(a, redactor))}" for a in outcome.attempts(case)]
+    return " · ".join(bits)
+
+
+def _one_line(text: str, redactor: Redactor) -> str:
+    flat = " ".join(sanitize(text, redactor).split())
+    return flat if len(flat) <= MAX_CAUSE_CHARS else flat[:MAX_CAUSE_CHARS - 1] + "…"
 
 
 def _failure_md(item: _Failure, cap: int, output: Tail, logs: Mapping[str, Tail], shown_logs: set[str]) -> str:
-    parts = [f"#### {'❌' if item.case.outcome == FAILED else '💥'} {code_span(item.case.nodeid)}",
-             f"**Cause** ({item.case.outcome}): {code_span(item.cause)}"]
+    parts = [f"#### {'❌' if item.case.outcome == FAILED else '💥'} {code_span(item.case.nodeid)}"]
+    if item.typed:
+        parts.append(f"**Class** {item.typed}")
+    parts.append(f"**Cause** ({item.case.outcome}): {code_span(item.cause)}")
     srv = item.server
     if srv is not None:
         where = f"on GPUs {','.join(map(str, srv.devices))}" if srv.devices else "without GPUs"
@@ -230,6 +199,25 @@ def _failure_md(item: _Failure, cap: int, output: Tail, logs: Mapping[str, Tail]
             shown_logs.add(srv.log_path)
             parts.append(_details(f"server log {srv.key}", logs[srv.log_path], cap))
     return "\n\n".join(parts)
+
+
+def _group_heading(kind: str, n: int) -> str:
+    return f"{outcome.ICON[kind]} {kind} ({n}): {outcome.MEANING[kind]}"
+
+
+def retried_passes_md(cases: Iterable[CaseResult], redactor: Redactor) -> str:
+    """Tests that passed only on an infra retry, each with why its first attempt failed."""
+    found = [c for c in cases if outcome.passed_after_retry(c)]
+    if not found:
+        return ""
+    lines = [f"### 🔁 {outcome.PASSED_AFTER_RETRY.capitalize()}: {len(found)} (not a plain pass: "
+             f"the first attempt failed on the runner)"]
+    for case in found[:MAX_RETRIED_PASSES]:
+        earlier = "; ".join(_one_line(a, redactor) for a in outcome.attempts(case)) or "(no attempt recorded)"
+        lines.append(f"- {code_span(case.nodeid)}: attempt {code_span(earlier)}")
+    if len(found) > MAX_RETRIED_PASSES:
+        lines.append(f"- … and {len(found) - MAX_RETRIED_PASSES} more")
+    return "\n".join(lines)
 
 
 def skipped_md(cases: Iterable[CaseResult], redactor: Redactor) -> str:
@@ -259,38 +247,6 @@ def skipped_md(cases: Iterable[CaseResult], redactor: Redactor) -> str:
     return "\n\n".join(parts)
 
 
-def _mermaid_name(text: str) -> str:
-    # Mermaid treats ':' '#' ';' '%' specially (task syntax, comments, directives).
-    return " ".join(_MERMAID_UNSAFE.sub(" ", text).split())[:60] or "server"
-
-
-def timeline_md(servers: Sequence[ServerInfo], session: str) -> str:
-    """A Mermaid gantt: each server's launch → ready → tests → stop → memory free."""
-    rows = sorted((s for s in servers if s.launched is not None), key=lambda s: s.launched)[:MAX_TIMELINE_SERVERS]
-    if not rows:
-        return ""
-    lines = ["gantt", f"    title Servers of {_mermaid_name(session)}", "    dateFormat x",
-             "    axisFormat %H:%M:%S"]
-
-    def task(name: str, tags: str, start: float, end: float | None) -> None:
-        seconds = max(1, round((end or start) - start))
-        lines.append(f"    {name} :{tags}{int(start * 1000)}, {seconds}s")
-
-    for s in rows:
-        lines.append(f"    section {_mermaid_name(s.key)}")
-        if s.launch_failed:
-            task("launch failed", "crit, ", s.launched, s.stopped)
-        else:
-            task("launch", "done, ", s.launched, s.ready)
-            task(f"tests ({len(s.tests)})", "", s.ready, s.stopped)
-        if s.stopped is not None and s.memory_free is not None:
-            task("stop to memory free", "", s.stopped, s.memory_free)
-        elif s.stopped is not None:
-            task("memory never seen free", "crit, ", s.stopped, None)
-    more = f"\n\n<sub>{len(servers) - len(rows)} more servers not drawn</sub>" if len(servers) > len(rows) else ""
-    return "### 🕒 Server timeline\n\n" + fence("\n".join(lines), "mermaid") + more
-
-
 def render_report(run: RunResult | None, session: str, *, profile: Any = None,
                   servers: Sequence[ServerInfo] = (), env: Mapping[str, str] | None = None,
                   redactor: Redactor | None = None, notes: Sequence[str] = (),
@@ -313,13 +269,16 @@ def render_report(run: RunResult | None, session: str, *, profile: Any = None,
             repro = f"{WARMUP_HINT}\n{repro}"
         state = "" if srv is None else (
             f"launch failed: {srv.error}" if srv.launch_failed else (srv.error or "ready"))
-        failures.append(_Failure(case, one_line_cause(case, redactor), srv, repro, sanitize(state, redactor)))
+        failures.append(_Failure(case, one_line_cause(case, redactor), srv, repro, sanitize(state, redactor),
+                                 outcome.failure_class(case), _typed_line(case, redactor)))
+    # Whose fault first: infra (collapsed), engine, test (ci/report/outcome.py).
+    failures.sort(key=lambda f: outcome.GROUPS.index(f.kind))
     logs = {s.log_path: read_log_tail(s.log_path, redactor) for s in servers if s.log_path}
     covered = {f.server.key for f in failures if f.server is not None}
     orphans = [s for s in servers if s.error and s.key not in covered]
     head = [verdict(run, session, profile)] + [f"> {code_span(sanitize(n, redactor))}" for n in notes]
-    tail = [p for p in (skipped_md(cases, redactor), stops_md(servers, redactor),
-                        timeline_md(servers, session)) if p]
+    tail = [p for p in (retried_passes_md(cases, redactor), skipped_md(cases, redactor),
+                        stops_md(servers, redactor), timeline_md(servers, session)) if p]
     outputs: dict[tuple[int, int], Tail] = {}  # sanitised lazily: most never fit
 
     def output(index: int, cap: int) -> Tail:
@@ -334,12 +293,24 @@ def render_report(run: RunResult | None, session: str, *, profile: Any = None,
         # Redaction only shortens text (REDACTED is no longer than any secret),
         # so measuring before it is safe, and stopping early saves the work.
         size = sum(len(p) + 2 for p in head + tail)
-        parts = [f"### Failures ({len(failures)})"] if failures else []
+        by_class = outcome.class_summary(f.case for f in failures)
+        parts = [f"### Failures ({len(failures)}{': ' + by_class if by_class else ''})"] if failures else []
+        kind = None
         for index in range(shown):
             if size > max_chars:
                 return None
-            parts.append(_failure_md(failures[index], cap, output(index, cap), logs, shown_logs))
+            item = failures[index]
+            if item.kind != kind:
+                if kind == outcome.INFRA:
+                    parts.append("</details>")
+                kind = item.kind
+                n = sum(1 for f in failures if f.kind == kind)
+                parts.append(f"<details><summary>{html_text(_group_heading(kind, n))}</summary>"
+                             if kind == outcome.INFRA else f"### {_group_heading(kind, n)}")
+            parts.append(_failure_md(item, cap, output(index, cap), logs, shown_logs))
             size += len(parts[-1]) + 2
+        if kind == outcome.INFRA:
+            parts.append("</details>")
         if shown < len(failures):
             parts.append(f"… {len(failures) - shown} more failures not shown (report size cap); "
                          f"the JUnit file lists them all.")

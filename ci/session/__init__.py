@@ -4,7 +4,10 @@
 marker and the ``server`` fixture, the ``topology`` marker and fixture, backed
 by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``envinfo`` prints what the run is on;
 ``shard`` splits a session across machines (an empty shard fails its job);
-``known_issues`` skips by profile; ``skips`` fails a session whose every e2e
-test was skipped, counting the reasons.
+``known_issues`` skips by profile and runs quarantined tests as non-strict
+xfails; ``skips`` fails a session whose every e2e test was skipped, counting
+the reasons; ``classify`` decides whose fault a failure is (infra / engine /
+test) from its evidence and ``outcomes`` records it and retries infra failures
+on a fresh server.
 The only package that imports pytest. May import every floor below it.
 """

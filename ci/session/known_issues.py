@@ -9,6 +9,11 @@ outlived its bug gets noticed and removed.
 
 The pytest plugin calls :func:`apply` from ``pytest_collection_modifyitems``;
 the decision itself (:func:`decide`) is plain data, testable without pytest.
+
+Quarantined tests (tests/quarantine.json, proposed by ``invoke flakes`` from
+their fail rate: ci/report/quarantine.py) are the data-made kind: on their
+profile they still run, as a non-strict xfail (:func:`apply_quarantine`), so
+they report and their passes count towards coming out, but do not fail the job.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Any, Iterable, Mapping
 import pytest
 
 from ci.profiles.runners import PROFILES
+from ci.report.outcome import QUARANTINE_PROPERTY
+from ci.report.quarantine import Entry
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +120,24 @@ def apply(items: Iterable[pytest.Item], profile: str, *, strict: bool) -> None:
             item.add_marker(pytest.mark.xfail(reason=decision.reason, strict=True, run=True))
         if decision.action != "run":
             log.info("%s: %s (%s)", item.nodeid, decision.action, decision.reason)
+
+
+def apply_quarantine(items: Iterable[pytest.Item], profile: str, entries: Iterable[Entry]) -> int:
+    """Run ``profile``'s quarantined tests as non-strict xfails, their figures as the reason; how many.
+
+    Not a skip: a quarantined test must keep running, or it could never earn
+    its way out (RESTORE_PASSES straight passes). A test already skipped here
+    (a known issue) stays skipped.
+    """
+    quarantined = {e.nodeid: e for e in entries if e.profile == profile}
+    marked = 0
+    for item in items:
+        entry = quarantined.get(item.nodeid)
+        if entry is None or item.get_closest_marker("skip"):
+            continue
+        item.add_marker(pytest.mark.xfail(reason=f"quarantined on {profile}: {entry.reason}", strict=False,
+                                          run=True))
+        item.user_properties.append((QUARANTINE_PROPERTY, entry.reason))
+        marked += 1
+        log.info("%s: quarantined on %s (%s)", item.nodeid, profile, entry.reason)
+    return marked

@@ -95,8 +95,9 @@ class ServerPool:
         with self._lock:
             if key in self._failed:
                 first = self._failed[key]
+                # Chained, so whoever types the failure sees the first launch's own error.
                 raise PoolError(f"launch of {key} already failed in this run: {first.cause}",
-                                first.tail, first.log_path)
+                                first.tail, first.log_path) from first
             self._drop_dead(key)
             entry = self._live.get(key)
             if entry is None:
@@ -127,6 +128,16 @@ class ServerPool:
                         unit.note_test(nodeid)
                     return
         log.warning("release of a unit the pool does not hold: %s", getattr(unit, "key", unit))
+
+    def forget(self, key: Key) -> None:
+        """Make the next borrow of ``key`` launch afresh: stop an idle live unit, drop a
+        failed launch. For a retry after an infra failure (ci/session/outcomes.py), which must not
+        borrow the server -- or the launch error -- that failed."""
+        with self._lock:
+            self._failed.pop(key, None)
+            entry = self._live.get(key)
+            if entry is not None and not entry.busy:
+                self._retire(key)
 
     # -- building ----------------------------------------------------------------------
     def _build(self, key: Key) -> Unit:

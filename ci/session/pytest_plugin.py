@@ -28,8 +28,8 @@ from ci.engine.server import Server
 from ci.engine.topology import gpus_per_server
 from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
-from ci.report import artefacts
-from ci.session import known_issues, skips, topologies
+from ci.report import artefacts, quarantine
+from ci.session import known_issues, outcomes, skips, topologies
 from ci.session.pool import ServerPool, key_from_marker
 from ci.warmup import markers as warmup_markers
 from ci.warmup.specs import WarmupSpec
@@ -68,6 +68,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kiln-collect-keys", default=None, metavar="PATH",
                     help="write the server keys the collected tests need to PATH (JSON) — "
                          "warmup reads the same declarations the tests use")
+    group.addoption("--kiln-quarantine", default=None, metavar="PATH",
+                    help="quarantined tests (run, reported, not failing the job); default "
+                         f"${quarantine.PATH_ENV} or tests/quarantine.json (invoke flakes writes it)")
+    outcomes.add_options(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -80,6 +84,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin(TOPOLOGY_PLUGIN):
         # The topology marker and fixture (pytest replays pytest_configure for it).
         config.pluginmanager.register(topologies, TOPOLOGY_PLUGIN)
+    # Every failure typed infra / engine / test from its evidence; infra ones retried on a fresh server.
+    config.pluginmanager.register(outcomes.OutcomeHooks(
+        outcomes.retries_from(config), fresh=lambda item: _fresh_server(item),
+        servers=lambda: pool.servers() if (pool := config.stash.get(_POOL_KEY, None)) else [],
+        profile=config.getoption("--kiln-profile")), outcomes.PLUGIN_NAME)
+
+
+def _fresh_server(item: pytest.Item) -> None:
+    """Before an infra retry: the test's key launches anew (its server, or failed launch, forgotten)."""
+    pool = item.config.stash.get(_POOL_KEY, None)
+    if pool is not None and _wants_engine(item):
+        pool.forget(server_key(item, profile_of(item.config)))
 
 
 def profile_of(config: pytest.Config) -> runners.Profile:
@@ -181,6 +197,11 @@ def _wants_engine(item: pytest.Item) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     known_issues.apply(items, profile_of(config).name, strict=config.getoption(known_issues.STRICT_OPTION))
+    try:
+        entries = quarantine.load(config.getoption("--kiln-quarantine") or quarantine.default_path())
+    except quarantine.QuarantineError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+    known_issues.apply_quarantine(items, profile_of(config).name, entries)
     # A test that breaks its server goes last, so no other test borrows a
     # broken server or pays for a relaunch (the sort is stable); one that
     # stops the whole pool after those, or they would relaunch what it stopped.

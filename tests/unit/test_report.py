@@ -375,3 +375,32 @@ def test_a_stop_that_needed_sigkill_is_said_out_loud(tmp_path):
     assert "`m|tp=1|` (cgroup-v2): 1 process(es)" in md and "VLLM::EngineCore" in md
     assert "clean" not in md
     assert report.stops_md(records[1:], report.Redactor.from_env({})) == ""
+
+
+def test_failures_are_grouped_by_whose_fault_infra_first_and_collapsed():
+    md = report.build_report(FIXTURES / "typed.xml", "e2e-h100-4", env={"HF_TOKEN": SECRET})
+    first = md.splitlines()[0]
+    assert ("2 failed, 1 error (1 infra, 1 engine, 1 test), 2 passed (1 after infra retry), "
+            "1 xfailed (1 quarantined: not failing the job)") in first, first
+    assert "### Failures (3: 1 infra, 1 engine, 1 test)" in md
+    infra = md.index("<details><summary>🏗️ infra (1): the runner, the registry or the hardware")
+    engine, test = md.index("### 🔥 engine (1): "), md.index("### ❌ test (1): ")
+    assert infra < md.index("test_launch") < md.index("</details>", infra) < engine < md.index("test_stream") < test
+    # Each failure names its class, reason, the retry policy and earlier attempts.
+    assert ("**Class** **infra**: `launch timeout while the engine was still progressing: vllm not ready after "
+            "240 s (its log last grew 0.2 s before)` · retry: `retried 1 of 1: infra again` · attempt "
+            "`1: infra: launch timeout") in md
+    assert "retry: `not retried: a test failure is never retried (a retry would hide it)`" in md
+    # The token in the engine's reason never reaches the report.
+    assert SECRET not in md and "crash signature (Traceback) in the server log while it served" in md
+
+
+def test_a_pass_after_an_infra_retry_is_listed_never_a_plain_pass():
+    md = report.build_report(FIXTURES / "typed.xml", "e2e-h100-4", env={})
+    assert "### 🔁 Passed after infra retry: 1 (not a plain pass: the first attempt failed on the runner)" in md
+    assert ("- `tests/e2e/test_api.py::test_pull`: attempt `1: infra: image pull/registry: could not pull "
+            "127.0.0.1:5000/kiln/test:1 after 1 attempts`") in md
+    # A quarantined test's failure does not make the run red on its own.
+    run = junit.read_junit(FIXTURES / "typed.xml")
+    quarantined = [c for c in run.cases if c.nodeid.endswith("test_racy")]
+    assert quarantined[0].outcome == "xfailed"
