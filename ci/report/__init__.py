@@ -4,7 +4,8 @@
 (the JUnit properties the session writes), ``servers`` reads the pool's server
 records, ``render`` writes the report, ``repro`` the command that reruns one
 test, ``jobsummary`` and ``github`` publish it, ``flakes`` and ``quarantine``
-turn a JUnit history into fail rates and a proposed quarantine, ``artefacts``
+turn a JUnit history into fail rates and a proposed quarantine, ``durations``
+into the p90 per test the shards are packed by, ``artefacts``
 names every file a session leaves under ``reports/``. It reads
 records, never live servers, containers or GPUs: may import ``ci.profiles``
 and ``ci.text`` only.

@@ -1,0 +1,183 @@
+"""The durations store: p90 per test and server key, per profile, in a bounded window, and its fallbacks.
+
+The JUnit here is what pytest writes with kiln's plugin (xunit1, ``kiln_profile``
+suite property, ``kiln_server`` per test), cut to the fields the store reads.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from ci.report import durations, flakes
+from ci.report.durations import DEFAULT, FILE_MEDIAN, HISTORY, SUITE_MEDIAN, Store
+from ci.report.outcome import CLASS_PROPERTY, PROFILE_PROPERTY
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
+API = "tests/e2e/test_api.py"
+TINY = "tiny-llama|tp=1|"
+
+
+def _junit(when: datetime, cases: list[tuple], profile: str = "cpu") -> str:
+    """``cases``: (name, seconds[, outcome[, server]]); outcome pass / fail / infra / engine / skip / xfail."""
+    body = []
+    for name, seconds, *rest in cases:
+        what = rest[0] if rest else "pass"
+        server = rest[1] if len(rest) > 1 else TINY
+        props = [("kiln_server", server)] if server else []
+        inner = ""
+        if what in ("fail", "infra", "engine"):
+            props.append((CLASS_PROPERTY, "test" if what == "fail" else what))
+            inner = '<failure message="boom"/>'
+        elif what == "skip":
+            inner = '<skipped message="capacity"/>'
+        elif what == "xfail":
+            inner = '<skipped type="pytest.xfail" message="known"/>'
+        plist = "".join(f'<property name="{k}" value="{v}"/>' for k, v in props)
+        body.append(f'<testcase classname="tests.e2e.test_api" name="{name}" file="{API}" time="{seconds}">'
+                    f"<properties>{plist}</properties>{inner}</testcase>")
+    return (f'<testsuites><testsuite name="pytest" timestamp="{when.isoformat()}"><properties>'
+            f'<property name="{PROFILE_PROPERTY}" value="{profile}"/></properties>{"".join(body)}'
+            f"</testsuite></testsuites>")
+
+
+def _store(tmp_path, runs: list[list[tuple]], *, profile="cpu", start=None, name="junit-e2e-cpu") -> Store:
+    start = start or NOW - timedelta(days=2)
+    folder = tmp_path / "history"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, cases in enumerate(runs):
+        (folder / f"{name}-{i:03d}.xml").write_text(_junit(start + timedelta(hours=i), cases, profile))
+    store = Store()
+    store.ingest(flakes.read_history(folder))
+    return store
+
+
+def test_p90_is_the_inclusive_90th_percentile():
+    assert durations.p90([5.0]) == 5.0
+    assert durations.p90([float(x) for x in range(1, 11)]) == pytest.approx(9.1)
+    # Never beyond the largest sample, never below the p90 of what was seen.
+    assert durations.p90([1.0, 1.0, 1.0, 100.0]) == pytest.approx(70.3)
+    with pytest.raises(ValueError):
+        durations.p90([])
+
+
+def test_estimates_are_p90_per_test_from_passes_and_test_failures_only(tmp_path):
+    runs = [[("test_chat", s), ("test_stream", 2.0, "fail"), ("test_gone", 1.0, "skip"), ("test_x", 3.0, "xfail"),
+             ("test_launch", 240.0, "infra"), ("test_crash", 0.5, "engine")] for s in range(1, 11)]
+    known = _store(tmp_path, runs).estimates("cpu")
+    assert known.p90[f"{API}::test_chat"] == pytest.approx(9.1)
+    # A test that failed against a healthy server still took its time.
+    assert known.p90[f"{API}::test_stream"] == 2.0
+    # Skips, xfails and infra/engine failures say nothing about how long the test takes.
+    assert {f"{API}::test_gone", f"{API}::test_x", f"{API}::test_launch", f"{API}::test_crash"}.isdisjoint(known.p90)
+    assert known.servers[f"{API}::test_chat"] == TINY
+    assert known.runs == 10 and known.newest == NOW - timedelta(days=2) + timedelta(hours=9)
+
+
+def test_a_changed_server_key_drops_the_old_timings(tmp_path):
+    # Timed against the tiny model for 5 runs, then its marker moved it to another server.
+    runs = [[("test_chat", 100.0)]] * 5 + [[("test_chat", 3.0, "pass", "other|tp=1|")]] * 2
+    known = _store(tmp_path, runs).estimates("cpu")
+    assert known.p90[f"{API}::test_chat"] == 3.0 and known.servers[f"{API}::test_chat"] == "other|tp=1|"
+
+
+def test_profiles_are_kept_apart(tmp_path):
+    store = _store(tmp_path, [[("test_chat", 5.0)]])
+    store.ingest(flakes.read_history(_history_dir(tmp_path, "h100-4", [[("test_chat", 50.0)]])))
+    assert store.estimates("cpu").p90[f"{API}::test_chat"] == 5.0
+    assert store.estimates("h100-4").p90[f"{API}::test_chat"] == 50.0
+    assert store.estimates("mi300-8").p90 == {}
+
+
+def _history_dir(tmp_path, profile, runs):
+    folder = tmp_path / f"history-{profile}"
+    folder.mkdir()
+    for i, cases in enumerate(runs):
+        (folder / f"junit-e2e-{profile}-{i}.xml").write_text(_junit(NOW - timedelta(hours=i), cases, profile))
+    return folder
+
+
+def test_feeding_the_same_runs_twice_adds_nothing(tmp_path):
+    store = _store(tmp_path, [[("test_chat", 5.0)], [("test_chat", 7.0)]])
+    assert store.ingest(flakes.read_history(tmp_path / "history")) == 0
+    assert len(store.tests["cpu"][f"{API}::test_chat"]) == 2
+
+
+def test_the_window_is_bounded_in_days_and_samples(tmp_path):
+    old = _store(tmp_path, [[("test_old", 9.0)]], start=NOW - timedelta(days=durations.WINDOW_DAYS + 1))
+    old.prune(NOW)
+    assert old.tests == {}
+    many = _store(tmp_path / "m", [[("test_chat", float(i))] for i in range(30)], start=NOW - timedelta(days=3))
+    many.prune(NOW)
+    kept = many.tests["cpu"][f"{API}::test_chat"]
+    assert len(kept) == durations.MAX_SAMPLES and [s.seconds for s in kept] == [float(i) for i in range(10, 30)]
+
+
+def test_a_test_with_no_history_gets_its_files_median_then_the_suites(tmp_path):
+    store = _store(tmp_path, [[("test_a", 10.0), ("test_b", 30.0), ("test_c", 50.0)]])
+    other = "tests/e2e/test_new_file.py::test_z"
+    found = store.estimates("cpu").lookup([f"{API}::test_a", f"{API}::test_new", other])
+    assert found == {f"{API}::test_a": (10.0, HISTORY), f"{API}::test_new": (30.0, FILE_MEDIAN),
+                     other: (30.0, SUITE_MEDIAN)}
+    # Another file's median, not the suite's, when the file has history.
+    store.ingest(flakes.read_history(_history_dir(tmp_path, "cpu", [[("test_d", 2.0)]])))
+    assert store.estimates("cpu").lookup([f"{API}::test_new"])[f"{API}::test_new"][1] == FILE_MEDIAN
+    # No history at all for a profile: the default, and the age line says the split is by count.
+    none = store.estimates("h100-8")
+    assert none.lookup(["t.py::x"]) == {"t.py::x": (durations.DEFAULT_ESTIMATE_S, DEFAULT)}
+    assert "no history for profile h100-8" in none.age_line() and "by count" in none.age_line()
+
+
+def test_coverage_and_age_lines_say_where_the_figures_come_from(tmp_path):
+    store = _store(tmp_path, [[("test_a", 10.0), ("test_b", 30.0)]], start=NOW - timedelta(minutes=95))
+    known = store.estimates("cpu")
+    line = known.coverage([f"{API}::test_a", f"{API}::test_b", f"{API}::test_new",
+                           "tests/e2e/test_other.py::t"]).line()
+    assert line == (f"history for 2 of 4 tests, 1 at the file median ({API}), 1 at the suite median")
+    assert known.age_line(NOW) == ("1 run of profile cpu, newest 2026-12-05 10:25 UTC (1 h old), "
+                                   f"window {durations.WINDOW_DAYS} days / {durations.MAX_SAMPLES} samples a test")
+
+
+def test_save_and_load_round_trip_with_a_stable_digest(tmp_path):
+    store = _store(tmp_path, [[("test_a", 10.0), ("test_b", 30.0, "pass", "")]])
+    path = store.save(tmp_path / "sub" / "durations.json")
+    again = Store.load(path)
+    assert again.to_json() == store.to_json() and again.digest() == store.digest()
+    assert again.estimates("cpu").p90 == store.estimates("cpu").p90
+    assert f"{API}::test_b" not in again.estimates("cpu").servers  # no server key: no group
+    # A changed store has another digest: shards that split by two stores are caught by it.
+    again.ingest(flakes.read_history(_history_dir(tmp_path, "cpu", [[("test_a", 11.0)]])))
+    assert again.digest() != store.digest()
+    assert not list(path.parent.glob(".durations-*")), "the atomic write left its temporary file"
+
+
+def test_a_missing_store_is_empty_and_a_broken_one_is_one_line(tmp_path):
+    assert Store.load(tmp_path / "absent.json").tests == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(durations.DurationsError, match=r"bad.json: not a readable durations store"):
+        Store.load(bad)
+    bad.write_text(json.dumps({"profiles": {}}))
+    with pytest.raises(durations.DurationsError, match=r"not a kiln durations store .* invoke durations --junit"):
+        Store.load(bad)
+    bad.write_text(json.dumps({"kiln_durations": 1, "profiles": {"cpu": {"t": [["yesterday", 1, ""]]}}}))
+    with pytest.raises(durations.DurationsError, match=r"t: bad timestamp 'yesterday'"):
+        Store.load(bad)
+
+
+def test_runs_without_a_profile_are_not_added(tmp_path):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    (folder / "junit-tests.xml").write_text(
+        '<testsuite timestamp="2026-12-05T10:00:00+00:00"><testcase classname="tests.unit.test_x" '
+        'name="test_y" file="tests/unit/test_x.py" time="1.0"/></testsuite>')
+    store = Store()
+    assert store.ingest(flakes.read_history(folder)) == 0 and store.tests == {}
+
+
+def test_default_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(durations.STORE_ENV, str(tmp_path / "d.json"))
+    assert durations.default_path() == tmp_path / "d.json"
+    monkeypatch.delenv(durations.STORE_ENV)
+    assert durations.default_path().parts[-2:] == (".kiln", "durations.json")
