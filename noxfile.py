@@ -145,8 +145,14 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         session.run(py, "-m", "ci.calibrate", "--profile", profile.name, "--model", model,
                     *calibrate_args, env=env, external=external)
         return
-    shard_spec, posargs = sharding.split_shard_arg(posargs)
-    junit = artefacts.junit(REPORTS, profile.session)
+    try:
+        shard_spec, posargs = sharding.split_shard_arg(posargs)
+    except sharding.ShardError as exc:
+        session.error(str(exc))
+    # A shard's files carry its name (junit-e2e-cpu-shard2of3.xml, servers-..., logs/...): shards
+    # run one after another on one machine must not overwrite each other (ci/report/artefacts.py).
+    stem = artefacts.stem(profile.session, shard_spec.pair if shard_spec else None)
+    junit = artefacts.junit(REPORTS, stem)
     # Options alone (`-- -x --kiln-backend ...`) still mean the e2e suites, not
     # pytest's testpaths (which would pull in kiln's own unit tests).
     targets = posargs if any(_names_tests(a) for a in posargs) else ["tests/e2e", *posargs]
@@ -166,7 +172,7 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         # Live INFO logs: launch progress (every 10 s, ci/engine/server.py) and pull
         # progress reach the CI log while they wait, not after the test.
         "-o", "log_cli=true", "--log-cli-level=INFO",
-        env={**env, "KILN_SESSION": profile.session}, external=external,
+        env={**env, "KILN_SESSION": stem}, external=external,
     )
 
 

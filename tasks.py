@@ -196,8 +196,9 @@ def report(c, session, junit=None, servers=None, out=None):
 
     junit = Path(junit) if junit else artefacts.junit(ROOT / "reports", session)
     md = reporting.build_report(junit, session, servers_path=servers, root=ROOT)
-    # The kits' own sections (perf table, accuracy, reference) go to the job summary too.
-    summary = jobsummary.publish(md, junit.parent, session)
+    # The kits' own sections (perf table, accuracy, reference) go to the job summary too;
+    # a shard's carry its JUnit's stem (e2e-cpu-shard2of3).
+    summary = jobsummary.publish(md, junit.parent, artefacts.junit_stem(junit) or session)
     if out:
         Path(out).write_text(md, encoding="utf-8")
         print(f"report written to {out}" + (f" and appended to {summary}" if summary else ""))
@@ -372,6 +373,9 @@ def ci(c, profile, image=None, mirror=None, cold=False, shard=None, dry_run=Fals
 
     try:
         prof = runners.get_profile(profile)
+        if shard:
+            from ci.session.shard import parse_shard
+            parse_shard(shard)  # a bad --shard is one line now, before any step, not a failed e2e step
         devices = tuple(device or ())
         if not devices:
             from ci.images import device_plan

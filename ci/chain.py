@@ -25,6 +25,7 @@ from ci.host import amdgpu
 from ci.images import device_plan
 from ci.profiles import runners
 from ci.report import artefacts, jobsummary
+from ci.session.shard import parse_shard
 from ci.text import redact
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ class Options:
     @property
     def session(self) -> str:
         return self.profile.session
+
+    @property
+    def stem(self) -> str:
+        """The name this run's files carry under reports/: a shard's names its shard (ci/report/artefacts.py)."""
+        return artefacts.stem(self.session, parse_shard(self.shard).pair if self.shard else None)
 
 
 def nox_args(opts: Options, *, warmup: bool) -> list[str]:
@@ -214,11 +220,11 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
     spec_args = container_spec_args(opts, r.env) if in_container else {}
     holder: dict = {}
     failed: StepFailed | None = None
-    junit = artefacts.junit(opts.workspace / "reports", opts.session)
+    junit = artefacts.junit(opts.workspace / "reports", opts.stem)
     if not opts.dry_run:
         # A JUnit file (or kit summary) left by an earlier run must never be reported as this one.
         junit.unlink(missing_ok=True)
-        artefacts.kit_summary(junit.parent, opts.session).unlink(missing_ok=True)
+        artefacts.kit_summary(junit.parent, opts.stem).unlink(missing_ok=True)
     if not opts.dry_run:
         from ci.host import reaper  # a chain killed earlier on this host may have left its trees
         for done in reaper.reap():
@@ -255,7 +261,7 @@ def run(opts: Options, *, out: TextIO = sys.stdout, env: dict | None = None,
             r.say(f"[kiln ci] container {holder['container'].name} stopped (exit {code}) and removed")
         if holder.get("client") is not None:
             holder["client"].close()
-        shown = f"invoke report --session {opts.session}"
+        shown = f"invoke report --session {opts.session}" + (f" --junit {junit}" if opts.shard else "")
         try:
             r.step("report", shown, shown, lambda: _report(reporting, junit, opts))
         except StepFailed as err:
@@ -339,9 +345,9 @@ def _host_step(argv: list[str], cwd: Path, timeout: float, name: str):
 
 def _report(reporting, junit: Path, opts: Options) -> str:
     md = reporting.build_report(junit, opts.session, root=opts.workspace)
-    out = artefacts.report(opts.workspace / "reports", opts.session)
+    out = artefacts.report(opts.workspace / "reports", opts.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md, encoding="utf-8")
     # With what the kits wrote in the container, through the bind mount.
-    summary = jobsummary.publish(md, out.parent, opts.session)
+    summary = jobsummary.publish(md, out.parent, opts.stem)
     return f"{out}" + (f", appended to {summary}" if summary else "")

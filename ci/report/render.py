@@ -360,7 +360,9 @@ def build_report(junit_path: str | Path, session: str, *, servers_path: str | Pa
     env = dict(os.environ) if env is None else env
     redactor = Redactor.from_env(env, extra_secrets)
     junit_path = Path(junit_path)
-    servers, note = load_servers(servers_path or artefacts.servers(junit_path.parent, session))
+    # A shard's records sit beside its JUnit under the same stem (e2e-cpu-shard2of3).
+    stem = artefacts.junit_stem(junit_path) or session
+    servers, note = load_servers(servers_path or artefacts.servers(junit_path.parent, stem))
     notes = [note] if note else []
     try:
         run = read_junit(junit_path, root=root or Path.cwd())

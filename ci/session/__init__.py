@@ -3,7 +3,8 @@
 ``pytest_plugin`` (``-p ci.session.pytest_plugin``) gives tests the ``model``
 marker and the ``server`` fixture, the ``topology`` marker and fixture, backed
 by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``envinfo`` prints what the run is on;
-``shard`` splits a session across machines (an empty shard fails its job);
+``shard`` splits a session across machines by the durations store (an empty
+shard fails its job);
 ``known_issues`` skips by profile and runs quarantined tests as non-strict
 xfails; ``skips`` fails a session whose every e2e test was skipped, counting
 the reasons; ``classify`` decides whose fault a failure is (infra / engine /

@@ -3,9 +3,12 @@
 ``--shard i/n`` is a harness flag: the noxfile takes it out of the posargs
 (``split_shard_arg``) before pytest sees them. Tests are packed by estimated
 time, longest first, each onto the least loaded shard (LPT): deterministic for
-the same inputs, so the n machines agree on the split without talking. Estimates
-come from earlier JUnit files of the same session; an unknown test costs the
-median of the known ones.
+the same inputs, so the n machines agree on the split without talking. The
+estimates are the durations store's (ci/report/durations.py: p90 per test and
+server key from earlier runs' JUnit; a test with no history costs its file's
+median, then the suite's); the store's age and coverage are printed first, and
+the shard's record names the store's digest, so the merged report can prove
+every shard of a matrix split by the same figures.
 
 Tests that share a server key stay on one shard when they can: each shard that
 gets a piece of a group pays that server's launch (minutes on a GPU) again. A
@@ -14,32 +17,37 @@ makespan.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
 import re
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from ci.report import artefacts
-from ci.report.junit import SKIPPED, XFAILED, CaseResult, JUnitError, read_junit
+from ci.engine.launch import ServerKey
+from ci.engine.topology import workers_of_label
+from ci.report import artefacts, durations
 from ci.text import posargs as posargs_mod
 
 log = logging.getLogger(__name__)
 
 SHARD_FLAG = "--shard"
-# With no history at all a test is assumed to take a minute: a small e2e test
-# plus its share of a server launch. Any real history replaces this.
-DEFAULT_ESTIMATE_S = 60.0
-SERVER_PROPERTY = "kiln_server"
+DEFAULT_ESTIMATE_S = durations.DEFAULT_ESTIMATE_S
 # Local search after LPT: a bound on its steps (each is O(items on two shards))
 # so a pathological input cannot stall the session start; a few dozen suffice.
 MAX_REFINE_STEPS = 200
 # Improvements smaller than this are noise next to the estimates themselves.
 REFINE_EPSILON_S = 1e-6
+# Shards should end within 40 % of each other (issue 25; `invoke plan` checks it).
+MAX_SPREAD = 0.40
+# A server group is split only when it alone is more than this over a fair
+# share: every shard that gets a piece launches that server again, a cost the
+# estimates do not see (they charge the launch once, to the group's first test),
+# so a group that keeps the longest shard within MAX_SPREAD stays whole.
+GROUP_SPLIT_TOLERANCE = MAX_SPREAD
 _SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
 
 
@@ -56,6 +64,11 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """(index, count): how ci.report.artefacts names this shard's files."""
+        return self.index, self.count
 
 
 def parse_shard(text: str) -> Shard:
@@ -81,36 +94,13 @@ def split_shard_arg(posargs: Sequence[str]) -> tuple[Shard | None, list[str]]:
     return (parse_shard(value) if value is not None else None), rest
 
 
-def _history(paths: Iterable[str | Path], root: Path | None) -> Iterator[CaseResult]:
-    # History is a hint, not an input the run depends on: a missing or broken
-    # file is a warning, never a failed session.
-    for path in paths:
-        try:
-            yield from read_junit(path, root).cases
-        except JUnitError as exc:
-            log.warning("ignoring shard history: %s", exc)
-
-
-def estimates_from_junit(paths: Iterable[str | Path], root: Path | None = None) -> dict[str, float]:
-    """Mean duration per node id over the JUnit files at ``paths``.
-
-    Skipped and xfailed cases are left out: their near-zero time says nothing
-    about a run where they execute.
-    """
-    seen: dict[str, list[float]] = defaultdict(list)
-    for case in _history(paths, root):
-        if case.outcome not in (SKIPPED, XFAILED):
-            seen[case.nodeid].append(case.duration)
-    return {nodeid: sum(ts) / len(ts) for nodeid, ts in seen.items()}
-
-
-def groups_from_junit(paths: Iterable[str | Path], root: Path | None = None) -> dict[str, str]:
-    """Node id -> server key, from the ``kiln_server`` property of earlier runs."""
-    return {c.nodeid: c.prop(SERVER_PROPERTY) for c in _history(paths, root) if c.prop(SERVER_PROPERTY)}
-
-
 def groups_from_keys(path: str | Path) -> dict[str, str]:
-    """Node id -> server key from ``pytest --kiln-collect-keys`` output (a JSON list)."""
+    """Node id -> server key from ``pytest --kiln-collect-keys`` output (a JSON list).
+
+    Keys are spelled as the JUnit's ``kiln_server`` property spells them
+    (``tiny-llama|tp=1|``), so a new test joins the group its history-known
+    neighbours on the same server are in.
+    """
     try:
         entries = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -118,43 +108,80 @@ def groups_from_keys(path: str | Path) -> dict[str, str]:
         return {}
     groups = {}
     for entry in entries if isinstance(entries, list) else ():
-        key = json.dumps([entry.get("model"), entry.get("tp"), entry.get("args")])
+        try:
+            key = str(ServerKey(str(entry["model"]), int(entry.get("tp", 1)), tuple(entry.get("args") or ())))
+        except (KeyError, TypeError, ValueError):
+            continue
         groups.update((nodeid, key) for nodeid in entry.get("tests", ()))
     return groups
 
 
+@dataclass(frozen=True)
+class Groups:
+    """What keeps tests together: ``family`` (node id -> the server key a shard must launch for it)
+    and ``unit`` (node id -> the server or topology it ran as, inside its family)."""
+
+    family: Mapping[str, str]
+    unit: Mapping[str, str]
+
+
+def groups_for(nodeids: Sequence[str], known: durations.Estimates, collected: Mapping[str, str]) -> Groups:
+    """Each test's family and unit: its unit from history (else the collected key), its family the unit's
+    workers' key for a topology (the pool lends it an idle server of that key), else the unit itself.
+
+    History wins over collection: it names what a test really ran as (a
+    topology, not its workers), and the plan, which collects nothing, sees the same.
+    """
+    unit = {t: k for t in nodeids if (k := known.servers.get(t) or collected.get(t))}
+    return Groups({t: workers_of_label(k) or k for t, k in unit.items()}, unit)
+
+
 def default_estimate(estimates: Mapping[str, float]) -> float:
-    """The cost assumed for a test with no history: the median known one."""
+    """The cost assumed for a test with no estimate given to :func:`assign`: the median known one."""
     return statistics.median(estimates.values()) if estimates else DEFAULT_ESTIMATE_S
 
 
+def _split(members: list[str], cost: Mapping[str, float], keys: Sequence[Mapping[str, str]],
+           limit: float) -> list[tuple[float, list[str]]]:
+    """``members`` as one item, or -- when over ``limit`` -- split by the next finer key, tests last."""
+    weight = sum(cost[m] for m in members)
+    if len(members) == 1 or weight <= limit:
+        return [(weight, members)]
+    if not keys:
+        return [(cost[m], [m]) for m in members]
+    parts: dict[str, list[str]] = {}
+    for m in members:
+        parts.setdefault(keys[0].get(m, m), []).append(m)
+    if len(parts) == 1:
+        return _split(members, cost, keys[1:], limit)
+    return [item for part in parts.values() for item in _split(part, cost, keys[1:], limit)]
+
+
 def assign(nodeids: Sequence[str], estimates: Mapping[str, float], n: int,
-           groups: Mapping[str, str] | None = None, default: float | None = None) -> list[list[str]]:
+           groups: Mapping[str, str] | Groups | None = None, default: float | None = None) -> list[list[str]]:
     """Pack ``nodeids`` onto ``n`` shards, longest first onto the least loaded (LPT),
     then refined by moves/swaps off the fullest shard.
 
     Ties are broken by node id and shard number, so equal inputs give equal
     splits on every machine. Each shard keeps the collection order (which pytest
-    uses to reuse servers). ``groups`` (node id -> server key) keeps tests of one
-    server together unless that group alone exceeds a fair share.
+    uses to reuse servers). ``groups`` (node id -> server key, or a
+    :class:`Groups`) keeps tests of one server together unless that group alone
+    exceeds a fair share by more than GROUP_SPLIT_TOLERANCE; such a group is
+    split into its units (a topology, the server itself), then into tests.
     """
     if n < 1:
         raise ShardError(f"cannot split into {n} shards")
+    if groups is None or not isinstance(groups, Groups):
+        groups = Groups(groups or {}, {})
     order = {nodeid: i for i, nodeid in enumerate(dict.fromkeys(nodeids))}
     fallback = default_estimate(estimates) if default is None else default
     cost = {nodeid: max(0.0, estimates.get(nodeid, fallback)) for nodeid in order}
-    units: dict[tuple[str, str], list[str]] = {}
+    families: dict[tuple[str, str], list[str]] = {}
     for nodeid in order:
-        key = (groups or {}).get(nodeid)
-        units.setdefault(("group", key) if key else ("test", nodeid), []).append(nodeid)
-    fair = sum(cost.values()) / n
-    items: list[tuple[float, list[str]]] = []
-    for members in units.values():
-        weight = sum(cost[m] for m in members)
-        if len(members) > 1 and weight > fair:
-            items.extend((cost[m], [m]) for m in members)
-        else:
-            items.append((weight, members))
+        key = groups.family.get(nodeid)
+        families.setdefault(("group", key) if key else ("test", nodeid), []).append(nodeid)
+    limit = sum(cost.values()) / n * (1 + GROUP_SPLIT_TOLERANCE)
+    items = [item for members in families.values() for item in _split(members, cost, [groups.unit], limit)]
     items.sort(key=lambda item: (-item[0], min(item[1])))
     # Ties in load go to the shard with fewer items: tests with no cost (an
     # estimate of 0 s) would otherwise all land on shard 1 and leave the others
@@ -227,45 +254,70 @@ def parse_collected(output: str) -> list[str]:
 
 
 def select_for_session(session, targets: Sequence[str], shard: Shard, reports_dir: Path, *,
-                       python: str = "python", pytest_args: Sequence[str] = ()) -> list[str]:
+                       python: str = "python", pytest_args: Sequence[str] = (),
+                       store_path: Path | None = None) -> list[str]:
     """Collect ``targets`` in a nox session and return pytest args running only ``shard``.
 
     ``targets`` are the posargs (paths, node ids, options); the options are kept.
 
     The shard's node ids go to ``reports/shard-<session>-<i>of<n>.txt`` and
-    pytest reads them with ``@file`` (pytest >= 8.2): no argv limit, no quoting.
-    An empty shard (more shards than tests, or than groups of tests sharing a
-    server) fails the session in one line (:func:`empty_shard_message`).
-    ``python`` collects in the interpreter the tests will run in (GPU sessions
-    have no venv: the engine's own); ``pytest_args`` (e.g. ``--kiln-model=X``)
-    make collection declare the same servers as the run.
+    pytest reads them with ``@file`` (pytest >= 8.2): no argv limit, no quoting;
+    beside it a JSON record (what was collected, the store's digest, the
+    estimate) for the merged report's union check. An empty shard (more
+    shards than tests, or than groups of tests sharing a server) fails the
+    session in one line (:func:`empty_shard_message`), and so does a durations
+    store that cannot be read. ``python`` collects in the interpreter the
+    tests will run in (GPU sessions have no venv: the engine's own);
+    ``pytest_args`` (e.g. ``--kiln-model=X``) make collection declare the same
+    servers as the run; ``store_path`` defaults to durations.default_path().
     """
     name = session.name
+    profile = name.removeprefix("e2e-")
+    store_path = store_path or durations.default_path()
     reports_dir.mkdir(parents=True, exist_ok=True)
-    keys_file = reports_dir / f"shard-keys-{name}.json"
+    keys_file = artefacts.shard_keys(reports_dir, name)
     output = session.run(
         python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-        f"--kiln-profile={name.removeprefix('e2e-')}", f"--kiln-collect-keys={keys_file}",
+        f"--kiln-profile={profile}", f"--kiln-collect-keys={keys_file}",
         *pytest_args, *targets, silent=True, external=python != "python")
     nodeids = parse_collected(output or "")
-    # The previous run's JUnit of this session, when present (the workflows upload it as
-    # an artifact; restoring it before a sharded run is not wired yet).
-    history = [p for p in (artefacts.junit(reports_dir, name),) if p.is_file()]
-    estimates = estimates_from_junit(history, Path.cwd())
-    shards = assign(nodeids, estimates, shard.count, groups_from_keys(keys_file))
+    try:
+        known = durations.Store.load(store_path).estimates(profile)
+    except durations.DurationsError as exc:
+        session.error(f"shard {shard}: {exc}")
+    session.log(f"durations store {store_path}: {known.age_line()}")
+    session.log(f"durations: {known.coverage(nodeids).line()}")
+    estimates = known.seconds(nodeids)
+    shards = assign(nodeids, estimates, shard.count, groups_for(nodeids, known, groups_from_keys(keys_file)))
     chosen = shards[shard.index - 1]
     if not chosen:
         # pytest-split's lesson: a shard with nothing to run is a misconfigured
         # split, and a green job for it would hide that a machine tested nothing.
         session.error(empty_shard_message(shard, len(nodeids), sum(1 for b in shards if b)))
-    listing = reports_dir / f"shard-{name}-{shard.index}of{shard.count}.txt"
+    listing = artefacts.shard_listing(reports_dir, name, shard.pair)
     listing.write_text("\n".join(chosen) + "\n")
-    fallback = default_estimate(estimates)
-    mine = sum(estimates.get(t, fallback) for t in chosen)
-    total = sum(estimates.get(t, fallback) for t in nodeids)
-    session.log(f"shard {shard}: {len(chosen)} of {len(nodeids)} tests, ~{mine:.0f}s of ~{total:.0f}s "
-                f"({len(history)} earlier JUnit files for estimates)")
+    loads = [sum(estimates[t] for t in b) for b in shards]
+    write_record(artefacts.shard_record(reports_dir, name, shard.pair), session=name, shard=shard,
+                 collected=nodeids, chosen=chosen, loads=loads, digest=known.digest)
+    session.log(f"shard {shard}: {len(chosen)} of {len(nodeids)} tests, ~{loads[shard.index - 1]:.0f}s of "
+                f"~{sum(loads):.0f}s (shards ~{', ~'.join(f'{x:.0f}' for x in loads)} s)")
     return [*pytest_options(targets), f"@{listing}"]
+
+
+def collected_digest(nodeids: Sequence[str]) -> str:
+    """sha256 of the collected node ids, order-free: shards that collected the same suite agree on it."""
+    return hashlib.sha256("\n".join(sorted(set(nodeids))).encode()).hexdigest()
+
+
+def write_record(path: Path, *, session: str, shard: Shard, collected: Sequence[str], chosen: Sequence[str],
+                 loads: Sequence[float], digest: str) -> None:
+    """The shard's record: what it was given out of what, and from which durations store."""
+    path.write_text(json.dumps({
+        "session": session, "shard": [shard.index, shard.count],
+        "collected": len(collected), "collected_sha256": collected_digest(collected),
+        "durations_sha256": digest, "estimate_s": round(loads[shard.index - 1], 1),
+        "estimates_s": [round(x, 1) for x in loads], "tests": list(chosen),
+    }, indent=1) + "\n")
 
 
 def empty_shard_message(shard: Shard, collected: int, filled: int) -> str:

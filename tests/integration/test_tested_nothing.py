@@ -45,7 +45,9 @@ PYTEST_INI = "[pytest]\naddopts = -p ci.session.pytest_plugin\n"
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    env.update(PYTHONPATH=str(ROOT), KILN_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="-1")
+    # No durations store: the split is by count, whatever this checkout's own store holds.
+    env.update(PYTHONPATH=str(ROOT), KILN_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="-1",
+               KILN_DURATIONS=str(tmp_path / "durations.json"))
     return env
 
 

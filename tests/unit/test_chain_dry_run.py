@@ -148,3 +148,22 @@ def test_amd_real_run_on_a_host_without_kfd_fails_in_one_line_before_any_step(tm
     assert done.stderr.strip() == ("ci: no KFD topology at /sys/class/kfd/kfd/topology/nodes: "
                                    "the amdgpu driver is not loaded on this host"), done.stderr
     assert "[kiln ci]" not in done.stdout, "no step may run without the GPUs"
+
+
+def test_a_shard_of_the_chain_runs_its_part_and_reports_its_own_junit(tmp_path):
+    done = _invoke_ci(tmp_path, "--profile", "h100-4", "--shard", "2/3", "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = {name: cmd for _, name, cmd in _steps(done.stdout)}
+    assert _in_container(shown["e2e"]) == ["python3", "-m", "nox", "-s", "e2e-h100-4", "--", "--shard", "2/3"]
+    # Its files carry its shard (ci/report/artefacts.py), so the report reads this shard's JUnit.
+    report = shlex.split(shown["report"])
+    assert report[:4] == ["invoke", "report", "--session", "e2e-h100-4"]
+    assert report[4] == "--junit" and report[5].endswith("reports/junit-e2e-h100-4-shard2of3.xml")
+
+
+@pytest.mark.parametrize("spec,line", [("4/3", "ci: --shard 4/3: need 1 <= i <= n and n >= 1"),
+                                       ("two", "ci: --shard expects i/n (e.g. 2/4), got 'two'")])
+def test_a_bad_shard_is_one_line_before_any_step(tmp_path, spec, line):
+    done = _invoke_ci(tmp_path, "--profile", "h100-4", "--shard", spec, "--dry-run")
+    assert done.returncode == 1 and done.stderr.strip() == line
+    assert "[kiln ci] step" not in done.stdout

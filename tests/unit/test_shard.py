@@ -1,4 +1,4 @@
-"""--shard i/n: argument handling, LPT packing, estimates from JUnit history."""
+"""--shard i/n: argument handling, LPT packing, server groups, the durations store at the start of a shard."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ci.report import durations
 from ci.session import shard
 from ci.session.shard import Shard, ShardError
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
 
 
 @pytest.mark.parametrize("posargs,expected_shard,rest", [
@@ -121,31 +120,40 @@ def test_server_groups_stay_together_unless_too_big():
     assert [len(b) for b in bins] == [4, 4]
 
 
-def test_estimates_and_groups_from_junit(tmp_path):
-    est = shard.estimates_from_junit([FIXTURES / "params.xml", FIXTURES / "all_skipped.xml",
-                                      tmp_path / "missing.xml"])
-    assert est["tests/e2e/test_params.py::test_chat[two words]"] == 12.0
-    assert est["tests/e2e/test_params.py::TestGroup::test_member[ok]"] == 4.0
-    assert not any("test_tp" in t for t in est)  # skipped: no information
-    # Two runs of the same test: the mean.
-    other = tmp_path / "junit-2.xml"
-    other.write_text('<testsuite><testcase classname="tests.e2e.test_params" name="test_chat[plain]" '
-                     'time="3.0"/></testsuite>')
-    est = shard.estimates_from_junit([FIXTURES / "params.xml", other])
-    assert est["tests/e2e/test_params.py::test_chat[plain]"] == 2.0
-    groups = shard.groups_from_junit([FIXTURES / "params.xml"])
-    assert groups["tests/e2e/test_params.py::test_chat[plain]"] == "tiny-llama|tp=1|"
-    assert "tests/e2e/test_params.py::TestGroup::test_member[ok]" not in groups
+def test_a_group_over_the_split_tolerance_splits_into_units_before_tests():
+    # Family A: the server's own tests (S, 40 s) and a topology borrowing its idle server (T, 60 s).
+    ids = ["s1", "s2", "t1", "t2", "x", "y"]
+    est = {"s1": 20.0, "s2": 20.0, "t1": 30.0, "t2": 30.0, "x": 60.0, "y": 40.0}
+    groups = shard.Groups(family=dict.fromkeys(["s1", "s2", "t1", "t2"], "A"),
+                          unit={"s1": "A", "s2": "A", "t1": "topo A", "t2": "topo A"})
+    # 2 shards: fair 100, the family (100) is within 40 % over it: it stays whole.
+    bins = shard.assign(ids, est, 2, groups)
+    assert ["s1", "s2", "t1", "t2"] in bins
+    # 3 shards: fair 67; the family (100) is more than 40 % over it, so it splits -- into the server's
+    # tests and the topology's, never test by test while a unit fits.
+    bins = shard.assign(ids, est, 3, groups)
+    where = {t: i for i, b in enumerate(bins) for t in b}
+    assert where["s1"] == where["s2"] and where["t1"] == where["t2"] and where["s1"] != where["t1"]
+    assert sorted(sum(est[t] for t in b) for b in bins) == [60.0, 60.0, 80.0]
+
+
+def test_groups_come_from_history_first_and_a_topology_joins_its_workers_key():
+    topo = "vllm-router:round_robin x2 tiny-llama|tp=1|"
+    known = durations.Estimates("cpu", {"a": 1.0, "t": 9.0}, {"a": "tiny-llama|tp=1|", "t": topo})
+    groups = shard.groups_for(["a", "t", "new", "none"], known, {"t": "ignored", "new": "tiny-llama|tp=1|"})
+    assert groups.unit == {"a": "tiny-llama|tp=1|", "t": topo, "new": "tiny-llama|tp=1|"}
+    assert groups.family == {"a": "tiny-llama|tp=1|", "t": "tiny-llama|tp=1|", "new": "tiny-llama|tp=1|"}
 
 
 def test_groups_from_collect_keys_file(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps([
         {"model": "m", "tp": 1, "args": [], "tests": ["a", "b"]},
-        {"model": "m", "tp": 2, "args": [], "tests": ["c"]},
+        {"model": "m", "tp": 2, "args": ["--dtype", "float32"], "tests": ["c"]},
     ]))
     groups = shard.groups_from_keys(path)
-    assert groups["a"] == groups["b"] != groups["c"]
+    # Spelled as the JUnit's kiln_server property spells them, so history and collection agree.
+    assert groups == {"a": "m|tp=1|", "b": "m|tp=1|", "c": "m|tp=2|--dtype float32"}
     assert shard.groups_from_keys(tmp_path / "absent.json") == {}
 
 
@@ -182,26 +190,68 @@ class FakeSession:
 def test_select_for_session_writes_an_argsfile(tmp_path):
     ids = [f"tests/e2e/t.py::test_{i}[x y]" for i in range(6)]
     session = FakeSession("e2e-h100-4", ids)
-    args = shard.select_for_session(session, ["tests/e2e", "-x", "-k", "chat or models"], Shard(2, 3), tmp_path)
+    store = tmp_path / "absent-durations.json"
+    args = shard.select_for_session(session, ["tests/e2e", "-x", "-k", "chat or models"], Shard(2, 3), tmp_path,
+                                    store_path=store)
     # Paths would re-add every test; options (and their values) are kept.
     assert args == ["-x", "-k", "chat or models", f"@{tmp_path / 'shard-e2e-h100-4-2of3.txt'}"]
     chosen = (tmp_path / "shard-e2e-h100-4-2of3.txt").read_text().splitlines()
-    assert chosen == shard.select(ids, {}, Shard(2, 3), {ids[0]: "k", ids[1]: "k"})
+    assert chosen == shard.select(ids, {}, Shard(2, 3), {ids[0]: "m|tp=1|", ids[1]: "m|tp=1|"})
     assert "--kiln-profile=h100-4" in session.calls[0] and "tests/e2e" in session.calls[0]
     assert session.calls[0][-3:] == ("-x", "-k", "chat or models")
-    assert "shard 2/3" in session.logs[0]
+    # The store's age and coverage come first: here there is none, and it says what that means.
+    assert session.logs[0] == (f"durations store {store}: no history for profile h100-4: every test costs the "
+                               f"60 s default, so the split is by count")
+    assert session.logs[1] == "durations: history for 0 of 6 tests, 6 at the 60 s default"
+    assert session.logs[2].startswith("shard 2/3: 2 of 6 tests, ~120s of ~360s")
     with pytest.raises(RuntimeError, match=r"^error: shard 3/3 has no tests: 1 collected fill only 1 of 3 "
                                            r"shards \(tests sharing a server stay together\); use "
                                            r"--shard i/1 or fewer$"):
-        shard.select_for_session(FakeSession("e2e-cpu", ids[:1]), ["tests/e2e"], Shard(3, 3), tmp_path)
+        shard.select_for_session(FakeSession("e2e-cpu", ids[:1]), ["tests/e2e"], Shard(3, 3), tmp_path,
+                                 store_path=store)
     with pytest.raises(RuntimeError, match=r"^error: shard 1/2 has no tests: the selection collected none$"):
-        shard.select_for_session(FakeSession("e2e-cpu", []), ["tests/e2e"], Shard(1, 2), tmp_path)
+        shard.select_for_session(FakeSession("e2e-cpu", []), ["tests/e2e"], Shard(1, 2), tmp_path,
+                                 store_path=store)
+
+
+def _write_store(path, profile, seconds: dict[str, float], server="m|tp=1|"):
+    when = "2026-12-05T10:00:00+00:00"
+    path.write_text(json.dumps({"kiln_durations": 1, "runs": ["r"], "profiles": {
+        profile: {t: [[when, s, server if t.endswith("_0") or t.endswith("_1") else ""]] for t, s in seconds.items()}}}))
+    return path
+
+
+def test_a_shard_packs_by_the_store_and_records_what_it_was_given(tmp_path):
+    ids = [f"tests/e2e/t.py::test_{i}" for i in range(6)]
+    store = _write_store(tmp_path / "d.json", "cpu", {ids[0]: 100.0, ids[1]: 20.0, ids[2]: 50.0, ids[3]: 40.0,
+                                                     ids[4]: 10.0})
+    records = []
+    for i in (1, 2):
+        session = FakeSession("e2e-cpu", ids)
+        shard.select_for_session(session, ["tests/e2e"], Shard(i, 2), tmp_path, store_path=store)
+        records.append(json.loads((tmp_path / f"shard-e2e-cpu-{i}of2.json").read_text()))
+    assert "durations: history for 5 of 6 tests, 1 at the file median (tests/e2e/t.py)" in session.logs[1]
+    # test_0 and test_1 share a server (history): one shard holds both; test_5 costs the file median (40 s).
+    one, two = (r["tests"] for r in records)
+    assert ids[0] in one and ids[1] in one and sorted(one + two) == sorted(ids) and not set(one) & set(two)
+    assert [r["estimates_s"] for r in records] == [[130.0, 130.0]] * 2
+    assert records[0]["durations_sha256"] == records[1]["durations_sha256"] == durations.Store.load(store).digest()
+    assert records[0]["collected"] == 6 and records[0]["collected_sha256"] == shard.collected_digest(ids)
+
+
+def test_a_broken_store_fails_the_shard_in_one_line(tmp_path):
+    bad = tmp_path / "d.json"
+    bad.write_text("{")
+    with pytest.raises(RuntimeError, match=r"^error: shard 1/2: .*d.json: not a readable durations store"):
+        shard.select_for_session(FakeSession("e2e-cpu", ["t.py::a", "t.py::b"]), ["tests/e2e"], Shard(1, 2),
+                                 tmp_path, store_path=bad)
 
 
 def test_gpu_sessions_collect_in_the_engine_interpreter_with_the_runs_model(tmp_path):
     session = FakeSession("e2e-h200-2", [f"tests/e2e/test_api.py::t{i}" for i in range(4)])
     shard.select_for_session(session, ["tests/e2e"], Shard(1, 2), tmp_path,
-                             python="/opt/engine/bin/python3", pytest_args=["--kiln-model=tiny-llama"])
+                             python="/opt/engine/bin/python3", pytest_args=["--kiln-model=tiny-llama"],
+                             store_path=tmp_path / "none.json")
     (call,) = session.calls
     assert call[0] == "/opt/engine/bin/python3" and session.external is True
     assert "--kiln-model=tiny-llama" in call and "--kiln-profile=h200-2" in call

@@ -9,7 +9,7 @@ from ci.engine.backends import get_backend
 from ci.engine.gateway import VLLM_ROUTER, Gateway, GatewayLaunch, get_gateway
 from ci.engine.launch import ServerKey
 from ci.engine.teardown import stop_in_order
-from ci.engine.topology import TopologyKey, data_parallel_size, gpus_per_server
+from ci.engine.topology import TopologyKey, data_parallel_size, gpus_per_server, workers_of_label
 from ci.kits import topology as kit
 from ci.kits.client import KitFailure
 from ci.profiles import runners
@@ -207,3 +207,18 @@ def test_a_gateway_that_is_not_installed_fails_its_launch_in_one_line(tmp_path):
     assert err.value.cause.startswith("gateway vllm-router is not installed in ")
     assert "requirements/e2e-cpu.txt pins it" in err.value.cause and "\n" not in err.value.cause
     assert not gw.launched()
+
+
+@pytest.mark.parametrize("key", [
+    TopologyKey(ServerKey("tiny-llama"), 2, "vllm-router", "round_robin"),
+    TopologyKey(ServerKey("tiny-llama"), 2),
+    TopologyKey(ServerKey("m", 2, ("--json", '{"a": [1]}')), 3, "vllm-router", None, ("--x", "a b")),
+])
+def test_a_topology_label_names_its_workers_key(key):
+    # The durations store knows a topology test by this label; the shard packer groups it with its workers' key.
+    assert workers_of_label(str(key)) == str(key.server)
+
+
+def test_a_server_label_is_not_a_topology_label():
+    assert workers_of_label(str(ServerKey("tiny-llama"))) is None
+    assert workers_of_label("dp x0 m|tp=1|") is None
