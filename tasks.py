@@ -7,6 +7,8 @@
     invoke reap [--dry-run]         stop what a killed run left (owner gone), nothing else
     invoke calibrate --profile P [--runs N] [--model M] [--write]   measured bounds, as a diff
     invoke flakes --junit DIR [--days 7] [--write]   fail rates per test and profile; the quarantine
+    invoke durations --junit DIR    add runs to the durations store the shards are packed by
+    invoke plan --profile P --target 20m   shards from measured durations, and the matrix
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -269,6 +271,73 @@ def route(c, event, input=None):
         print(routing.format_outputs(routing.outputs(event, input)), end="")
     except routing.RoutingError as exc:
         raise Exit(f"route: {exc}", code=2) from None
+
+
+@task(iterable=["junit"], help={
+    "junit": "directory of JUnit files to add (the workflows' artefacts, folders or zips, or reports/); repeatable",
+    "store": "the durations store (default $KILN_DURATIONS or .kiln/durations.json)",
+})
+def durations(c, junit=None, store=None):
+    """Add runs' JUnit to the durations store (p90 per test and server key, per profile, last 14 days)."""
+    from ci.report import durations as store_mod
+    from ci.report import flakes as history
+
+    path = Path(store) if store else store_mod.default_path()
+    try:
+        found = store_mod.Store.load(path)
+        added = sum(found.ingest(history.read_history(d)) for d in junit or ())
+    except (store_mod.DurationsError, history.HistoryError) as exc:
+        raise Exit(f"durations: {exc}") from None
+    found.prune()
+    found.save(path)
+    print(f"durations store {path}: {added} new run(s) added")
+    for profile in sorted(found.tests):
+        known = found.estimates(profile)
+        print(f"  {profile}: {len(known.p90)} tests; {known.age_line()}")
+
+
+@task(help={
+    "profile": "plan this runner profile alone and print its matrix",
+    "event": "plan a workflow run: pull_request, schedule or workflow_dispatch (GPU profiles routed as `invoke route`)",
+    "input": "the runner pool a workflow_dispatch asked for (mi300, mi325)",
+    "target": "wall-clock target a shard job (default 20m): 20m, 1h30m, 900s",
+    "durations": "the durations store (default $KILN_DURATIONS or .kiln/durations.json)",
+    "gpu": "plan the self-hosted GPU jobs too (--no-gpu for a fork's PR: it gets none)",
+    "github_output": "print key=value lines for $GITHUB_OUTPUT (the plan itself goes to stderr)",
+})
+def plan(c, profile=None, event=None, input=None, target="20m", durations=None, gpu=True, github_output=False):
+    """Shards per profile from measured durations (ceil(sum p90 x 1.15 / target)) and the profile x shard matrix."""
+    import json
+
+    from ci.profiles import routing, runners
+    from ci.report import durations as store_mod
+    from ci.session import plan as planning
+
+    if bool(profile) == bool(event):
+        raise Exit("plan: give --profile P (one profile) or --event E (a workflow run), not both or neither", code=2)
+    path = Path(durations) if durations else store_mod.default_path()
+    try:
+        target_s = planning.parse_target(target)
+        store = store_mod.Store.load(path)
+        if profile:
+            plans = [planning.plan_profile(runners.get_profile(profile), store.estimates(profile), target_s)]
+            values = {"matrix": json.dumps({"include": plans[0].entries()}, separators=(",", ":")),
+                      "count": str(plans[0].shards), "expected": planning.expected(plans)}
+        else:
+            values, plans = planning.workflow_outputs(event, input, store, target_s, gpu=gpu)
+    except (planning.PlanError, store_mod.DurationsError, routing.RoutingError, ValueError) as exc:
+        raise Exit(f"plan: {exc}", code=2) from None
+    text = "\n".join([f"durations store: {path}", *(ln for p in plans for ln in p.lines())])
+    if github_output:
+        print(text, file=sys.stderr)
+        print(routing.format_outputs(values), end="")
+        return
+    print(text)
+    for key in ("matrix", "cpu_matrix"):
+        if key in values:
+            entries = json.loads(values[key])["include"]
+            print(f"{key} ({len(entries)} jobs): " + "".join(f"\n  {json.dumps(e)}" for e in entries))
+    print(f"expected: {values['expected']}")
 
 
 def _need_nox(task_name: str, cmd: list[str]) -> None:

