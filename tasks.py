@@ -9,6 +9,7 @@
     invoke flakes --junit DIR [--days 7] [--write]   fail rates per test and profile; the quarantine
     invoke durations --junit DIR    add runs to the durations store the shards are packed by
     invoke plan --profile P --target 20m   shards from measured durations, and the matrix
+    invoke merge --shards DIR --expect 'e2e-cpu:3'   one report for every shard of a matrix
 
 Each task is thin: it checks its prerequisite, calls a ci/ module and turns a
 kiln error into one clear line (invoke.Exit), never a traceback.
@@ -213,14 +214,21 @@ def report(c, session, junit=None, servers=None, out=None):
             "servers": "server records (default: beside the JUnit)",
             "pr": "pull request number (default: from $GITHUB_EVENT_PATH)",
             "repo": "owner/name (default: $GITHUB_REPOSITORY)",
-            "update_only": "edit an existing sticky comment, never open one (green runs)"})
-def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_only=False):
+            "update_only": "edit an existing sticky comment, never open one (green runs)",
+            "markdown": "post this Markdown file as is (`invoke merge`'s report) instead of rendering the JUnit"})
+def comment(c, session, junit=None, servers=None, pr=None, repo=None, update_only=False, markdown=None):
     """Create or update this session's sticky PR comment; token from $GITHUB_TOKEN (never printed)."""
     from ci.report import github
     from ci.report import render as reporting
 
-    md = reporting.build_report(junit or artefacts.junit(ROOT / "reports", session), session,
-                                servers_path=servers, root=ROOT)
+    if markdown:
+        try:
+            md = Path(markdown).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise Exit(f"comment: cannot read {markdown}: {exc.strerror}") from None
+    else:
+        md = reporting.build_report(junit or artefacts.junit(ROOT / "reports", session), session,
+                                    servers_path=servers, root=ROOT)
     try:
         outcome, cid = github.post_report(md, session, pr=int(pr) if pr else None, repo=repo,
                                           create=not update_only)
@@ -338,6 +346,31 @@ def plan(c, profile=None, event=None, input=None, target="20m", durations=None, 
             entries = json.loads(values[key])["include"]
             print(f"{key} ({len(entries)} jobs): " + "".join(f"\n  {json.dumps(e)}" for e in entries))
     print(f"expected: {values['expected']}")
+
+
+@task(help={
+    "shards": "directory holding every shard's artefacts (JUnit, server records, shard records), any layout",
+    "expect": "every session and its shard count, as `invoke plan` printed it: 'e2e-cpu:3 e2e-h100-4:2'",
+    "out": "where to write the merged Markdown (default reports/report-e2e-matrix.md; "
+           "`invoke comment --markdown` posts it)",
+})
+def merge(c, shards, expect, out=None):
+    """One report for the whole matrix: every shard's results merged; a missing shard is red, never green."""
+    from ci.report import matrix
+
+    try:
+        report = matrix.build(shards, matrix.parse_expected(expect))
+    except matrix.MatrixError as exc:
+        raise Exit(f"merge: {exc}", code=2) from None
+    target = Path(out) if out else artefacts.report(ROOT / "reports", matrix.MATRIX_SESSION)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(report.markdown, encoding="utf-8")
+    summary = jobsummary.append(report.job_summary())
+    print(report.markdown, end="")
+    print(f"\nmerged report written to {target}" + (f" and appended to {summary}" if summary else ""),
+          file=sys.stderr)
+    if not report.green:
+        raise Exit("merge: the matrix is not green (above: what failed or is missing)", code=1)
 
 
 def _need_nox(task_name: str, cmd: list[str]) -> None:

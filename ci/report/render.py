@@ -44,6 +44,7 @@ MAX_RETRIED_PASSES = 30
 SERVER_PROPERTY = "kiln_server"
 ENGINE_PROPERTY = "kiln_engine_version"
 UNCALIBRATED_PROPERTY = "kiln_uncalibrated"  # a pass whose estimate bounds were not enforced (ci/kits/enforce.py)
+SHARD_PROPERTY = "kiln_shard"  # the shard (i/n) a case ran on, set by the merged report (ci/report/matrix.py)
 
 _KNOWN_ISSUE = re.compile(r"known[ _-]?issue|non-?determinis|flaky", re.I)
 _CAPACITY = re.compile(r"\bGPUs?\b|\bcapacity\b|\bavailable\b|\bdevices?\b", re.I)
@@ -94,11 +95,16 @@ def run_status(run: RunResult | None) -> str:
     return "passed" if run.count(PASSED) else "empty"
 
 
-def verdict(run: RunResult | None, session: str, profile: Any = None) -> str:
-    """The one-line verdict: counts, wall time, runner, engine version."""
+def verdict(run: RunResult | None, session: str, profile: Any = None, incomplete: str = "") -> str:
+    """The one-line verdict: counts, wall time, runner, engine version.
+
+    ``incomplete`` (a merged matrix with a shard missing) is red whatever the
+    counts say: the tests that shard held were never run.
+    """
     status = run_status(run)
-    icon = {"passed": "✅", "failed": "❌", "empty": "⚠️"}[status]
+    icon = "❌" if incomplete else {"passed": "✅", "failed": "❌", "empty": "⚠️"}[status]
     word = {"passed": "passed", "failed": "failed", "empty": "tested nothing"}[status]
+    word = f"incomplete ({incomplete})" if incomplete else word
     if run is None:
         counts, wall, engine = "no test results", "", "unknown"
     else:
@@ -182,6 +188,8 @@ def _one_line(text: str, redactor: Redactor) -> str:
 
 def _failure_md(item: _Failure, cap: int, output: Tail, logs: Mapping[str, Tail], shown_logs: set[str]) -> str:
     parts = [f"#### {'❌' if item.case.outcome == FAILED else '💥'} {code_span(item.case.nodeid)}"]
+    if item.case.prop(SHARD_PROPERTY):
+        parts.append(f"**Shard** {code_span(item.case.prop(SHARD_PROPERTY) or '')}")
     if item.typed:
         parts.append(f"**Class** {item.typed}")
     parts.append(f"**Cause** ({item.case.outcome}): {code_span(item.cause)}")
@@ -250,10 +258,11 @@ def skipped_md(cases: Iterable[CaseResult], redactor: Redactor) -> str:
 def render_report(run: RunResult | None, session: str, *, profile: Any = None,
                   servers: Sequence[ServerInfo] = (), env: Mapping[str, str] | None = None,
                   redactor: Redactor | None = None, notes: Sequence[str] = (),
-                  max_chars: int = MAX_REPORT_CHARS) -> str:
+                  max_chars: int = MAX_REPORT_CHARS, incomplete: str = "") -> str:
     """The whole report as Markdown, never longer than ``max_chars``.
 
-    ``run`` None means no JUnit results (the run died before pytest wrote them).
+    ``run`` None means no JUnit results (the run died before pytest wrote them);
+    ``incomplete`` says why the results are not the whole run (a missing shard).
     Logs shrink through LOG_LINE_STEPS first; then failures are listed fewer.
     """
     env = dict(os.environ) if env is None else env
@@ -276,7 +285,7 @@ def render_report(run: RunResult | None, session: str, *, profile: Any = None,
     logs = {s.log_path: read_log_tail(s.log_path, redactor) for s in servers if s.log_path}
     covered = {f.server.key for f in failures if f.server is not None}
     orphans = [s for s in servers if s.error and s.key not in covered]
-    head = [verdict(run, session, profile)] + [f"> {code_span(sanitize(n, redactor))}" for n in notes]
+    head = [verdict(run, session, profile, incomplete)] + [f"> {code_span(sanitize(n, redactor))}" for n in notes]
     tail = [p for p in (retried_passes_md(cases, redactor), skipped_md(cases, redactor),
                         stops_md(servers, redactor), timeline_md(servers, session)) if p]
     outputs: dict[tuple[int, int], Tail] = {}  # sanitised lazily: most never fit

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -18,7 +21,9 @@ from ci.report import github, render as report
 from ci.report.github import MARKER, GitHub, GitHubError
 from tests.localhttp import closed_port, serving
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "junit"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "junit"
+INVOKE_TIMEOUT_S = 60  # importing tasks.py and two requests to 127.0.0.1: ~1 s
 BOT_TOKEN = "ghs_" + "b0tT0ken" * 5
 READONLY_TOKEN = "ghs_" + "r3adOnly" * 5
 REPO = "kiln-org/engine"
@@ -220,3 +225,31 @@ def test_unreachable_api_is_one_clear_line():
     port = closed_port()
     with pytest.raises(GitHubError, match=r"GET /repos/kiln-org/engine/issues/42/comments: ConnectionError"):
         github.post_report("r", "e2e-cpu", pr=PR, env=env_for(f"http://127.0.0.1:{port}"))
+
+
+def test_the_matrix_report_is_posted_as_one_sticky_comment_by_invoke_comment(api, tmp_path):
+    # `invoke merge` wrote the matrix's report; the report job posts that file, as is, once, then edits it.
+    state, base = api
+    md = tmp_path / "report-e2e-matrix.md"
+
+    def post(*extra):
+        return subprocess.run([sys.executable, "-m", "invoke", "comment", "--markdown", str(md), "--session",
+                               "e2e-matrix", "--pr", str(PR), "--repo", REPO, *extra], cwd=ROOT,
+                              env={**os.environ, **env_for(base)}, capture_output=True, text=True,
+                              timeout=INVOKE_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+
+    md.write_text("## ✅ kiln e2e matrix: all 3 shards reported, every test passed\n")
+    done = post("--update-only")
+    assert done.returncode == 0 and "sticky comment for e2e-matrix: skipped" in done.stdout  # green opens none
+    md.write_text("## ❌ kiln e2e matrix: 1 of 3 shards missing — not green\n")
+    assert "created" in post().stdout
+    md.write_text("## ✅ kiln e2e matrix: all 3 shards reported, every test passed\n")
+    assert "updated" in post("--update-only").stdout
+    (comment,) = state.comments[PR]
+    assert comment["body"] == f"{MARKER}\n{github.session_marker('e2e-matrix')}\n{md.read_text()}"
+    assert BOT_TOKEN not in done.stdout + done.stderr
+    missing = subprocess.run([sys.executable, "-m", "invoke", "comment", "--markdown", str(tmp_path / "none.md"),
+                              "--session", "e2e-matrix", "--pr", "1"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=INVOKE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert missing.returncode == 1 and missing.stderr.strip().startswith(f"comment: cannot read {tmp_path / 'none.md'}")
