@@ -18,6 +18,8 @@ import pytest
 
 from ci.profiles import routing
 from ci.profiles.runners import PROFILES
+from ci.report import durations
+from ci.session import plan
 from tests import requires
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +68,7 @@ def test_least_privilege_and_no_pull_request_target(path):
     assert "pull_request_target" not in code
     assert re.search(r"^permissions: \{\}$", text, re.M), "workflow-level permissions must be empty"
     jobs = re.split(r"^  (?=[a-z0-9-]+:$)", text.split("\njobs:\n", 1)[1], flags=re.M)[1:]
-    assert {j.split(":", 1)[0] for j in jobs} == {"plan", "tests", "e2e", "e2e-cpu"}
+    assert {j.split(":", 1)[0] for j in jobs} == {"plan", "tests", "e2e", "e2e-cpu", "report"}
     for job in jobs:
         assert "    permissions:\n      contents: read\n" in job, job.split(":", 1)[0]
         assert "write-all" not in job and "contents: write" not in job
@@ -79,15 +81,21 @@ def test_least_privilege_and_no_pull_request_target(path):
 @pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
 def test_matrix_routing_and_tasks_are_kiln_s_own(path):
     text = path.read_text()
-    assert re.search(r'run: invoke route --event "\$EVENT".* >> "\$GITHUB_OUTPUT"', text)
-    used = set(re.findall(r"steps\.route\.outputs\.(\w+)", text))
-    assert used and used <= set(routing.outputs("schedule"))
+    assert re.search(r'invoke plan --event "\$EVENT".* --target 20m .*--github-output >> "\$GITHUB_OUTPUT"', text)
+    used = set(re.findall(r"steps\.plan\.outputs\.(\w+)", text))
+    values, _ = plan.workflow_outputs("schedule", None, durations.Store(), plan.DEFAULT_TARGET_S)
+    assert used and used <= set(values) and set(routing.outputs("schedule")) <= set(values)
+    assert set(re.findall(r"needs\.plan\.outputs\.(\w+)", text)) <= used
     assert "matrix: ${{ fromJSON(needs.plan.outputs.matrix) }}" in text
+    assert "matrix: ${{ fromJSON(needs.plan.outputs.cpu_matrix) }}" in text
     assert "if: needs.plan.outputs.count != '0'" in text
     assert "runs-on: ${{ matrix.runner }}" in text
-    # Job-level concurrency keyed by the runner label.
-    assert re.search(r"^    concurrency:\n      group: kiln-e2e-\$\{\{ matrix\.runner \}\}", text, re.M)
-    assert 'run: invoke ci --profile "$PROFILE"' in text  # the chain, not repeated steps
+    # Job-level concurrency keyed by the runner label and the shard: shards of one run never cancel each other.
+    assert re.search(r"^    concurrency:\n      group: kiln-e2e-\$\{\{ matrix\.runner \}\}-\$\{\{ matrix\.shard_name \}\}-",
+                     text, re.M)
+    assert re.search(r"^      group: kiln-e2e-cpu-ubuntu-latest-\$\{\{ matrix\.shard_name \}\}-", text, re.M)
+    assert 'run: invoke ci --profile "$PROFILE" --shard "$SHARD"' in text  # the chain, not repeated steps
+    assert 'run: nox -s e2e-cpu -- --shard "$SHARD"' in text
     assert "run: .ci/as-root nox -s tests" in text
     assert "run: nox -s lint" in text
     assert "invoke report --junit" in text
@@ -96,8 +104,13 @@ def test_matrix_routing_and_tasks_are_kiln_s_own(path):
 def test_pr_workflow_comments_on_failure_only_from_this_repository():
     text = PR.read_text()
     red = re.findall(r"if: failure\(\) && env\.SAME_REPO == 'true'\n.*\n.*\n\s+run: invoke comment (.*)", text)
-    assert len(red) == 3 and all("--session" in r and "--pr" in r for r in red)  # tests, e2e, e2e-cpu
-    assert text.count("--update-only") == 3
+    assert len(red) == 2 and all("--session" in r and "--pr" in r for r in red)  # tests, the matrix's report
+    assert text.count("--update-only") == 2
+    # One sticky comment for every e2e shard: the merged report's, posted from the report job only.
+    report = _job(text, "report")
+    assert "invoke comment --markdown reports/report-e2e-matrix.md --session e2e-matrix" in report
+    for name in ("e2e", "e2e-cpu"):
+        assert "invoke comment" not in _job(text, name) and "pull-requests: write" not in _job(text, name)
 
 
 def test_dispatch_choices_are_the_routable_pools():
@@ -113,7 +126,7 @@ def test_actions_are_pinned_by_commit_with_the_tag_beside(path):
     uses = re.findall(r"uses: (\S+)(.*)", path.read_text())
     assert uses
     for ref, rest in uses:
-        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), ref
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)?@[0-9a-f]{40}", ref), ref
         assert re.fullmatch(r"  # v\d+(\.\d+)*", rest), f"{ref}: the tag belongs in a comment beside the SHA"
 
 
@@ -147,10 +160,7 @@ def test_the_main_job_runs_e2e_cpu_cached_and_reported(path):
     assert "cache: pip" in job and "UV_CACHE_DIR: ${{ runner.temp }}/uv-cache" in job
     assert "path: .kiln/cache" in job and "'requirements/locks/e2e-cpu.txt'" in job
     assert "'ci/engine/tinymodel.py'" in job and "'ci/engine/realmodel.py'" in job
-    # The report reaches the job summary on green runs too (perf figures, uncalibrated bounds).
-    assert re.search(r"if: always\(\)\n\s+run: invoke report --junit \"reports/junit-\$SESSION.xml\" "
-                     r"--session \"\$SESSION\"", job)
-    assert "SESSION: e2e-cpu" in job and "name: junit-e2e-cpu" in job
+    assert "needs: plan" in job and "name: shard-e2e-cpu-${{ matrix.shard_name }}" in job
 
 
 def test_forks_get_lint_tests_and_e2e_cpu_but_no_self_hosted_gpu_job():
@@ -162,5 +172,50 @@ def test_forks_get_lint_tests_and_e2e_cpu_but_no_self_hosted_gpu_job():
         job = _job(text, name)
         assert not re.search(r"^    if:", job, re.M), f"{name} must run for forks too"
         assert "runs-on: ubuntu-latest" in job
-    # A fork's comment steps are skipped, never failed on its read-only token.
-    assert "if: failure() && env.SAME_REPO == 'true'" in _job(text, "e2e-cpu")
+    # A fork's comment steps are skipped, never failed on its read-only token; its plan has no GPU shard.
+    assert "if: failure() && env.SAME_REPO == 'true'" in _job(text, "report")
+    assert 'gpu=--no-gpu\n          if [ "$SAME_REPO" = true ]; then gpu=--gpu; fi' in _job(text, "plan")
+
+
+SHARD_UPLOAD = """          path: |
+            reports/junit-*.xml
+            reports/servers-*.json
+            reports/kit-summary-*.md
+            reports/shard-*.json"""
+
+
+@pytest.mark.parametrize("path", [PR, NIGHTLY], ids=["pr", "nightly"])
+def test_every_shard_splits_by_the_plans_store_and_uploads_what_the_report_merges(path):
+    text = path.read_text()
+    planned = _job(text, "plan")
+    # The store of the last green default-branch run, an empty one when none, handed on as is.
+    assert "uses: actions/cache/restore@" in planned and "key: kiln-durations-${{ github.run_id }}" in planned
+    assert "restore-keys: kiln-durations-" in planned and "run: invoke durations\n" in planned
+    assert "name: kiln-durations\n          path: .kiln/durations.json\n          include-hidden-files: true" in planned
+    assert planned.index("run: invoke durations") < planned.index("invoke plan") < planned.index("name: kiln-durations")
+    for name, artefact in (("e2e", "shard-${{ matrix.session }}-${{ matrix.shard_name }}"),
+                           ("e2e-cpu", "shard-e2e-cpu-${{ matrix.shard_name }}")):
+        job = _job(text, name)
+        assert "needs: plan" in job
+        # The plan's store, downloaded before the shard runs (every shard splits by the same figures).
+        fetch = job.index("name: kiln-durations\n          path: .kiln")
+        assert fetch < job.index("--shard \"$SHARD\"")
+        assert f"name: {artefact}" in job and SHARD_UPLOAD in job
+        assert job.index(SHARD_UPLOAD) > job.index("--shard \"$SHARD\"") and "if: always()" in job
+    report = _job(text, "report")
+    assert "needs: [plan, e2e, e2e-cpu]" in report
+    assert "if: always() && needs.plan.result == 'success'" in report
+    assert "pattern: shard-*\n          path: shards" in report
+    assert 'run: invoke merge --shards shards --expect "$EXPECTED"' in report
+    assert "EXPECTED: ${{ needs.plan.outputs.expected }}" in report
+
+
+def test_only_a_green_nightly_on_the_default_branch_saves_the_durations():
+    report = _job(NIGHTLY.read_text(), "report")
+    gate = "if: success() && github.ref_name == github.event.repository.default_branch"
+    merged = report.index("invoke merge")
+    ingest = report.index("run: invoke durations --junit shards")
+    save = report.index("uses: actions/cache/save@")
+    assert merged < ingest < save and report.count(gate) == 3
+    assert "key: kiln-durations-${{ github.run_id }}" in report[save:]
+    assert "actions/cache/save@" not in PR.read_text(), "a PR's timings never become the default branch's"
