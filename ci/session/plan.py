@@ -127,9 +127,10 @@ def _why_uneven(loads: Sequence[float], units: Mapping[str, tuple[float, int]], 
     if seconds < max(loads) * LONGEST_UNIT_SHARE:
         return [f"the suite has too few independent units for {len(loads)} even shards; plan fewer"]
     what = f"server group {name} ({count} tests)" if count > 1 else name
+    fix = "give some of its tests their own server (other launch args)" if count > 1 else "split the test"
     bound, limit = (target_s, "the target") if seconds > target_s else (fair, "a fair share")
     return [f"{what} takes ~{_clock(seconds)}, longer than {limit} (~{_clock(bound)}): the shard holding it "
-            f"sets the pace; give part of it other launch args (its own server) or split the test"]
+            f"sets the pace; {fix} to even them"]
 
 
 def plan_profile(profile: runners.Profile, history: durations.Estimates, target_s: float) -> Plan:
