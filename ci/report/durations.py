@@ -23,6 +23,10 @@ Reading it:
   that server: exact while a server group stays on one shard (the packer keeps
   it so), and the store learns a split's cost from the run that split it.
 
+Reading never drops a sample by today's date: the shards of one matrix start
+minutes apart and must all see the same figures, so the window is applied when
+the store is built (``invoke durations``), and a shard trusts what it was handed.
+
 A case counts when it passed, or failed against a healthy server (class
 ``test``, or untyped): a skip or xfail took no time, and an infra or engine
 failure ended early or hung, neither of which is how long the test takes.

@@ -119,6 +119,19 @@ def test_the_window_is_bounded_in_days_and_samples(tmp_path):
     assert len(kept) == durations.MAX_SAMPLES and [s.seconds for s in kept] == [float(i) for i in range(10, 30)]
 
 
+def test_reading_never_drops_a_sample_by_date(tmp_path):
+    # Shards of one matrix start minutes apart: were the window applied on
+    # reading, a sample crossing the 14-day line between two starts would give
+    # them different figures. Reading trusts the store; only building prunes.
+    old = NOW - timedelta(days=durations.WINDOW_DAYS + 30)
+    store = _store(tmp_path, [[("test_chat", 7.0)]], start=old)
+    again = Store.load(store.save(tmp_path / "d.json"))
+    assert again.estimates("cpu").p90 == {f"{API}::test_chat": 7.0}
+    assert again.estimates("cpu").newest == old and again.digest() == store.digest()
+    again.prune(NOW)
+    assert again.estimates("cpu").p90 == {}
+
+
 def test_a_test_with_no_history_gets_its_files_median_then_the_suites(tmp_path):
     store = _store(tmp_path, [[("test_a", 10.0), ("test_b", 30.0), ("test_c", 50.0)]])
     other = "tests/e2e/test_new_file.py::test_z"
@@ -204,5 +217,12 @@ def test_invoke_durations_builds_the_store_from_a_folder_and_says_what_it_holds(
     assert "cpu: 1 tests; 1 run of profile cpu" in done.stdout
     assert Store.load(store).estimates("cpu").p90 == {f"{API}::test_chat": 4.0}
     assert run("--junit", str(history)).stdout.splitlines()[0].endswith(": 0 new run(s) added")
+    # The window is applied here, when the store is built: a run older than it adds nothing to read.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    when = datetime.now(timezone.utc) - timedelta(days=durations.WINDOW_DAYS + 1)
+    (stale / "junit-e2e-cpu.xml").write_text(_junit(when, [("test_old", 9.0)]))
+    assert run("--junit", str(stale)).returncode == 0
+    assert Store.load(store).estimates("cpu").p90 == {f"{API}::test_chat": 4.0}
     bad = run("--junit", str(tmp_path / "nope"))
     assert bad.returncode == 1 and bad.stderr.strip() == f"durations: {tmp_path / 'nope'}: no such directory of JUnit files"
