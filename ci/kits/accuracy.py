@@ -39,6 +39,8 @@ from typing import Sequence
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
 from ci.kits.enforce import Check
 from ci.kits.thresholds import Bound
+from ci.kits.decode import logprob_lists
+from ci.text.summary import append_section
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +153,7 @@ def ending_logprob(logprobs: dict, ending: str, generated: str, where: str) -> f
     A token is the ending's when it overlaps the ending's character span;
     spans are measured from the end of the echoed tokens minus ``generated``.
     """
-    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
-        raise KitFailure(f"{where}: echo logprobs lack matching tokens/token_logprobs")
+    tokens, values, _ = logprob_lists(logprobs, where, with_top=False)
     total = sum(len(t) for t in tokens)
     prompt_end = total - len(generated)
     ending_start = prompt_end - len(ending)
@@ -335,13 +335,11 @@ def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc
                                                     items=items, name=name, plan=plan), floor=floor)
     except KitFailure as exc:
         if summary_path:  # ties fail the kit; the summary still says so
-            with open(summary_path, "a", encoding="utf-8") as fh:
-                fh.write(f"### accuracy ({server.served_model}): FAIL\n\n{str(exc).splitlines()[0]}\n\n")
+            append_section(summary_path, f"### accuracy ({server.served_model}): FAIL\n\n{str(exc).splitlines()[0]}")
         raise
     if summary_path:
         verdict = "pass" if result.score >= floor else "FAIL"
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n{result.line()}\n\n")
+        append_section(summary_path, f"### accuracy ({server.served_model}): {verdict}\n\n{result.line()}")
     if result.score < floor:
         raise KitFailure(f"accuracy {metric} {result.score:.3f} < floor {floor:g} "
                          f"over {result.n} items of {result.name}")

