@@ -129,7 +129,7 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
     session.run(py, "-m", "ci.session.envinfo", "--profile", profile.name, external=external)
     session.run(py, "-m", "ci.session.envinfo", "--profile", profile.name, "--check-capacity", external=external)
     if model == "tiny-llama":
-        session.run(py, "-m", "ci.engine.tinymodel", external=external)
+        session.run(py, "-m", "ci.engine.models", "tiny-llama", external=external)
     warm_flags, posargs = _split_warmup_flags(posargs)
     if warm_flags is not None:
         # `invoke warmup` / the chain's warmup step: same interpreter, so the same engine.
@@ -161,7 +161,7 @@ def _run_e2e(session: nox.Session, profile: runners.Profile) -> None:
         # converted here, once per cache, so a failed download names itself
         # before any engine starts. A narrower selection (the chain's, a repro
         # command) builds it only if a chosen test asks for it, at its launch.
-        session.run(py, "-m", "ci.engine.realmodel")
+        session.run(py, "-m", "ci.engine.models", "smollm2-135m")
     if shard_spec is not None:
         targets = sharding.select_for_session(session, targets, shard_spec, REPORTS, python=py,
                                               pytest_args=[f"--kiln-model={model}"])

@@ -9,6 +9,20 @@ The floor is per (model, profile) in ci/kits/thresholds.py.
 Ending tokens are located from the *end* of the echoed token list (token
 string lengths, minus any generated text): counting from the front would be
 thrown off by a BOS token the tokenizer adds.
+
+Requests are cut on item boundaries (an item's 4 endings always travel
+together) and a small bounded pool keeps more than one request in flight, so
+the engine's scheduler sees the next batch while the client reads the last
+(:class:`ScoringPlan`). The shared context is *not* computed once per item,
+and cannot be through this API on vLLM: ``echo`` + ``logprobs`` asks for
+prompt log-probabilities, and vLLM 0.32 sets ``skip_reading_prefix_cache``
+on every such request (``SamplingParams.__post_init__``: cached tokens would
+have no logits), so its automatic prefix caching -- on by default,
+``--no-enable-prefix-caching`` turns it off -- is never consulted for them
+(its ``vllm:prefix_cache_queries`` counter stays at 0 while the kit scores;
+``bench/hellaswag_speed.py`` prints it). Nor could it help here: the cache
+keeps whole KV blocks only (128 tokens by default on vLLM-CPU, 32 at least),
+and a HellaSwag context is ~30 tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +30,8 @@ import dataclasses
 import json
 import logging
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,15 +39,26 @@ from typing import Sequence
 from ci.kits.client import EngineClient, KitFailure, ServerLike, client_for
 from ci.kits.enforce import Check
 from ci.kits.thresholds import Bound
+from ci.kits.decode import logprob_lists
+from ci.text.summary import append_section
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = Path(__file__).parent / "data" / "mc_tiny.jsonl"
 METRICS = ("acc", "acc_norm")
 N_ENDINGS = 4
-# Prompts per request: 4 items' endings at once keeps requests few without
-# making one request long enough to hit a timeout on CPU.
-BATCH_PROMPTS = 16
+# Items per request (x4 endings = 16 prompts): requests stay few without one
+# being long enough to hit a timeout on CPU, and an item's endings stay together.
+ITEMS_PER_REQUEST = 4
+# Requests in flight at once: the engine batches what is queued, so a second
+# request keeps it busy while the client parses the previous answer. Measured
+# (bench/hellaswag_speed.py, 200 HellaSwag items on SmolLM2, vLLM-CPU 0.32.0,
+# 2 cores, 2 rounds, 2026-12-05): one request at a time 92.0/81.4 s; 4 items x 2
+# in flight 75.0/72.9 s (0.86x); 2 items x 4 in flight 0.88x; 8 items x 2 0.90x;
+# 1 item x 2 0.97x; the scores identical in every plan. The engine is
+# compute-bound there (both cores busy in its worker), so more in flight buys
+# nothing; GPU engines batch more, but 2 x 16 short prompts already fill a step.
+IN_FLIGHT = 2
 # More items than this with a tie for the best ending means the logprobs are
 # uninformative (constant/garbage), and "always pick the first" would pass a
 # chance-level floor on balanced data.
@@ -126,9 +153,7 @@ def ending_logprob(logprobs: dict, ending: str, generated: str, where: str) -> f
     A token is the ending's when it overlaps the ending's character span;
     spans are measured from the end of the echoed tokens minus ``generated``.
     """
-    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
-        raise KitFailure(f"{where}: echo logprobs lack matching tokens/token_logprobs")
+    tokens, values, _ = logprob_lists(logprobs, where, with_top=False)
     total = sum(len(t) for t in tokens)
     prompt_end = total - len(generated)
     ending_start = prompt_end - len(ending)
@@ -148,24 +173,100 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
 
-def score_items(client: EngineClient, items: Sequence[MCItem], *, echo_only: bool) -> list[ItemScore]:
-    """Score every ending of every item, ``BATCH_PROMPTS`` prompts per request."""
-    jobs = [(i, j) for i, item in enumerate(items) for j in range(N_ENDINGS)]
-    sums = [[math.nan] * N_ENDINGS for _ in items]
-    for lo in range(0, len(jobs), BATCH_PROMPTS):
-        chunk = jobs[lo:lo + BATCH_PROMPTS]
-        prompts = [prompt_for(items[i], items[i].endings[j]) for i, j in chunk]
-        resp = client.completion(prompts, max_tokens=0 if echo_only else 1, echo=True,
-                                 logprobs=1, temperature=0)
-        choices = sorted(resp.get("choices") or [], key=lambda ch: ch.get("index", 0))
-        if len(choices) != len(prompts):
-            raise KitFailure(f"scoring request of {len(prompts)} prompts got {len(choices)} choices")
-        for (i, j), prompt, choice in zip(chunk, prompts, choices):
-            text = choice.get("text") or ""
-            generated = text[len(prompt):] if text.startswith(prompt) else ""
-            where = f"item {items[i].id} ending {j}"
-            sums[i][j] = ending_logprob(choice.get("logprobs") or {}, items[i].endings[j],
-                                        generated, where)
+@dataclass(frozen=True)
+class ScoringPlan:
+    """How the scoring requests are cut and sent: whole items per request, requests in flight."""
+
+    items_per_request: int = ITEMS_PER_REQUEST
+    in_flight: int = IN_FLIGHT
+
+    def __post_init__(self) -> None:
+        if self.items_per_request < 1 or self.in_flight < 1:
+            raise ValueError(f"scoring plan needs >= 1 item per request and >= 1 request in "
+                             f"flight, got {self.items_per_request} and {self.in_flight}")
+
+    def label(self) -> str:
+        """E.g. ``4 items (16 prompts) a request, 2 in flight``."""
+        return (f"{self.items_per_request} items ({self.items_per_request * N_ENDINGS} prompts) "
+                f"a request, {self.in_flight} in flight")
+
+
+DEFAULT_PLAN = ScoringPlan()
+# How the kit scored before issue 25: 16 prompts a request, one request at a
+# time. Kept for bench/hellaswag_speed.py's old-vs-new comparison.
+SERIAL_PLAN = ScoringPlan(items_per_request=4, in_flight=1)
+
+
+def _score_request(client: EngineClient, items: Sequence[MCItem], first: int, last: int,
+                   echo_only: bool) -> list[tuple[float, ...]]:
+    """One request scoring every ending of ``items[first:last]``; their summed ending log-likelihoods."""
+    jobs = [(i, j) for i in range(first, last) for j in range(N_ENDINGS)]
+    prompts = [prompt_for(items[i], items[i].endings[j]) for i, j in jobs]
+    resp = client.completion(prompts, max_tokens=0 if echo_only else 1, echo=True,
+                             logprobs=1, temperature=0)
+    choices = sorted(resp.get("choices") or [], key=lambda ch: ch.get("index", 0))
+    if len(choices) != len(prompts):
+        raise KitFailure(f"scoring request of {len(prompts)} prompts got {len(choices)} choices")
+    sums = []
+    for (i, j), prompt, choice in zip(jobs, prompts, choices):
+        text = choice.get("text") or ""
+        generated = text[len(prompt):] if text.startswith(prompt) else ""
+        sums.append(ending_logprob(choice.get("logprobs") or {}, items[i].endings[j], generated,
+                                   f"item {items[i].id} ending {j}"))
+    return [tuple(sums[k:k + N_ENDINGS]) for k in range(0, len(sums), N_ENDINGS)]
+
+
+def _run_requests(server: ServerLike, items: Sequence[MCItem], spans: list[tuple[int, int]],
+                  echo_only: bool, in_flight: int) -> dict[int, list[tuple[float, ...]]]:
+    """Every span's scores, ``in_flight`` requests at a time, one client per worker thread.
+
+    The first failure (by span order, so the message does not depend on
+    thread timing) is raised once every worker has stopped; workers take no
+    new span after any failure.
+    """
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for k in range(len(spans)):
+        todo.put(k)
+    done: dict[int, list[tuple[float, ...]]] = {}
+    failures: dict[int, BaseException] = {}
+    stop = threading.Event()
+
+    def worker() -> None:
+        with client_for(server) as client:
+            while not stop.is_set():
+                try:
+                    k = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done[k] = _score_request(client, items, *spans[k], echo_only)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    failures[k] = exc
+                    stop.set()
+
+    threads = [threading.Thread(target=worker, name=f"kiln-accuracy-{n}", daemon=True)
+               for n in range(min(in_flight, len(spans)) - 1)]
+    for t in threads:
+        t.start()
+    try:
+        worker()  # the caller's thread is one of the workers
+    finally:
+        # Whatever ended the caller's worker, the others take no new span.
+        stop.set()
+        for t in threads:
+            t.join()
+    if failures:
+        raise failures[min(failures)]
+    return done
+
+
+def score_items(server: ServerLike, items: Sequence[MCItem], *, echo_only: bool,
+                plan: ScoringPlan = DEFAULT_PLAN) -> list[ItemScore]:
+    """Score every ending of every item under ``plan``; the result is in item order."""
+    n = plan.items_per_request
+    spans = [(lo, min(lo + n, len(items))) for lo in range(0, len(items), n)]
+    done = _run_requests(server, items, spans, echo_only, plan.in_flight)
+    sums = [s for k in range(len(spans)) for s in done[k]]
     out = []
     for item, s in zip(items, sums):
         norm = [v / len(e) for v, e in zip(s, item.endings)]
@@ -175,9 +276,25 @@ def score_items(client: EngineClient, items: Sequence[MCItem], *, echo_only: boo
     return out
 
 
+def echo_only_for(server: ServerLike) -> bool:
+    """Whether ``server``'s engine scores a prompt with ``echo`` and ``max_tokens=0`` alone.
+
+    Such engines keep generated text out of the alignment entirely (a spec fact).
+    """
+    return bool(getattr(server.backend, "echo_scores_prompt", False))
+
+
+def result_of(scores: Sequence[ItemScore], *, metric: str = "acc_norm", name: str = "") -> AccuracyResult:
+    """acc, acc_norm and ties over ``scores``; no floor."""
+    n = len(scores)
+    acc = sum(s.pred_acc == s.item.label for s in scores) / n
+    acc_norm = sum(s.pred_norm == s.item.label for s in scores) / n
+    return AccuracyResult(n, acc, acc_norm, metric, None, sum(s.tied for s in scores), name)
+
+
 def score_accuracy(server: ServerLike, *, metric: str = "acc_norm", dataset: Path | str = DEFAULT_DATASET,
                    limit: int | None = None, items: Sequence[MCItem] | None = None,
-                   name: str | None = None) -> AccuracyResult:
+                   name: str | None = None, plan: ScoringPlan = DEFAULT_PLAN) -> AccuracyResult:
     """Score the dataset (or ``items``) and print the per-item table; no floor.
 
     Fails only where no floor could save the run: logprobs that tie on more
@@ -189,15 +306,9 @@ def score_accuracy(server: ServerLike, *, metric: str = "acc_norm", dataset: Pat
     name = name or Path(dataset).name
     if not items:
         raise ValueError(f"{name}: no items to score")
-    # Engines whose echo with max_tokens=0 scores the prompt and generates
-    # nothing keep generated text out of the alignment entirely (a spec fact).
-    echo_only = bool(getattr(server.backend, "echo_scores_prompt", False))
-    with client_for(server) as c:
-        scores = score_items(c, items, echo_only=echo_only)
-    n = len(scores)
-    acc = sum(s.pred_acc == s.item.label for s in scores) / n
-    acc_norm = sum(s.pred_norm == s.item.label for s in scores) / n
-    result = AccuracyResult(n, acc, acc_norm, metric, None, sum(s.tied for s in scores), name)
+    scores = score_items(server, items, echo_only=echo_only_for(server), plan=plan)
+    result = result_of(scores, metric=metric, name=name)
+    n = result.n
     print(f"{'item':<8} gold acc norm  ending log-likelihoods")
     for s in scores:
         sums = " ".join(f"{v:8.2f}" for v in s.sums)
@@ -212,7 +323,8 @@ def score_accuracy(server: ServerLike, *, metric: str = "acc_norm", dataset: Pat
 def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc_norm",
                          dataset: Path | str = DEFAULT_DATASET, limit: int | None = None,
                          items: Sequence[MCItem] | None = None, name: str | None = None,
-                         summary_path: str | Path | None = None) -> AccuracyResult:
+                         summary_path: str | Path | None = None,
+                         plan: ScoringPlan = DEFAULT_PLAN) -> AccuracyResult:
     """Score the dataset (or ``items``) and assert ``metric`` >= ``floor``; the table prints first.
 
     ``summary_path`` (e.g. ``$GITHUB_STEP_SUMMARY``) gets a markdown line with
@@ -220,16 +332,14 @@ def check_accuracy_floor(server: ServerLike, *, floor: float, metric: str = "acc
     """
     try:
         result = dataclasses.replace(score_accuracy(server, metric=metric, dataset=dataset, limit=limit,
-                                                    items=items, name=name), floor=floor)
+                                                    items=items, name=name, plan=plan), floor=floor)
     except KitFailure as exc:
         if summary_path:  # ties fail the kit; the summary still says so
-            with open(summary_path, "a", encoding="utf-8") as fh:
-                fh.write(f"### accuracy ({server.served_model}): FAIL\n\n{str(exc).splitlines()[0]}\n\n")
+            append_section(summary_path, f"### accuracy ({server.served_model}): FAIL\n\n{str(exc).splitlines()[0]}")
         raise
     if summary_path:
         verdict = "pass" if result.score >= floor else "FAIL"
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(f"### accuracy ({server.served_model}): {verdict}\n\n{result.line()}\n\n")
+        append_section(summary_path, f"### accuracy ({server.served_model}): {verdict}\n\n{result.line()}")
     if result.score < floor:
         raise KitFailure(f"accuracy {metric} {result.score:.3f} < floor {floor:g} "
                          f"over {result.n} items of {result.name}")

@@ -405,9 +405,18 @@ def kiln_profile(pytestconfig: pytest.Config) -> runners.Profile:
 
 
 @pytest.fixture(scope="session")
-def kiln_pool(pytestconfig: pytest.Config) -> ServerPool:
-    """The session's server pool (launched lazily, stopped at session end)."""
-    return pytestconfig.stash[_POOL_KEY]
+def kiln_pool(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> ServerPool:
+    """The session's server pool (stopped at session end). The servers the collected tests
+    borrow start together now, as many as fit (ServerPool.prelaunch); the rest on first borrow."""
+    pool = pytestconfig.stash[_POOL_KEY]
+    profile = profile_of(pytestconfig)
+    if profile.vendor != "cpu":
+        # Measured on the cpu lane only; GPU launches together (per-device memory
+        # baselines taken side by side) have not been run on a GPU yet.
+        return pool
+    pool.prelaunch([server_key(item, profile) for item in request.session.items
+                    if "server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("skip")])
+    return pool
 
 
 def server_key(item: pytest.Item, profile: runners.Profile) -> ServerKey:

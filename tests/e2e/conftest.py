@@ -14,6 +14,7 @@ from ci.kits import enforce, thresholds
 from ci.profiles import runners
 from ci.report import artefacts, render
 from ci.session import pytest_plugin
+from ci.text.summary import append_section
 
 log = logging.getLogger("kiln.e2e")
 
@@ -51,8 +52,7 @@ def bounds_rule(kiln_profile, record_property, kit_summary: Path):
             # is in the output of a *passing* test too, where pytest hides its prints.
             log.warning("%s", line)
             record_property(render.UNCALIBRATED_PROPERTY, line)
-            with kit_summary.open("a", encoding="utf-8") as fh:
-                fh.write(judged.markdown())
+            append_section(kit_summary, judged.markdown())
         failure = judged.failure()
         if failure and enforced:
             pytest.fail(failure, pytrace=False)

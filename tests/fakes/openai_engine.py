@@ -121,6 +121,7 @@ class Knobs:
 class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
+    peak_active: int = 0  # most requests in flight at once (the accuracy kit's pool shows here)
     busy_since: float = 0.0  # monotonic time active went from 0 to 1
     requests: int = 0
     finished: int = 0  # requests answered in full (the request_success counter)
@@ -404,6 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fake.state.active == 0:
                 fake.state.busy_since = time.monotonic()
             fake.state.active += 1
+            fake.state.peak_active = max(fake.state.peak_active, fake.state.active)
         try:
             if body.get("stream"):
                 self._stream(prompts[0], params, chat, body)

@@ -71,6 +71,36 @@ def test_failed_launch_fails_later_borrowers_fast_with_the_first_cause(tmp_path)
     pool.close()
 
 
+def test_prelaunch_starts_the_sessions_servers_together_and_keeps_a_failure_for_its_borrower(tmp_path):
+    # Each fake engine is ready 1.5 s after it starts: together, three keys (max_live 3)
+    # are ready in about one such wait, not three; the crashing one fails its borrower
+    # with the first cause and no second launch.
+    ready_after = 1.5
+    modes = {"a": "ok", "b": "ok", "c": "crash"}
+
+    def make(key: ServerKey, devices: tuple[int, ...]) -> Server:
+        backend = generic(_fault_backend(modes[key.model])[len("generic:"):] + f" --ready-after {ready_after}")
+        return Server(backend, key.model, log_dir=tmp_path, launch_timeout_s=10, grace_s=1, key=str(key))
+
+    pool = ServerPool(make, max_live=3)
+    keys = [ServerKey("a"), ServerKey("b"), ServerKey("a"), ServerKey("c")]
+    try:
+        t0 = time.monotonic()
+        started = pool.prelaunch(keys)
+        took = time.monotonic() - t0
+        assert started == [ServerKey("a"), ServerKey("b")] and pool.launches == 3
+        assert took < 2.5 * ready_after, f"three launches one after the other? {took:.2f} s"
+        a = pool.acquire(ServerKey("a"))
+        pool.release(a)
+        with pytest.raises(PoolError, match="already failed in this run: .*exited with code 3"):
+            pool.acquire(ServerKey("c"))
+        assert pool.launches == 3  # borrowing started nothing new
+        assert pool.prelaunch(keys) == []  # only at the session's start
+    finally:
+        pool.close()
+    assert all(procs.tagged(s.tree.tag) == [] for s in pool.servers() if s.tree)
+
+
 def test_full_pool_evicts_least_recently_used_idle_server(tmp_path):
     pool = _pool(tmp_path, max_live=2)
     servers = {}

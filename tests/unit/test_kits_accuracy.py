@@ -94,3 +94,41 @@ def test_the_figures_reach_the_job_summary_pass_or_fail(tmp_path):
     text = summary.read_text()
     assert "### accuracy (fake-model): pass" in text and "### accuracy (fake-model): FAIL" in text
     assert "60 items of mc_tiny.jsonl: acc 0.500, acc_norm 0.500" in text
+
+
+def test_a_plan_needs_at_least_one_item_and_one_request():
+    with pytest.raises(ValueError, match="scoring plan needs >= 1 item per request"):
+        accuracy.ScoringPlan(items_per_request=0)
+    with pytest.raises(ValueError, match="and >= 1 request in flight"):
+        accuracy.ScoringPlan(in_flight=0)
+
+
+@pytest.mark.parametrize("plan", [accuracy.ScoringPlan(1, 1), accuracy.ScoringPlan(3, 2),
+                                  accuracy.ScoringPlan(7, 4), accuracy.DEFAULT_PLAN])
+def test_every_plan_scores_the_same_items_in_the_same_order(plan):
+    # 30 items: not a multiple of 4 or 7, so the last request is short.
+    items = accuracy.load_dataset()[:30]
+    with fake_engine(mc_skill=0.5) as srv:
+        serial = accuracy.score_items(srv, items, echo_only=False, plan=accuracy.SERIAL_PLAN)
+        other = accuracy.score_items(srv, items, echo_only=False, plan=plan)
+    assert [s.item.id for s in other] == [it.id for it in items]
+    assert other == serial
+
+
+def test_the_default_plan_keeps_requests_in_flight_together_and_the_serial_one_does_not():
+    # Each scoring request generates one token; 50 ms per token makes requests
+    # overlap whenever the kit sends the next before the last has answered.
+    with fake_engine(mc_skill=0.5, token_delay_s=0.05) as srv:
+        accuracy.score_accuracy(srv, limit=16, plan=accuracy.SERIAL_PLAN)
+        assert srv.state.peak_active == 1
+        accuracy.score_accuracy(srv, limit=16)
+        assert srv.state.peak_active == accuracy.DEFAULT_PLAN.in_flight > 1
+
+
+def test_a_failed_request_stops_the_pool_and_names_the_first_failed_request():
+    # Every 3rd request answers 500: with 15 requests two workers would send
+    # them all if a failure did not stop the pool.
+    with fake_engine(mc_skill=0.5, fail_every=3) as srv:
+        with pytest.raises(KitFailure, match=r"^POST /v1/completions -> HTTP 500"):
+            accuracy.score_accuracy(srv, limit=60, plan=accuracy.ScoringPlan(4, 2))
+        assert srv.state.requests <= 3 + 1
