@@ -162,13 +162,15 @@ TEST_FILE = textwrap.dedent('''
 ''')
 
 
-def _run_child(tmp_path: Path, *extra: str, block: bool = False):
+def _run_child(tmp_path: Path, *extra: str, block: bool = False, targets: tuple[str, ...] = ()):
+    """The child pytest on ``test_child.py``, or on ``targets`` when given (node ids, an @listing)."""
     (tmp_path / "test_child.py").write_text(TEST_FILE)
     env = {**os.environ, "TAGS_FILE": str(tmp_path / "tags"), "PYTHONPATH": str(ROOT),
            "KILN_CACHE_DIR": str(tmp_path / "cache")}
     if block:
         env["BLOCK"] = str(tmp_path / "blocked")
-    argv = [sys.executable, "-m", "pytest", str(tmp_path / "test_child.py"), "-p", "ci.session.pytest_plugin",
+    argv = [sys.executable, "-m", "pytest", *(targets or [str(tmp_path / "test_child.py")]),
+            "-p", "ci.session.pytest_plugin",
             "-p", "no:cacheprovider", f"--rootdir={tmp_path}", "--kiln-profile=cpu",
             f"--kiln-backend={_fault_backend()}", f"--kiln-reports={tmp_path / 'reports'}",
             f"--junitxml={tmp_path / 'junit.xml'}", *extra]
@@ -200,6 +202,19 @@ def test_plugin_shares_servers_releases_on_failure_and_stops_all(tmp_path):
     assert {r["key"]: r["warm_dependent"] for r in records} == {"fake|tp=1|--a": True, "fake|tp=1|--b": False}
     junit = (tmp_path / "junit.xml").read_text()
     assert 'name="kiln_server" value="fake|tp=1|--a"' in junit
+
+
+def test_prelaunch_starts_only_the_servers_of_this_shards_tests(tmp_path):
+    # A shard runs pytest on its listing (@file, as --shard writes it): the
+    # other shards' tests are never collected, so the pool prelaunches only
+    # what this shard borrows -- here key --a alone, never test_other_key's --b.
+    listing = tmp_path / "shard-e2e-cpu-1of2.txt"
+    listing.write_text("test_child.py::test_pass\ntest_child.py::test_fail\n")
+    child = _run_child(tmp_path, targets=(f"@{listing}",))
+    out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert "1 failed, 1 passed" in out, out
+    records = [r for f in (tmp_path / "reports").glob("servers-*.json") for r in json.loads(f.read_text())]
+    assert [r["key"] for r in records] == ["fake|tp=1|--a"] and len(_tags(tmp_path)) == 1
 
 
 def test_sigterm_mid_test_still_stops_every_server(tmp_path):
