@@ -4,7 +4,9 @@
 fact); ``launch`` is the single pytest-free path from a server key to a
 started, watched ``server.Server`` (model resolution, args, environment,
 memory guard); ``crashwatch`` ends a launch at the first crash signature;
-``compat`` probes what the installed engine accepts; ``caches`` owns the JIT
+``compat`` probes what the installed engine accepts; ``keys`` spells a server's
+and a topology's name with the standard library alone (the shard packer reads
+them in nox's own process); ``caches`` owns the JIT
 cache directories; ``models``/``tinymodel``/``realmodel`` are the models a run
 serves. Several servers as one: ``gateway`` (a router process in front of
 workers, ready when its own worker list calls them healthy), ``topology``

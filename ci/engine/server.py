@@ -21,6 +21,7 @@ from typing import Mapping, Protocol, Sequence
 import requests
 
 from ci.engine.backends import BackendSpec
+from ci.engine.keys import ServerKey  # noqa: F401  (re-exported: the launch path's key)
 from ci.host import gpu, ports, procs
 from ci.text import logtail
 
@@ -87,18 +88,6 @@ class MemoryGuard(Protocol):
     def before_launch(self, devices: Sequence[int]) -> None: ...
 
     def wait_released(self, devices: Sequence[int], owner: str = "") -> object: ...
-
-
-@dataclass(frozen=True)
-class ServerKey:
-    """What makes two servers interchangeable for a test."""
-
-    model: str
-    tp: int = 1
-    args: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.model}|tp={self.tp}|{shlex.join(self.args)}"
 
 
 @dataclass

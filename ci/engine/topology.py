@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import re
 import shlex
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from ci.engine.gateway import Gateway, get_gateway
+from ci.engine.keys import workers_of_label  # noqa: F401  (re-exported: the label str(TopologyKey) spells)
 from ci.engine.launch import start_watched
 from ci.engine.server import Server, ServerError, ServerKey
 from ci.engine.teardown import stop_in_order
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 # How engines spell "data-parallel ranks in this one server": vLLM's
 # --data-parallel-size / -dp, SGLang's --dp-size. Each rank holds tp GPUs.
 DP_FLAGS = ("--data-parallel-size", "-dp", "--dp-size")
-# str(TopologyKey): "<gateway>:<policy> x<N>[ [gateway args]] <ServerKey>" or "dp x<N> <ServerKey>".
-_LABEL = re.compile(r"^(?:dp|[\w.-]+:[\w.-]+) x[1-9][0-9]*(?: \[.*?\])? (?P<server>\S.*\|tp=[0-9]+\|.*)$")
 
 
 class TopologyError(ServerError):
@@ -97,17 +95,6 @@ class TopologyKey:
             front += f":{self.policy or get_gateway(self.gateway).default_policy}"
         extra = f" [{shlex.join(self.gateway_args)}]" if self.gateway_args else ""
         return f"{front} x{self.workers}{extra} {self.server}"
-
-
-def workers_of_label(label: str) -> str | None:
-    """The workers' ServerKey as a topology's label (``str(TopologyKey)``) spells it, or None for another label.
-
-    JUnit history names a topology test's server by this label; the shard packer
-    keeps such a test beside the tests of its workers' key, whose idle server
-    the pool lends it as a worker instead of launching one.
-    """
-    m = _LABEL.match(label)
-    return m.group("server") if m else None
 
 
 def worker_label(key: TopologyKey, index: int) -> str:

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ci.engine.launch import ServerKey
-from ci.engine.topology import workers_of_label
+from ci.engine.keys import ServerKey, workers_of_label
 from ci.report import artefacts, durations
 from ci.text import posargs as posargs_mod
 
