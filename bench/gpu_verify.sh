@@ -9,6 +9,13 @@
 #   bench/gpu_verify.sh throttle PROFILE S     the occupancy kits against an engine idling S s a step
 #   bench/gpu_verify.sh h200-2                 nox -s e2e-h200-2 (tp=2 + two servers at once)
 #   bench/gpu_verify.sh contain [PROFILE TP]   harness SIGKILLed under a live server (h200-2, tp=2)
+#   bench/gpu_verify.sh recv-model PART        keep one part of `bench/gpu_stage.sh smollm2`
+#   bench/gpu_verify.sh unstage-model          the real model's wheels in place (bench/gpu_unstage_model.sh)
+#   bench/gpu_verify.sh correct PROFILE [ARGS..]  the real model's correctness tests (issue 22):
+#                                              reference (float32 + bfloat16), HellaSwag, structured
+#                                              output, step occupancy, with --kiln-model smollm2-135m
+#   bench/gpu_verify.sh skew PROFILE [DTYPE]   the reference kit against a skewed weight file: must be red
+#   bench/gpu_verify.sh calibrate PROFILE [RUNS]  invoke calibrate --model smollm2-135m (proposes; no --write)
 #
 # Run from the kiln checkout on the GPU machine; logs go to $OUT (or /tmp/kiln-out).
 # Every step prints the GPUs' memory and the engine processes before and after:
@@ -18,7 +25,7 @@
 set -uo pipefail
 step=${1:?usage: bench/gpu_verify.sh STEP [ARG]}
 out=${OUT:-/tmp/kiln-out}
-mkdir -p "$out" /tmp/kiln-parts
+mkdir -p "$out" /tmp/kiln-parts /tmp/kiln-model-parts
 [ -f /tmp/kiln-env.sh ] && source /tmp/kiln-env.sh
 # The device machine's NVLink-multicast guards (KINDS.md), kept for every child.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -96,6 +103,40 @@ if u.find_spec("sglang"):
   contain)
     state before
     python3 bench/gpu_contain.py --profile "${2:-h200-2}" --tp "${3:-2}" 2>&1 | tee "$out/contain.log"
+    state after ;;
+  recv-model)
+    cp "${2:?part}" /tmp/kiln-model-parts/ && ls -l /tmp/kiln-model-parts ;;
+  unstage-model)
+    # After `unstage`: it rewrites /tmp/kiln-env.sh, this appends to it.
+    time bench/gpu_unstage_model.sh /tmp/kiln-model-parts && source /tmp/kiln-env.sh
+    python3 -c 'import gguf, transformers, torch; print("gguf", gguf.__file__, "| transformers", transformers.__version__, "| torch", torch.__version__, "cuda", torch.cuda.is_available())'
+    state baseline ;;
+  correct)
+    profile=${2:?profile}; shift 2
+    state before
+    # CI=true: a real-model test that finds the model unstaged fails instead of skipping.
+    CI=true CUDA_VISIBLE_DEVICES=0 python3 -m nox -s "e2e-$profile" -- --kiln-model smollm2-135m \
+      tests/e2e/test_reference.py tests/e2e/test_accuracy.py::test_real_model_hellaswag_accuracy_is_above_the_floor \
+      tests/e2e/test_api_semantics.py::test_json_schema_structured_output \
+      tests/e2e/test_occupancy.py::test_engine_does_not_idle_between_steps -rs "$@" 2>&1 | tee "$out/correct-$profile.log"
+    echo "nox exit ${PIPESTATUS[0]}"
+    cp "reports/junit-e2e-$profile.xml" "reports/kit-summary-e2e-$profile.md" "reports/servers-e2e-$profile.json" "$out/" 2>/dev/null
+    grep -h -E "greedy tokens equal|acc_norm|uncalibrated|step occupancy" "$out/correct-$profile.log" | sort | uniq | head -20
+    state after ;;
+  skew)
+    profile=${2:?profile} dtype=${3:-float32}
+    state before
+    CUDA_VISIBLE_DEVICES=0 python3 bench/skewed_reference.py --profile "$profile" --dtype "$dtype" 2>&1 \
+      | tee "$out/skew-$profile-$dtype.log"
+    echo "exit ${PIPESTATUS[0]} (1 = the reference kit failed the skewed weights, as it must)"
+    state after ;;
+  calibrate)
+    profile=${2:?profile} runs=${3:-3}
+    state before
+    # Proposes bounds (a diff on stdout); --write is a reviewed second step.
+    CUDA_VISIBLE_DEVICES=0 python3 -m invoke calibrate --profile "$profile" --model smollm2-135m \
+      --runs "$runs" 2>&1 | tee "$out/calibrate-$profile.log"
+    echo "calibrate exit ${PIPESTATUS[0]}"
     state after ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -56,7 +56,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = perturbed_copy(realmodel.ensure_real_model(), Path(tmp) / "model", a.noise)
         server = Server(get_backend(profile.backend), str(model),
-                        args=(*profile.server_args, *realmodel.SERVE_ARGS),
+                        args=(*profile.server_args, *profile.model_args.get(realmodel.MODEL_NAME, ()),
+                              *realmodel.SERVE_ARGS),
                         served_name=realmodel.MODEL_NAME,
                         env=dict(profile.env), log_dir=Path(tmp) / "logs",
                         launch_timeout_s=profile.launch_timeout_s, key="bench-perturbed")

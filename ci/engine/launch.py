@@ -4,7 +4,7 @@ pytest-free, so the warmup CLI and the chain use it without importing pytest.
 A :class:`ServerKey` (model, tp, args) names what makes two servers
 interchangeable. :func:`launch_args` resolves the model (a hub id, a
 directory, or one of kiln's local models) and composes the args: the
-profile's, this machine's ``$KILN_SERVER_ARGS``, the tp>1 extras, then the
+profile's (its own for the key's model too), this machine's ``$KILN_SERVER_ARGS``, the tp>1 extras, then the
 key's own, with flags the installed
 engine lacks dropped or refused (ci.engine.compat); a local model is served
 under the name the tests use (``Launch.served_name``).
@@ -52,7 +52,7 @@ def launch_args(profile: runners.Profile, key: ServerKey, backend: BackendSpec |
     # tp>1 servers get the profile's multi-GPU args too (ci/profiles/runners.py says why).
     tp_args = profile.tp_args if key.tp > 1 else ()
     site_args = server_args_from_env()
-    args = (*profile.server_args, *site_args, *tp_args, *key.args)
+    args = (*profile.server_args, *profile.model_args.get(key.model, ()), *site_args, *tp_args, *key.args)
     if backend is None or backend.version() is None:
         return Launch(model, args, served_name)  # a generic command: nothing to probe against
     probe = compat.FlagProbe.for_backend(backend, cache=compat.HelpCache())

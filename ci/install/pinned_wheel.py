@@ -63,6 +63,20 @@ def _cached(pin: PinnedWheel, dest: Path) -> Path | None:
     return None
 
 
+def cached(pin: PinnedWheel, cache_dir: Path) -> Path | None:
+    """``pin``'s wheel under ``cache_dir/wheels`` when one is there and matches its sha256, else None.
+
+    Read-only (a mismatching file is left for :func:`fetch` to replace): a
+    collection-time question, "can this runner get the wheel without an index?",
+    must not change the cache another job may be reading.
+    """
+    dest = Path(cache_dir) / "wheels"
+    for path in sorted(dest.glob(f"{_normalized(pin.name)}-{pin.version}-*.whl")):
+        if sha256_of(path) == pin.sha256:
+            return path
+    return None
+
+
 def fetch(pin: PinnedWheel, cache_dir: Path, *, pip_args: Sequence[str] = ()) -> Path:
     """Path of ``pin``'s wheel under ``cache_dir/wheels``, downloading it first if needed.
 

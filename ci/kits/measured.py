@@ -65,7 +65,10 @@ class MeasuredRow:
 PERF_BOUNDS = ("min_output_tok_s", "max_ttft_p50_s", "max_ttft_p95_s", "max_latency_p50_s",
                "max_latency_p95_s")
 OCCUPANCY_BOUNDS = ("threshold", "step_busy_min")
-BOUNDS = ("accuracy", *(f"perf.{b}" for b in PERF_BOUNDS), *(f"occupancy.{b}" for b in OCCUPANCY_BOUNDS))
+# The reference kit's logprob tolerance, by the dtype served (the real model's).
+REFERENCE_BOUNDS = ("float32", "bfloat16")
+BOUNDS = ("accuracy", *(f"perf.{b}" for b in PERF_BOUNDS), *(f"occupancy.{b}" for b in OCCUPANCY_BOUNDS),
+          *(f"reference.{b}" for b in REFERENCE_BOUNDS))
 _FIELDS = tuple(f.name for f in fields(MeasuredRow))
 _NUMBERS = ("value", "min", "median", "max")
 

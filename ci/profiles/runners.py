@@ -63,6 +63,9 @@ class Profile:
     # The most shards `invoke plan` spreads this profile's suite over in one run:
     # each shard holds a runner of the pool for its whole job.
     max_shards: int = GPU_MAX_SHARDS
+    # Launch args servers of one model get on this runner (after server_args), by model name:
+    # how a runner kind serves a model, where the test's own args say what it asks for.
+    model_args: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def session(self) -> str:
@@ -111,6 +114,9 @@ _ROCM_IMAGE = "docker.io/rocm/sgl-dev:v0.5.5-rocm700-mi30x"
 # torch pin (2.11.0) matches the runners' torch.
 _SGLANG_CUDA_IMAGE = f"docker.io/lmsysorg/sglang:v{VERIFIED['sglang'].version}-cu130"
 
+
+# kiln's real local model (ci/engine/realmodel.py; profiles import nothing from ci.engine).
+_SMOLLM2 = "smollm2-135m"
 
 # Per GPU vendor: (backend, image, launch timeout, per-test timeout) of its default engine.
 _VENDOR = {
@@ -172,6 +178,12 @@ def _build() -> Mapping[str, Profile]:
             # next to the test process with room to spare.
             max_live_servers=2,
             max_shards=CPU_MAX_SHARDS,
+            # The real model (ci/engine/realmodel.py) without compilation: on CPU
+            # vLLM only traces the model with Dynamo and runs the eager backend
+            # anyway, and tracing its 30 layers took ~100 s of a 160 s cold start on
+            # a 2-core runner, for no speed-up. GPU lanes keep torch.compile and CUDA
+            # graphs: those are the kernels a GPU run is there to check.
+            model_args=MappingProxyType({_SMOLLM2: ("--compilation-config", '{"mode": 0}')}),
         ),
         *(_gpu("nvidia", "h100", n) for n in (1, 2, 4, 8)),
         *(_gpu("nvidia", "h200", n) for n in (1, 2, 4, 8)),

@@ -31,6 +31,7 @@ from ci.profiles import runners
 from ci.report import artefacts, quarantine
 from ci.session import known_issues, outcomes, skips, topologies
 from ci.session.pool import ServerPool, key_from_marker
+from ci.text import envflag
 from ci.warmup import markers as warmup_markers
 from ci.warmup.specs import WarmupSpec
 
@@ -47,6 +48,8 @@ _BASELINE = pytest.StashKey[set]()
 _TALLY = pytest.StashKey[skips.Tally]()
 TALLY_PLUGIN = "kiln-skip-tally"
 DISRUPTIVE = "kiln_disruptive"
+# Set at collection on a test whose prerequisite this runner lacks, under CI: it fails at setup.
+MISSING = "kiln_missing"
 TOPOLOGY_PLUGIN = "kiln-topologies"
 
 
@@ -77,6 +80,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
     config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
+    config.addinivalue_line("markers", f"{MISSING}(reason): set by kiln; fails the test at setup")
     config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
     config.addinivalue_line("markers", f"{DISRUPTIVE}(pool=False): leaves its server unusable (stops or "
                                        f"kills it); runs after every other test; pool=True (it stops the "
@@ -184,9 +188,24 @@ def capacity_skip_reason(item: pytest.Item, profile: runners.Profile, available:
     return None
 
 
-def _lane_skip_reason(item: pytest.Item, profile: runners.Profile) -> str | None:
+def _lane_check(item: pytest.Item, profile: runners.Profile) -> models.LaneCheck | None:
     marker = item.get_closest_marker("model")
-    return models.lane_skip_reason(marker.args[0], profile.vendor) if marker and marker.args else None
+    return models.lane_check(marker.args[0], profile.vendor) if marker and marker.args else None
+
+
+def _ci_or_usage_error() -> bool:
+    try:
+        return envflag.in_ci()
+    except envflag.FlagError as exc:
+        raise pytest.UsageError(f"kiln: {exc}") from None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker(MISSING)
+    if marker is not None:
+        # Under CI a prerequisite the runner lacks (a model not staged) fails the
+        # test, naming it: a skip would let a runner that was never set up go green.
+        pytest.fail(f"{marker.args[0]} (CI is set, so this fails instead of skipping)", pytrace=False)
 
 
 def _wants_engine(item: pytest.Item) -> bool:
@@ -218,7 +237,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if marker:  # skipped already (a known issue on this profile, a plain skip marker)
             reasons.append(marker.kwargs.get("reason") or (marker.args[0] if marker.args else "skip marker"))
             continue
-        reason = _lane_skip_reason(item, profile) or capacity_skip_reason(item, profile, available)
+        lane = _lane_check(item, profile)
+        if lane is not None and lane.missing and _ci_or_usage_error():
+            item.add_marker(getattr(pytest.mark, MISSING)(lane.reason))
+            continue
+        reason = (lane.reason if lane else None) or capacity_skip_reason(item, profile, available)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
             reasons.append(reason)
@@ -274,7 +297,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     profile = profile_of(session.config)
     keys: dict[str, dict] = {}
     for item in session.items:
-        if item.get_closest_marker("skip"):
+        if item.get_closest_marker("skip") or item.get_closest_marker(MISSING):
             continue
         names = getattr(item, "fixturenames", ())
         # A topology's workers are servers of one key: warmup warms that key.

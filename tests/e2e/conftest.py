@@ -17,6 +17,22 @@ from ci.session import pytest_plugin
 from ci.text.summary import append_section
 
 log = logging.getLogger("kiln.e2e")
+# A test (or parameter) meant for GPU lanes: skipped at collection on the cpu lane, so
+# the pool never launches its server there (prelaunch and warmup skip skipped tests).
+GPU_ONLY = "kiln_gpu_only"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{GPU_ONLY}(reason): skipped on the cpu lane at collection")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if pytest_plugin.profile_of(config).vendor != "cpu":
+        return
+    for item in items:
+        marker = item.get_closest_marker(GPU_ONLY)
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.args[0]))
 
 
 @pytest.fixture

@@ -73,3 +73,12 @@ def test_an_interpreter_without_pip_fails_naming_it_and_leaves_nothing(tmp_path,
         pinned_wheel.fetch(PinnedWheel("kiln-fake-data", "1.0", digest), tmp_path / "cache",
                            pip_args=(*LOCAL, str(src.parent)))
     assert [p.name for p in (tmp_path / "cache" / "wheels").iterdir()] == [".kiln_fake_data.lock"]
+
+
+def test_cached_finds_only_a_file_that_matches_its_pin_and_changes_nothing(tmp_path):
+    src, digest = make_wheel(tmp_path / "cache" / "wheels")
+    assert pinned_wheel.cached(PinnedWheel("kiln-fake-data", "1.0", digest), tmp_path / "cache") == src
+    wrong = PinnedWheel("kiln-fake-data", "1.0", "0" * 64)
+    assert pinned_wheel.cached(wrong, tmp_path / "cache") is None
+    assert src.is_file()  # a mismatch is fetch()'s to replace, not a read-only question's
+    assert pinned_wheel.cached(PinnedWheel("kiln-fake-data", "1.0", digest), tmp_path / "empty") is None

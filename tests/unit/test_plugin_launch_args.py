@@ -93,3 +93,20 @@ def test_sglang_profiles_get_no_vllm_args():
     sglang = runners.get_profile("h200-2-sglang")
     assert sglang.backend == "sglang" and sglang.tp_args == () and sglang.server_args == ()
     assert sglang.image == "docker.io/lmsysorg/sglang:v0.5.17-cu130"
+
+
+def test_the_real_model_runs_uncompiled_on_cpu_only_in_the_dtype_its_key_asks_for(monkeypatch):
+    from ci.engine import launch, realmodel
+    # Resolving kiln's real model would fetch and convert it; the args are the question here.
+    monkeypatch.setattr(launch.models, "resolve", lambda name: (f"/models/{name}", name))
+    cpu, h200 = runners.get_profile("cpu"), runners.get_profile("h200-1")
+    _, args, served = launch_args(cpu, ServerKey(realmodel.MODEL_NAME, 1, realmodel.serve_args("float32")))
+    assert served == realmodel.MODEL_NAME
+    # The key's --dtype comes after the profile's bfloat16: the engine takes the last one.
+    assert args[-4:] == ("--compilation-config", '{"mode": 0}', "--dtype", "float32")
+    _, args, _ = launch_args(cpu, ServerKey("tiny-llama"))
+    assert "--compilation-config" not in args
+    _, args, _ = launch_args(h200, ServerKey(realmodel.MODEL_NAME, 1, realmodel.serve_args("bfloat16")))
+    assert args == ("--dtype", "bfloat16")
+    with pytest.raises(ValueError, match="smollm2-135m is served in float32 or bfloat16, not 'float16'"):
+        realmodel.serve_args("float16")
