@@ -50,6 +50,8 @@ TALLY_PLUGIN = "kiln-skip-tally"
 DISRUPTIVE = "kiln_disruptive"
 # Set at collection on a test whose prerequisite this runner lacks, under CI: it fails at setup.
 MISSING = "kiln_missing"
+# A test whose server must honour a request's seed (SGLang needs a launch flag for it).
+SEEDED = "kiln_seeded"
 TOPOLOGY_PLUGIN = "kiln-topologies"
 
 
@@ -80,6 +82,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "model(name='default', tp=1, args=()): the server a test needs")
     config.addinivalue_line("markers", "gpus(n): GPUs a test needs beyond its model's tp")
+    config.addinivalue_line("markers", f"{SEEDED}: its server honours a request's seed (the backend's "
+                                       f"seed_flag added to its model's launch args)")
     config.addinivalue_line("markers", f"{MISSING}(reason): set by kiln; fails the test at setup")
     config.addinivalue_line("markers", "known_issue(profiles, reason, link=None): skip on those profiles")
     config.addinivalue_line("markers", f"{DISRUPTIVE}(pool=False): leaves its server unusable (stops or "
@@ -119,6 +123,11 @@ def session_name(config: pytest.Config) -> str:
     return os.environ.get(SESSION_ENV) or profile_of(config).session
 
 
+def backend_of(config: pytest.Config) -> BackendSpec:
+    """The run's engine spec: ``--kiln-backend`` when given, else the profile's."""
+    return get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+
+
 def log_dir_of(config: pytest.Config) -> Path:
     """Where this session's server (and gateway) logs go."""
     return Path(config.getoption("--kiln-reports")) / "logs" / session_name(config)
@@ -126,7 +135,7 @@ def log_dir_of(config: pytest.Config) -> Path:
 
 def _factory(config: pytest.Config, memory: gpumem.DeviceMemoryGuard | None):
     profile = profile_of(config)
-    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    backend = backend_of(config)
     log_dir = log_dir_of(config)
 
     def make(key: ServerKey, devices: tuple[int, ...], label: str | None = None) -> Server:
@@ -331,7 +340,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # live owner's): their engines would hold memory, ports and GPUs.
     for done in reaper.reap():
         _say(config, done.line())
-    backend = get_backend(config.getoption("--kiln-backend") or profile.backend)
+    backend = backend_of(config)
     config.stash[_BASELINE] = {st.identity for st in engine_processes(backend)}
     found = _discovery(config)
     memory, topology, visible = None, None, ()
@@ -384,7 +393,7 @@ def new_engine_processes(config: pytest.Config) -> list[procfs.Stat]:
     nothing but engine processes up to init, where orphans go. Decided from
     the process table alone, not from kiln's records.
     """
-    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    backend = backend_of(config)
     before = config.stash.get(_BASELINE, set())
     found = engine_processes(backend)
     engines = {st.pid for st in found}
@@ -408,7 +417,7 @@ def _check_nothing_left(session: pytest.Session) -> None:
     fails the session: the next job on this host would run beside it.
     """
     config = session.config
-    backend = get_backend(config.getoption("--kiln-backend") or profile_of(config).backend)
+    backend = backend_of(config)
     if not backend.process_names:
         return
     leaked = new_engine_processes(config)
@@ -444,9 +453,14 @@ def kiln_pool(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Se
 
 def server_key(item: pytest.Item, profile: runners.Profile) -> ServerKey:
     marker = item.get_closest_marker("model")
-    if marker is None:
-        return ServerKey(profile.default_model)
-    return key_from_marker(marker.args, marker.kwargs, profile.default_model)
+    key = (ServerKey(profile.default_model) if marker is None
+           else key_from_marker(marker.args, marker.kwargs, profile.default_model))
+    flag = backend_of(item.config).seed_flag if item.get_closest_marker(SEEDED) else None
+    if flag and flag not in key.args:
+        # A key, not a second server inside the test: on a one-GPU runner the
+        # test's own server would hold the only device while it asked for this one.
+        key = dataclasses.replace(key, args=(*key.args, flag))
+    return key
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import pytest
 
 from ci.engine import compat, realmodel
 from ci.kits import api_semantics as sem
-from ci.session.pool import ServerKey
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
@@ -29,18 +28,11 @@ def test_stop_string_ends_the_text(server):
     sem.check_stop_string(server)
 
 
-def test_seed_makes_sampling_reproducible(server, kiln_pool, kiln_profile):
-    flag = server.backend.seed_flag
-    if flag is None:
-        sem.check_seed_reproducible(server)
-        return
-    # The engine reads a request's seed only when launched with this flag
-    # (SGLang: --enable-deterministic-inference): ask for that server.
-    seeded = kiln_pool.acquire(ServerKey(kiln_profile.default_model, 1, (flag,)))
-    try:
-        sem.check_seed_reproducible(seeded)
-    finally:
-        kiln_pool.release(seeded)
+# The engine reads a request's seed only when launched for it (SGLang:
+# --enable-deterministic-inference); the marker asks the pool for that server.
+@pytest.mark.kiln_seeded
+def test_seed_makes_sampling_reproducible(server):
+    sem.check_seed_reproducible(server)
 
 
 def test_logprobs_are_consistent(server):
