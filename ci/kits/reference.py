@@ -123,6 +123,16 @@ class Comparison:
     reference_text: str = ""
     diffs: list[float] = field(default_factory=list)
 
+    def agree(self, i: int, engine_top: dict[str, float], ref_top: dict[str, float]) -> None:
+        """Position ``i`` has the same greedy token: record its logprob differences over the shared top-k."""
+        self.matched += 1
+        self.compared += 1
+        for tok in set(engine_top) & set(ref_top):
+            d = abs(engine_top[tok] - ref_top[tok])
+            self.diffs.append(d)
+            if d > self.max_diff:
+                self.max_diff, self.worst = d, f"token {i} {tok!r}: {engine_top[tok]:.4f} vs {ref_top[tok]:.4f}"
+
 
 def engine_greedy(client: EngineClient, prompt: str, n_tokens: int, top_k: int,
                   extra: dict) -> Decode:
@@ -161,13 +171,7 @@ def compare(engine: Decode, ref: Decode, *, n_tokens: int, min_tokens: int, top_
                            + (f"(reference prefers it by {gap:.3f} nats)" if gap is not None
                               else f"(not in the reference's top {top_k})"))
             return cmp
-        cmp.matched += 1
-        cmp.compared += 1
-        for tok in set(e.top) & set(r.top):
-            d = abs(e.top[tok] - r.top[tok])
-            cmp.diffs.append(d)
-            if d > cmp.max_diff:
-                cmp.max_diff, cmp.worst = d, f"token {i} {tok!r}: {e.top[tok]:.4f} vs {r.top[tok]:.4f}"
+        cmp.agree(i, e.top, r.top)
         if abs(e.logprob - r.logprob) > logprob_tol or cmp.max_diff > logprob_tol:
             where = cmp.worst if cmp.max_diff > logprob_tol else (
                 f"token {i} {e.token!r}: {e.logprob:.4f} vs {r.logprob:.4f}")
@@ -198,13 +202,7 @@ def compare_topk(engine: Decode, ref: Decode, *, n_tokens: int, top_k: int) -> C
             else:
                 cmp.tie_at = i  # a top-k swap: both rounding paths are plausible; stop here
             return cmp
-        cmp.matched += 1
-        cmp.compared += 1
-        for tok in set(e.top) & set(r.top):
-            d = abs(e.top[tok] - r.top[tok])
-            cmp.diffs.append(d)
-            if d > cmp.max_diff:
-                cmp.max_diff, cmp.worst = d, f"token {i} {tok!r}: {e.top[tok]:.4f} vs {r.top[tok]:.4f}"
+        cmp.agree(i, e.top, r.top)
     return cmp
 
 
