@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from ci.engine import gateway, launch, models
+from ci.engine import launch, models
 from ci.engine.backends import BackendSpec, get_backend
 from ci.engine.launch import ServerKey
 from ci.engine.server import Server
 from ci.engine.topology import gpus_per_server
-from ci.host import alloc, cachedir, cgroups, gpu, gpu_smi, gpumem, procfs, reaper
+from ci.host import alloc, cachedir, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts, quarantine
-from ci.session import known_issues, outcomes, skips, topologies
+from ci.session import known_issues, leakscan, outcomes, skips, topologies
 from ci.session.pool import ServerPool, key_from_marker
 from ci.text import envflag
 from ci.warmup import markers as warmup_markers
@@ -327,12 +327,6 @@ def _say(config: pytest.Config, line: str) -> None:
         log.warning("%s", line)
 
 
-def engine_processes(backend: BackendSpec) -> list[procfs.Stat]:
-    """Live processes that look like ``backend``'s or a gateway's by name or command line (no tag,
-    no registry): a topology's router must not outlive the session either."""
-    return procfs.matching(backend.process_names + gateway.PROCESS_NAMES) if backend.process_names else []
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     profile = profile_of(config)
@@ -341,7 +335,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     for done in reaper.reap():
         _say(config, done.line())
     backend = backend_of(config)
-    config.stash[_BASELINE] = {st.identity for st in engine_processes(backend)}
+    config.stash[_BASELINE] = leakscan.baseline(backend)
     found = _discovery(config)
     memory, topology, visible = None, None, ()
     if found is not None:
@@ -385,36 +379,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def new_engine_processes(config: pytest.Config) -> list[procfs.Stat]:
-    """Engine-looking processes that are new since the session started and can be this run's.
-
-    Another job on the same host may start an engine meanwhile: its processes
-    hang below a live process of its own (its supervisor, its harness). Ours
-    either still hang below this process, or -- had they escaped -- below
-    nothing but engine processes up to init, where orphans go. Decided from
-    the process table alone, not from kiln's records.
-    """
-    backend = backend_of(config)
-    before = config.stash.get(_BASELINE, set())
-    found = engine_processes(backend)
-    engines = {st.pid for st in found}
-    snap = procfs.table()
-    me = os.getpid()
-    leaked = []
-    for st in found:
-        if st.identity in before:
-            continue
-        chain = procfs.ancestors(st.pid, snap)
-        if me in chain or all(pid in engines for pid in chain):
-            leaked.append(st)
-    return leaked
+    """Engine-looking processes new since the session started that can be this run's (ci/session/leakscan.py)."""
+    return leakscan.new_engine_processes(backend_of(config), config.stash.get(_BASELINE, set()))
 
 
 def _check_nothing_left(session: pytest.Session) -> None:
     """After the pool stopped everything: no engine process that was not there at the start.
 
-    Counted by name and command line (renamed processes included, zombies
-    aside), so it holds even if kiln's own bookkeeping were wrong. A leak
-    fails the session: the next job on this host would run beside it.
+    A leak fails the session: the next job on this host would run beside it.
     """
     config = session.config
     backend = backend_of(config)
@@ -423,11 +395,7 @@ def _check_nothing_left(session: pytest.Session) -> None:
     leaked = new_engine_processes(config)
     if leaked:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        _say(config, f"LEAK: {len(leaked)} {backend.name} process(es) outlived the session: "
-                     + ", ".join(procfs.label(st.pid) for st in leaked))
-    else:
-        _say(config, f"containment: 0 {backend.name} processes left (scan by name and command "
-                     f"line; {cgroups.probe()})")
+    _say(config, leakscan.verdict(backend, leaked))
 
 
 @pytest.fixture(scope="session")
