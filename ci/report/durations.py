@@ -19,9 +19,14 @@ Reading it:
   describes a suite and an engine that have moved on;
 - a test with no history costs the median of its file's tests, then of the
   suite's, then DEFAULT_ESTIMATE_S when the profile has no history at all;
-- a test's time includes its server's launch when it was the first to use
-  that server: exact while a server group stays on one shard (the packer keeps
-  it so), and the store learns a split's cost from the run that split it.
+- a test's time is its own: what it waited for servers (WAIT_PROPERTY: the
+  session's prelaunch for the first test, its own borrow otherwise) is taken
+  out, and each launch that completed in that wait (LAUNCH_PROPERTY) is a
+  sample of its server key's launch. The packer charges a key's launch p90
+  once to every shard that launches it: booked on whichever test waited, the
+  cpu lane's first tiny-model test carried both servers' prelaunch (~56 s) and
+  the real-model tests none, so the shard holding them ran ~40-60 s over its
+  estimate. JUnit without these properties reads as no wait and no launches.
 
 Reading never drops a sample by today's date: the shards of one matrix start
 minutes apart and must all see the same figures, so the window is applied when
@@ -52,7 +57,9 @@ from ci.report.junit import FAILED, PASSED, CaseResult
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+# Format 2 added the launches; a format-1 store still loads (it has none).
+STORE_FORMAT = 2
+READABLE_FORMATS = (1, STORE_FORMAT)
 # Where the store lives unless told (gitignored, beside kiln's cache root): the
 # workflows restore it there from the cache of the last green run on the default branch.
 STORE_ENV = "KILN_DURATIONS"
@@ -70,7 +77,10 @@ DEFAULT_ESTIMATE_S = 60.0
 # Run ids remembered so feeding the same JUnit twice adds nothing; older ones
 # have left the window anyway.
 MAX_RUN_IDS = 2000
+# The JUnit properties the pytest plugin writes and the store reads (ci/session/waits.py).
 SERVER_PROPERTY = "kiln_server"
+WAIT_PROPERTY = "kiln_server_wait_s"  # seconds the test waited for servers, launches included
+LAUNCH_PROPERTY = "kiln_launch"       # "<server key>=<seconds launch to ready>", one per launch
 # Where an estimate came from, best first.
 HISTORY, FILE_MEDIAN, SUITE_MEDIAN, DEFAULT = "history", "file median", "suite median", "default"
 SOURCES = (HISTORY, FILE_MEDIAN, SUITE_MEDIAN, DEFAULT)
@@ -101,6 +111,31 @@ def _counts(case: CaseResult) -> bool:
     return case.outcome == FAILED and outcome.failure_class(case) not in (outcome.INFRA, outcome.ENGINE)
 
 
+def _seconds(text: str | None) -> float:
+    """A property's seconds; absent or unreadable is 0 (old JUnit, a hand-edited file)."""
+    try:
+        return max(0.0, float(text or 0))
+    except ValueError:
+        return 0.0
+
+
+def _launches(case: CaseResult) -> list[tuple[str, float]]:
+    """(server key, seconds) of every launch recorded on ``case``."""
+    # rpartition: the key itself has '=' in it (tiny-llama|tp=1|).
+    found = [value.rpartition("=") for name, value in case.properties if name == LAUNCH_PROPERTY]
+    return [(key, _seconds(seconds)) for key, sep, seconds in found if sep and key]
+
+
+def _prune(per_key: dict[str, list[Sample]], start: datetime, keep: int) -> None:
+    """In place: each key's samples since ``start``, the newest ``keep``; keys left with none go."""
+    for name in list(per_key):
+        kept = sorted((s for s in per_key[name] if s.when >= start), key=lambda s: s.when)[-keep:]
+        if kept:
+            per_key[name] = kept
+        else:
+            del per_key[name]
+
+
 def p90(values: Sequence[float]) -> float:
     """The 90th percentile (inclusive method: never beyond the largest sample)."""
     if not values:
@@ -129,10 +164,12 @@ def run_id(run: Run) -> str:
 
 @dataclass
 class Store:
-    """Per profile, per test node id: its samples, oldest first."""
+    """Per profile, per test node id: its samples, oldest first; and per profile, per server key:
+    its launches (seconds from launch to ready), oldest first."""
 
     tests: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
+    launches: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
 
     # -- building -----------------------------------------------------------
     def ingest(self, runs: Iterable[Run]) -> int:
@@ -149,25 +186,27 @@ class Store:
             self.runs.append(rid)
             added += 1
             per_test = self.tests.setdefault(run.profile, {})
+            per_key = self.launches.setdefault(run.profile, {})
             for case in run.result.cases:
+                # A launch that reached ready took its time whatever the test did after it.
+                for key, seconds in _launches(case):
+                    per_key.setdefault(key, []).append(Sample(run.when, seconds))
                 if _counts(case):
+                    seconds = max(0.0, case.duration - _seconds(case.prop(WAIT_PROPERTY)))
                     per_test.setdefault(case.nodeid, []).append(
-                        Sample(run.when, case.duration, case.prop(SERVER_PROPERTY) or ""))
+                        Sample(run.when, seconds, case.prop(SERVER_PROPERTY) or ""))
+            if not per_key:
+                del self.launches[run.profile]
         return added
 
     def prune(self, now: datetime | None = None, *, days: int = WINDOW_DAYS, keep: int = MAX_SAMPLES) -> None:
-        """Drop samples older than ``days`` and all but the newest ``keep`` of each test."""
+        """Drop samples older than ``days`` and all but the newest ``keep`` of each test and server key."""
         start = (now or datetime.now(timezone.utc)) - timedelta(days=days)
-        for profile in list(self.tests):
-            per_test = self.tests[profile]
-            for nodeid in list(per_test):
-                kept = sorted((s for s in per_test[nodeid] if s.when >= start), key=lambda s: s.when)[-keep:]
-                if kept:
-                    per_test[nodeid] = kept
-                else:
-                    del per_test[nodeid]
-            if not per_test:
-                del self.tests[profile]
+        for section in (self.tests, self.launches):
+            for profile in list(section):
+                _prune(section[profile], start, keep)
+                if not section[profile]:
+                    del section[profile]
         self.runs = self.runs[-MAX_RUN_IDS:]
 
     # -- files --------------------------------------------------------------
@@ -176,7 +215,10 @@ class Store:
                 "runs": self.runs,
                 "profiles": {p: {t: [[_iso(s.when), round(s.seconds, 3), s.server] for s in samples]
                                  for t, samples in sorted(tests.items())}
-                             for p, tests in sorted(self.tests.items())}}
+                             for p, tests in sorted(self.tests.items())},
+                "launches": {p: {k: [[_iso(s.when), round(s.seconds, 3)] for s in samples]
+                                 for k, samples in sorted(keys.items())}
+                             for p, keys in sorted(self.launches.items())}}
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: shards of one matrix prove they split by the same store."""
@@ -204,8 +246,9 @@ class Store:
             return cls()
         except (OSError, ValueError) as exc:
             raise DurationsError(f"{path}: not a readable durations store ({exc})") from None
-        if not isinstance(data, dict) or data.get("kiln_durations") != STORE_FORMAT:
-            raise DurationsError(f"{path}: not a kiln durations store (format {STORE_FORMAT}); "
+        if not isinstance(data, dict) or data.get("kiln_durations") not in READABLE_FORMATS:
+            raise DurationsError(f"{path}: not a kiln durations store (format "
+                                 f"{' or '.join(map(str, READABLE_FORMATS))}); "
                                  f"rebuild it: invoke durations --junit DIR --store {path}")
         store = cls(runs=[str(r) for r in data.get("runs") or ()])
         for profile, tests in (data.get("profiles") or {}).items():
@@ -215,6 +258,13 @@ class Store:
                         Sample(_parse_when(w, f"{path}: {nodeid}"), float(s), str(k)) for w, s, k in rows]
                 except (TypeError, ValueError) as exc:
                     raise DurationsError(f"{path}: {nodeid}: bad sample ({exc})") from None
+        for profile, keys in (data.get("launches") or {}).items():  # format 1 has none
+            for key, rows in (keys or {}).items():
+                try:
+                    store.launches.setdefault(profile, {})[key] = [
+                        Sample(_parse_when(w, f"{path}: launch of {key}"), float(s)) for w, s in rows]
+                except (TypeError, ValueError) as exc:
+                    raise DurationsError(f"{path}: launch of {key}: bad sample ({exc})") from None
         return store
 
     # -- reading ------------------------------------------------------------
@@ -229,8 +279,11 @@ class Store:
             current = [s.seconds for s in samples if s.server == key]
             figures[nodeid], servers[nodeid] = p90(current), key
             whens.update(s.when for s in samples)
+        launches = {k: p90([s.seconds for s in samples])
+                    for k, samples in self.launches.get(profile, {}).items() if samples}
         return Estimates(profile, figures, {t: k for t, k in servers.items() if k},
-                         runs=len(whens), newest=max(whens, default=None), digest=self.digest())
+                         runs=len(whens), newest=max(whens, default=None), digest=self.digest(),
+                         launches=launches)
 
 
 @dataclass(frozen=True)
@@ -255,7 +308,8 @@ class Coverage:
 
 @dataclass(frozen=True)
 class Estimates:
-    """One profile's p90 per test and server key, with the fallbacks for tests it has not seen."""
+    """One profile's p90 per test and its server key, the p90 launch of each server key, and the
+    fallbacks for tests it has not seen (a key with no launch history costs no launch)."""
 
     profile: str
     p90: Mapping[str, float]
@@ -263,6 +317,7 @@ class Estimates:
     runs: int = 0
     newest: datetime | None = None
     digest: str = ""
+    launches: Mapping[str, float] = field(default_factory=dict)
 
     def _file_medians(self) -> dict[str, float]:
         by_file: dict[str, list[float]] = defaultdict(list)
@@ -298,14 +353,17 @@ class Estimates:
         return Coverage(counts, tuple(files))
 
     def age_line(self, now: datetime | None = None) -> str:
-        """``4 runs, newest 2026-12-05 12:40 UTC (35 min old)``, or that there is no history."""
+        """``4 runs, newest 2026-12-05 12:40 UTC (35 min old), ...; launches of 2 server keys``, or that
+        there is no history."""
         if self.newest is None:
             return (f"no history for profile {self.profile}: every test costs the "
                     f"{DEFAULT_ESTIMATE_S:.0f} s default, so the split is by count")
         age = (now or datetime.now(timezone.utc)) - self.newest
         return (f"{self.runs} run{'s' * (self.runs != 1)} of profile {self.profile}, newest "
                 f"{self.newest.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC ({_age(age)} old), "
-                f"window {WINDOW_DAYS} days / {MAX_SAMPLES} samples a test")
+                f"window {WINDOW_DAYS} days / {MAX_SAMPLES} samples a test; "
+                + (f"launches of {len(self.launches)} server key{'s' * (len(self.launches) != 1)}"
+                   if self.launches else "no server launches yet (each costs 0 s)"))
 
 
 def _age(delta: timedelta) -> str:

@@ -2,7 +2,8 @@
 
 ``pytest_plugin`` (``-p ci.session.pytest_plugin``) gives tests the ``model``
 marker and the ``server`` fixture, the ``topology`` marker and fixture, backed
-by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``envinfo`` prints what the run is on;
+by ``pool``'s session-wide servers and topologies (built by ``ci.engine``); ``waits``
+records in the JUnit what each borrow waited and which launches it paid for; ``envinfo`` prints what the run is on;
 ``shard`` splits a session across machines by the durations store (an empty
 shard fails its job); ``plan`` sizes each profile's shard count from the same
 store and writes the workflows' profile x shard matrix (``invoke plan``);

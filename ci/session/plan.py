@@ -1,7 +1,8 @@
 """``invoke plan``: how many shards each profile's suite needs, and the GitHub Actions matrix of them.
 
 From the durations store (ci/report/durations.py) and a wall-clock target per
-job, a profile gets ``ceil(sum of p90 x SHARD_MARGIN / target)`` shards,
+job, a profile gets ``ceil(sum of p90 x SHARD_MARGIN / target)`` shards (the
+sum: every test's p90 and one launch p90 of every server key they use),
 at least 1 and at most its pool's cap (``Profile.max_shards``): SGLang's rule
 (sglang #25193, #33329), which keeps each job under the ~20 minutes engine
 teams hold a job to. The plan packs the store's tests exactly as each shard
@@ -83,6 +84,7 @@ class Plan:
     tests: int
     history: durations.Estimates
     reasons: tuple[str, ...] = field(default=())
+    launch_s: float = 0.0  # of total_s: one launch of each server key
 
     @property
     def spread(self) -> float:
@@ -97,7 +99,9 @@ class Plan:
                f"target {_clock(self.target_s)} a job",
                f"  durations: {self.history.age_line()}"]
         if self.tests:
-            out.append(f"  {self.tests} tests, sum of p90 {_clock(self.total_s)}: ceil({self.total_s:.0f} s x "
+            launches = f" ({_clock(self.launch_s)} of it server launches)" if self.launch_s else ""
+            out.append(f"  {self.tests} tests, sum of p90 {_clock(self.total_s)}{launches}: "
+                       f"ceil({self.total_s:.0f} s x "
                        f"{SHARD_MARGIN} / {self.target_s:.0f} s) = {self.wanted}"
                        + (f", capped at {self.shards}" if self.wanted > self.shards else "")
                        + f" -> {self.shards} shard{'s' * (self.shards != 1)}")
@@ -143,10 +147,12 @@ def plan_profile(profile: runners.Profile, history: durations.Estimates, target_
                     (f"no durations history for {profile.name}: one shard; its JUnit feeds the next plan",))
     estimates = history.seconds(nodeids)
     groups = sharding.groups_for(nodeids, history, {})
-    total = sum(estimates.values())
+    launches = history.launches
+    launch_s = sharding.launch_cost(groups.family, launches, nodeids)
+    total = sum(estimates.values()) + launch_s
     n, wanted = shard_count(total, target_s, profile.max_shards)
-    packed = sharding.assign(nodeids, estimates, n, groups)
-    loads = tuple(sum(estimates[t] for t in b) for b in packed)
+    packed = sharding.assign(nodeids, estimates, n, groups, launches=launches)
+    loads = tuple(sharding.shard_loads(packed, estimates, groups.family, launches))
     reasons = []
     if wanted > n:
         reasons.append(f"{profile.name}'s pool gives a run at most {n} shards (Profile.max_shards): "
@@ -154,20 +160,22 @@ def plan_profile(profile: runners.Profile, history: durations.Estimates, target_
     empty = sum(1 for b in packed if not b)
     if empty:
         reasons.append(f"{empty} of {n} shards would be empty: tests sharing a server stay together")
-    plan = Plan(profile, target_s, total, n, wanted, loads, len(nodeids), history, tuple(reasons))
+    plan = Plan(profile, target_s, total, n, wanted, loads, len(nodeids), history, tuple(reasons), launch_s)
     if n > 1 and plan.spread > MAX_SPREAD and not empty:
-        # What the packer keeps whole: a server group within its split limit, else each test.
+        # What the packer keeps whole: a server group (with its launch) within its split limit,
+        # else each test (each paying the launch again).
         limit = total / n * (1 + sharding.GROUP_SPLIT_TOLERANCE)
         families: dict[str, list[str]] = {}
         for t in nodeids:
             families.setdefault(groups.family.get(t, t), []).append(t)
         units = {}
         for key, members in families.items():
-            weight = sum(estimates[t] for t in members)
+            launch = sharding.launch_cost(groups.family, launches, members[:1])
+            weight = sum(estimates[t] for t in members) + launch
             units.update({key: (weight, len(members))} if weight <= limit else
-                         {t: (estimates[t], 1) for t in members})
+                         {t: (estimates[t] + launch, 1) for t in members})
         plan = Plan(profile, target_s, total, n, wanted, loads, len(nodeids), history,
-                    (*reasons, *_why_uneven(loads, units, total / n, target_s)))
+                    (*reasons, *_why_uneven(loads, units, total / n, target_s)), launch_s)
     return plan
 
 

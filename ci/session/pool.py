@@ -97,6 +97,8 @@ class ServerPool:
         self._retired: list[Server] = []
         # Which ServerKey each engine serves: a topology adopts live engines of its key.
         self._serves: dict[int, ServerKey] = {}
+        # Engines built since the last take_launches(): whoever waited for them books their launch.
+        self._unbooked: list[Server] = []
         self._lock = threading.Lock()
         self.launches = 0
 
@@ -166,6 +168,19 @@ class ServerPool:
                         self._failed[key] = error
             return [k for (k, _), e in zip(units, outcomes) if e is None]
 
+    def take_launches(self) -> list[tuple[str, float]]:
+        """(server key, seconds from launch to ready) of each engine that became ready since the last
+        call, each once: the test that waited for them books them (ci/session/waits.py).
+
+        Launches happen inside ``acquire``/``prelaunch``, which return only when
+        they have ended, so between borrows none is half done; one that failed
+        is dropped (it never served, and its test is not timed).
+        """
+        with self._lock:
+            built, self._unbooked = self._unbooked, []
+            return [(str(self._serves[id(s)]), s.record.ready - s.record.launched) for s in built
+                    if s.record.launched is not None and s.record.ready is not None]
+
     def release(self, unit: Unit, nodeid: str | None = None) -> None:
         """Give a borrowed server or topology back; ``nodeid`` is recorded for the report."""
         with self._lock:
@@ -218,6 +233,7 @@ class ServerPool:
     def _new_engine(self, key: ServerKey, devices: tuple[int, ...], **label: str) -> Server:
         server = self._factory(key, devices, **label)
         self._serves[id(server)] = key
+        self._unbooked.append(server)
         self.launches += 1
         return server
 

@@ -29,7 +29,7 @@ from ci.engine.topology import gpus_per_server
 from ci.host import alloc, cachedir, gpu, gpu_smi, gpumem, procfs, reaper
 from ci.profiles import runners
 from ci.report import artefacts, quarantine
-from ci.session import known_issues, leakscan, outcomes, skips, topologies
+from ci.session import known_issues, leakscan, outcomes, skips, topologies, waits
 from ci.session.pool import ServerPool, key_from_marker
 from ci.text import envflag
 from ci.warmup import markers as warmup_markers
@@ -414,8 +414,9 @@ def kiln_pool(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Se
         # Measured on the cpu lane only; GPU launches together (per-device memory
         # baselines taken side by side) have not been run on a GPU yet.
         return pool
-    pool.prelaunch([server_key(item, profile) for item in request.session.items
-                    if "server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("skip")])
+    waits.prelaunch(pytestconfig, pool, [server_key(item, profile) for item in request.session.items
+                                         if "server" in getattr(item, "fixturenames", ())
+                                         and not item.get_closest_marker("skip")])
     return pool
 
 
@@ -435,9 +436,7 @@ def server_key(item: pytest.Item, profile: runners.Profile) -> ServerKey:
 def server(request: pytest.FixtureRequest, kiln_pool: ServerPool, kiln_profile: runners.Profile,
            record_property, record_testsuite_property) -> Server:
     """A ready server for this test's ``model`` marker, borrowed from the session pool."""
-    key = server_key(request.node, kiln_profile)
-    record_property("kiln_server", str(key))
-    srv = kiln_pool.acquire(key)
+    srv = waits.acquire(request.config, kiln_pool, server_key(request.node, kiln_profile), record_property)
     version = srv.backend.version()
     if version:
         record_testsuite_property("kiln_engine_version", f"{srv.backend.name} {version}")

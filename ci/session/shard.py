@@ -5,15 +5,16 @@
 time, longest first, each onto the least loaded shard (LPT): deterministic for
 the same inputs, so the n machines agree on the split without talking. The
 estimates are the durations store's (ci/report/durations.py: p90 per test and
-server key from earlier runs' JUnit; a test with no history costs its file's
-median, then the suite's); the store's age and coverage are printed first, and
+server key from earlier runs' JUnit, its wait for servers taken out; a test with
+no history costs its file's median, then the suite's; and p90 per server key of
+its launch); the store's age and coverage are printed first, and
 the shard's record names the store's digest, so the merged report can prove
 every shard of a matrix split by the same figures.
 
-Tests that share a server key stay on one shard when they can: each shard that
-gets a piece of a group pays that server's launch (minutes on a GPU) again. A
-group bigger than a fair share is split anyway, since it alone would set the
-makespan.
+Tests that share a server key stay on one shard when they can: a group costs
+its tests plus its key's launch, and each shard that gets a piece of a split
+group pays that launch (minutes on a GPU) again. A group bigger than a fair
+share is split anyway, since it alone would set the makespan.
 """
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ MAX_REFINE_STEPS = 200
 REFINE_EPSILON_S = 1e-6
 # Shards should end within 40 % of each other (issue 25; `invoke plan` checks it).
 MAX_SPREAD = 0.40
-# A server group is split only when it alone is more than this over a fair
-# share: every shard that gets a piece launches that server again, a cost the
-# estimates do not see (they charge the launch once, to the group's first test),
-# so a group that keeps the longest shard within MAX_SPREAD stays whole.
+# A server group (its tests and its launch) is split only when it alone is more
+# than this over a fair share: every piece of it pays the launch again (the
+# items' costs include it, so the packing sees it), and a split that would only
+# trim a group already within MAX_SPREAD buys a second launch for little.
 GROUP_SPLIT_TOLERANCE = MAX_SPREAD
 _SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
 
@@ -140,24 +141,39 @@ def default_estimate(estimates: Mapping[str, float]) -> float:
     return statistics.median(estimates.values()) if estimates else DEFAULT_ESTIMATE_S
 
 
+def launch_cost(family: Mapping[str, str], launches: Mapping[str, float], nodeids: Sequence[str]) -> float:
+    """The launches ``nodeids`` need: each server key among their families once (0 s without history)."""
+    return sum(launches.get(k, 0.0) for k in {family[t] for t in nodeids if t in family})
+
+
+def shard_loads(shards: Sequence[Sequence[str]], estimates: Mapping[str, float], family: Mapping[str, str],
+                launches: Mapping[str, float]) -> list[float]:
+    """Each shard's expected seconds: its tests, plus one launch of every server key it needs."""
+    return [sum(estimates[t] for t in b) + launch_cost(family, launches, b) for b in shards]
+
+
 def _split(members: list[str], cost: Mapping[str, float], keys: Sequence[Mapping[str, str]],
-           limit: float) -> list[tuple[float, list[str]]]:
-    """``members`` as one item, or -- when over ``limit`` -- split by the next finer key, tests last."""
-    weight = sum(cost[m] for m in members)
+           limit: float, launch: float = 0.0) -> list[tuple[float, list[str]]]:
+    """``members`` as one item, or -- when over ``limit`` -- split by the next finer key, tests last.
+
+    Every item pays ``launch``: each shard that gets a piece launches the server again.
+    """
+    weight = sum(cost[m] for m in members) + launch
     if len(members) == 1 or weight <= limit:
         return [(weight, members)]
     if not keys:
-        return [(cost[m], [m]) for m in members]
+        return [(cost[m] + launch, [m]) for m in members]
     parts: dict[str, list[str]] = {}
     for m in members:
         parts.setdefault(keys[0].get(m, m), []).append(m)
     if len(parts) == 1:
-        return _split(members, cost, keys[1:], limit)
-    return [item for part in parts.values() for item in _split(part, cost, keys[1:], limit)]
+        return _split(members, cost, keys[1:], limit, launch)
+    return [item for part in parts.values() for item in _split(part, cost, keys[1:], limit, launch)]
 
 
 def assign(nodeids: Sequence[str], estimates: Mapping[str, float], n: int,
-           groups: Mapping[str, str] | Groups | None = None, default: float | None = None) -> list[list[str]]:
+           groups: Mapping[str, str] | Groups | None = None, default: float | None = None,
+           launches: Mapping[str, float] | None = None) -> list[list[str]]:
     """Pack ``nodeids`` onto ``n`` shards, longest first onto the least loaded (LPT),
     then refined by moves/swaps off the fullest shard.
 
@@ -167,6 +183,8 @@ def assign(nodeids: Sequence[str], estimates: Mapping[str, float], n: int,
     :class:`Groups`) keeps tests of one server together unless that group alone
     exceeds a fair share by more than GROUP_SPLIT_TOLERANCE; such a group is
     split into its units (a topology, the server itself), then into tests.
+    ``launches`` (server key -> seconds) is what a group's key costs to launch,
+    paid by each piece of it; a key not in it costs nothing.
     """
     if n < 1:
         raise ShardError(f"cannot split into {n} shards")
@@ -179,8 +197,13 @@ def assign(nodeids: Sequence[str], estimates: Mapping[str, float], n: int,
     for nodeid in order:
         key = groups.family.get(nodeid)
         families.setdefault(("group", key) if key else ("test", nodeid), []).append(nodeid)
-    limit = sum(cost.values()) / n * (1 + GROUP_SPLIT_TOLERANCE)
-    items = [item for members in families.values() for item in _split(members, cost, [groups.unit], limit)]
+    launches = launches or {}
+    total = sum(cost.values()) + launch_cost(groups.family, launches, list(order))
+    limit = total / n * (1 + GROUP_SPLIT_TOLERANCE)
+    items = []
+    for (kind, key), members in families.items():
+        launch = launches.get(key, 0.0) if kind == "group" else 0.0
+        items += _split(members, cost, [groups.unit], limit, launch)
     items.sort(key=lambda item: (-item[0], min(item[1])))
     # Ties in load go to the shard with fewer items: tests with no cost (an
     # estimate of 0 s) would otherwise all land on shard 1 and leave the others
@@ -287,7 +310,8 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
     session.log(f"durations store {store_path}: {known.age_line()}")
     session.log(f"durations: {known.coverage(nodeids).line()}")
     estimates = known.seconds(nodeids)
-    shards = assign(nodeids, estimates, shard.count, groups_for(nodeids, known, groups_from_keys(keys_file)))
+    groups = groups_for(nodeids, known, groups_from_keys(keys_file))
+    shards = assign(nodeids, estimates, shard.count, groups, launches=known.launches)
     chosen = shards[shard.index - 1]
     if not chosen:
         # pytest-split's lesson: a shard with nothing to run is a misconfigured
@@ -295,7 +319,7 @@ def select_for_session(session, targets: Sequence[str], shard: Shard, reports_di
         session.error(empty_shard_message(shard, len(nodeids), sum(1 for b in shards if b)))
     listing = artefacts.shard_listing(reports_dir, name, shard.pair)
     listing.write_text("\n".join(chosen) + "\n")
-    loads = [sum(estimates[t] for t in b) for b in shards]
+    loads = shard_loads(shards, estimates, groups.family, known.launches)
     write_record(artefacts.shard_record(reports_dir, name, shard.pair), session=name, shard=shard,
                  collected=nodeids, chosen=chosen, loads=loads, digest=known.digest)
     session.log(f"shard {shard}: {len(chosen)} of {len(nodeids)} tests, ~{loads[shard.index - 1]:.0f}s of "

@@ -23,6 +23,7 @@ from ci.engine.launch import ServerKey
 from ci.engine.server import Server
 from ci.engine.topology import Topology, TopologyKey, data_parallel_size, gateway_label
 from ci.profiles import runners
+from ci.session import waits
 from ci.session.pool import GatewayFactory, ServerPool, topology_from_marker
 
 MARKER = "topology"
@@ -87,10 +88,7 @@ def topology(request: pytest.FixtureRequest, kiln_pool: ServerPool, kiln_profile
     if key is None:
         raise pytest.UsageError(f"{request.node.nodeid}: the topology fixture needs a "
                                 f"@pytest.mark.topology(workers=N, ...) marker")
-    # The report maps a failure to its servers by this property, and names
-    # the topology in the failure's server line.
-    record_property("kiln_server", str(key))
-    unit = kiln_pool.acquire(key)
+    unit = waits.acquire(request.config, kiln_pool, key, record_property)
     version = unit.workers[0].backend.version()
     if version:
         record_testsuite_property("kiln_engine_version", f"{unit.workers[0].backend.name} {version}")

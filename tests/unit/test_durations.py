@@ -25,12 +25,14 @@ TINY = "tiny-llama|tp=1|"
 
 
 def _junit(when: datetime, cases: list[tuple], profile: str = "cpu") -> str:
-    """``cases``: (name, seconds[, outcome[, server]]); outcome pass / fail / infra / engine / skip / xfail."""
+    """``cases``: (name, seconds[, outcome[, server[, more properties]]]); outcome pass / fail / infra /
+    engine / skip / xfail; more properties: (name, value) pairs, e.g. the wait and the launches."""
     body = []
     for name, seconds, *rest in cases:
         what = rest[0] if rest else "pass"
         server = rest[1] if len(rest) > 1 else TINY
         props = [("kiln_server", server)] if server else []
+        props += rest[2] if len(rest) > 2 else []
         inner = ""
         if what in ("fail", "infra", "engine"):
             props.append((CLASS_PROPERTY, "test" if what == "fail" else what))
@@ -154,15 +156,82 @@ def test_coverage_and_age_lines_say_where_the_figures_come_from(tmp_path):
                            "tests/e2e/test_other.py::t"]).line()
     assert line == (f"history for 2 of 4 tests, 1 at the file median ({API}), 1 at the suite median")
     assert known.age_line(NOW) == ("1 run of profile cpu, newest 2026-12-05 10:25 UTC (1 h old), "
-                                   f"window {durations.WINDOW_DAYS} days / {durations.MAX_SAMPLES} samples a test")
+                                   f"window {durations.WINDOW_DAYS} days / {durations.MAX_SAMPLES} samples a test; "
+                                   "no server launches yet (each costs 0 s)")
+    booted = _store(tmp_path / "l", [[("test_a", 10.0, "pass", TINY, [(durations.LAUNCH_PROPERTY, f"{TINY}=9")])]])
+    assert booted.estimates("cpu").age_line(NOW).endswith("samples a test; launches of 1 server key")
+
+
+SMOL = "SmolLM2-135M-Instruct|tp=1|"
+
+
+def _waited(wait: str, *launches: str) -> list[tuple[str, str]]:
+    """The properties the plugin writes on a test that waited: the wait, then one per launch."""
+    return [(durations.WAIT_PROPERTY, wait), *((durations.LAUNCH_PROPERTY, x) for x in launches)]
+
+
+def test_the_wait_is_taken_out_of_a_test_and_each_launch_is_a_sample_of_its_key(tmp_path):
+    # The unsharded cpu run: the first tiny test's setup waited for the prelaunch of both servers (56.5 s);
+    # the real-model test waited for nothing. Run 2 is sharded: the real-model test launched its own.
+    runs = [[("test_first", 60.0, "pass", TINY, _waited("56.500", f"{TINY}=20.000", f"{SMOL}=56.000")),
+             ("test_hellaswag", 70.0, "pass", SMOL, _waited("0.000")),
+             ("test_old_junit", 5.0)],
+            [("test_first", 4.0, "pass", TINY, _waited("1.200", f"{TINY}=1.000")),
+             ("test_hellaswag", 130.0, "pass", SMOL, _waited("60.000", f"{SMOL}=60.000")),
+             ("test_old_junit", 5.0)]]
+    store = _store(tmp_path, runs)
+    known = store.estimates("cpu")
+    # A test's own time: 3.5 and 2.8 s, never its server's launch; JUnit without a wait reads as none.
+    assert known.p90[f"{API}::test_first"] == pytest.approx(3.5 - 0.07)
+    assert known.p90[f"{API}::test_hellaswag"] == pytest.approx(70.0)
+    assert known.p90[f"{API}::test_old_junit"] == 5.0
+    # Each launch once, under the key kiln_server spells ('=' inside the key too), p90 over its samples.
+    assert [s.seconds for s in store.launches["cpu"][SMOL]] == [56.0, 60.0]
+    assert known.launches == {TINY: pytest.approx(20.0 - 1.9), SMOL: pytest.approx(59.6)}
+
+
+def test_a_wait_longer_than_the_test_is_zero_and_a_launch_counts_whatever_the_test_did(tmp_path):
+    runs = [[("test_a", 1.0, "pass", TINY, _waited("3.000")),
+             ("test_b", 2.0, "infra", TINY, _waited("2.000", f"{TINY}=1.500")),
+             ("test_c", 2.0, "pass", TINY, _waited("junk", "no key", f"{TINY}=x"))]]
+    store = _store(tmp_path, runs)
+    known = store.estimates("cpu")
+    assert known.p90 == {f"{API}::test_a": 0.0, f"{API}::test_c": 2.0}  # the infra failure is not timed
+    # The launch of test_b's server reached ready: it took its time (a malformed value reads as 0 s).
+    assert [s.seconds for s in store.launches["cpu"][TINY]] == [1.5, 0.0]
+
+
+def test_launches_are_kept_in_the_same_window_as_the_tests(tmp_path):
+    many = _store(tmp_path, [[("t", 1.0, "pass", TINY, _waited("1", f"{TINY}={i}"))] for i in range(30)],
+                  start=NOW - timedelta(days=3))
+    many.prune(NOW)
+    assert [s.seconds for s in many.launches["cpu"][TINY]] == [float(i) for i in range(10, 30)]
+    old = _store(tmp_path / "o", [[("t", 1.0, "pass", TINY, _waited("1", f"{TINY}=5"))]],
+                 start=NOW - timedelta(days=durations.WINDOW_DAYS + 1))
+    old.prune(NOW)
+    assert old.launches == {} and old.estimates("cpu").launches == {}
+
+
+def test_a_format_1_store_still_loads_with_no_launches(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"kiln_durations": 1, "runs": ["r"],
+                                "profiles": {"cpu": {"t.py::a": [["2026-12-05T10:00:00+00:00", 7.0, TINY]]}}}))
+    old = Store.load(path)
+    assert old.estimates("cpu").p90 == {"t.py::a": 7.0} and old.estimates("cpu").launches == {}
+    assert Store.load(old.save(path)).to_json()["kiln_durations"] == durations.STORE_FORMAT == 2
+    path.write_text(json.dumps({"kiln_durations": 2, "launches": {"cpu": {TINY: [["then", 1.0]]}}}))
+    with pytest.raises(durations.DurationsError, match=r"launch of tiny-llama\|tp=1\|: bad timestamp 'then'"):
+        Store.load(path)
 
 
 def test_save_and_load_round_trip_with_a_stable_digest(tmp_path):
-    store = _store(tmp_path, [[("test_a", 10.0), ("test_b", 30.0, "pass", "")]])
+    store = _store(tmp_path, [[("test_a", 10.0, "pass", TINY, _waited("4", f"{TINY}=3.25")),
+                               ("test_b", 30.0, "pass", "")]])
     path = store.save(tmp_path / "sub" / "durations.json")
     again = Store.load(path)
     assert again.to_json() == store.to_json() and again.digest() == store.digest()
     assert again.estimates("cpu").p90 == store.estimates("cpu").p90
+    assert again.estimates("cpu").launches == {TINY: 3.25} and again.estimates("cpu").p90[f"{API}::test_a"] == 6.0
     assert f"{API}::test_b" not in again.estimates("cpu").servers  # no server key: no group
     # A changed store has another digest: shards that split by two stores are caught by it.
     again.ingest(flakes.read_history(_history_dir(tmp_path, "cpu", [[("test_a", 11.0)]])))

@@ -22,9 +22,10 @@ WHEN = datetime(2026, 12, 5, 10, 0, tzinfo=timezone.utc)
 INVOKE_TIMEOUT_S = 60  # importing tasks.py and reading a small store: ~1 s
 
 
-def _store(profile: str, tests: dict[str, tuple[float, str]]) -> Store:
-    """A store with one sample per test: node id -> (seconds, server key)."""
-    return Store({profile: {t: [Sample(WHEN, s, k)] for t, (s, k) in tests.items()}}, ["r"])
+def _store(profile: str, tests: dict[str, tuple[float, str]], launches: dict[str, float] | None = None) -> Store:
+    """A store with one sample per test: node id -> (seconds, server key); one per launch: key -> seconds."""
+    return Store({profile: {t: [Sample(WHEN, s, k)] for t, (s, k) in tests.items()}}, ["r"],
+                 {profile: {k: [Sample(WHEN, s)] for k, s in (launches or {}).items()}})
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200.0), ("1h30m", 5400.0), ("900s", 900.0), ("900", 900.0),
@@ -88,6 +89,31 @@ def test_a_group_within_the_split_tolerance_stays_whole_and_is_named_as_why_the_
     (why,) = made.reasons
     assert why.startswith(f"server group {tiny} (10 tests) takes ~5m 00s, longer than a fair share (~3m 45s)")
     assert "spread 100% (longest / shortest - 1), over the 40%" in "\n".join(made.lines())
+
+
+def test_a_plan_counts_each_servers_launch_once_in_the_total_and_on_the_shard_that_launches_it():
+    smol = "SmolLM2-135M-Instruct|tp=1|"
+    tests = {"tests/e2e/test_accuracy.py::test_hellaswag": (70.0, smol), "tests/e2e/test_accuracy.py::test_mmlu":
+             (30.0, smol), "tests/e2e/t.py::x": (70.0, ""), "tests/e2e/t.py::y": (40.0, ""), "tests/e2e/t.py::z": (30.0, "")}
+    made = plan.plan_profile(PROFILES["cpu"], _store("cpu", tests, {smol: 60.0}).estimates("cpu"), 150.0)
+    # 240 s of tests and a 60 s launch: ceil(300 x 1.15 / 150) = 3 shards where the tests alone asked for 2.
+    assert (made.total_s, made.launch_s, made.shards) == (300.0, 60.0, 3)
+    assert "sum of p90 5m 00s (1m 00s of it server launches): ceil(300 s x 1.15 / 150 s) = 3" in "\n".join(made.lines())
+    assert plan.plan_profile(PROFILES["cpu"], _store("cpu", tests).estimates("cpu"), 150.0).shards == 2
+    # Two shards: the real-model group carries its launch (160 s), so the loose tests go beside each other.
+    two = plan.plan_profile(PROFILES["cpu"], _store("cpu", tests, {smol: 60.0}).estimates("cpu"), 200.0)
+    assert two.shards == 2 and two.loads == (160.0, 140.0) and two.reasons == ()
+
+
+def test_the_group_named_as_why_the_shards_are_uneven_carries_its_launch():
+    tiny = "tiny-llama|tp=1|"
+    tests = {f"tests/e2e/t.py::test_{i}": (30.0, tiny) for i in range(10)}   # 300 s of tests
+    tests.update({f"tests/e2e/u.py::test_{i}": (50.0, "") for i in range(3)})
+    made = plan.plan_profile(PROFILES["cpu"], _store("cpu", tests, {tiny: 40.0}).estimates("cpu"), 360.0)
+    # 490 s into 2: fair 245; the group with its launch (340 s) is within 40 % over it, so it stays whole.
+    assert made.shards == 2 and made.loads == (340.0, 150.0)
+    (why,) = made.reasons
+    assert why.startswith(f"server group {tiny} (10 tests) takes ~5m 40s, longer than a fair share (~4m 05s)")
 
 
 def test_the_cap_and_no_history_are_said_not_hidden():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,37 @@ def test_a_group_over_the_split_tolerance_splits_into_units_before_tests():
     assert sorted(sum(est[t] for t in b) for b in bins) == [60.0, 60.0, 80.0]
 
 
+def test_a_groups_launch_is_booked_on_the_group_and_moves_it_off_a_full_shard():
+    # The real-model group (HellaSwag 70 s + another 30 s) launches its server in 60 s; three loose tests.
+    est = {"r1": 70.0, "r2": 30.0, "x": 70.0, "y": 40.0, "z": 30.0}
+    groups, launches = {"r1": "smol|tp=1|", "r2": "smol|tp=1|"}, {"smol|tp=1|": 60.0}
+    # Blind to the launch, the group looks like 100 s and gets z beside it: really 190 s against 110 s.
+    blind = shard.assign(list(est), est, 2, groups)
+    assert blind == [["r1", "r2", "z"], ["x", "y"]]
+    assert shard.shard_loads(blind, est, groups, launches) == [190.0, 110.0]
+    # Charged its 60 s launch, the group's shard takes nothing else: 160 s against 140 s.
+    booked = shard.assign(list(est), est, 2, groups, launches=launches)
+    assert booked == [["r1", "r2"], ["x", "y", "z"]]
+    assert shard.shard_loads(booked, est, groups, launches) == [160.0, 140.0]
+    assert shard.launch_cost(groups, launches, list(est)) == 60.0  # once for the whole run
+
+
+def test_each_piece_of_a_split_group_pays_its_launch():
+    # Group A (3 x 40 s, a 60 s launch) is more than 40 % over a fair share of 3 shards, so it is split.
+    groups, launches = {f"a{i}": "A" for i in range(3)}, {"A": 60.0}
+    est = {"a0": 40.0, "a1": 40.0, "a2": 40.0, "b": 50.0, "c": 50.0, "d": 20.0}
+    booked = shard.assign(list(est), est, 3, groups, launches=launches)
+    # Every piece is a test that costs 100 s (its own 40 plus the launch its shard pays): one on each shard.
+    assert [sorted(t for t in b if t.startswith("a")) for b in booked] == [["a0"], ["a1"], ["a2"]]
+    loads = shard.shard_loads(booked, est, groups, launches)
+    assert loads == [150.0, 150.0, 120.0] and sum(loads) == sum(est.values()) + 3 * 60.0
+    # The same when the group is one unit (one server, no topology) split into its tests.
+    assert shard.assign(list(est), est, 3, shard.Groups(groups, groups), launches=launches) == booked
+    # A packer that thought the pieces cost 40 s each would leave a shard at ~half the others.
+    blind = shard.shard_loads(shard.assign(list(est), est, 3, groups), est, groups, launches)
+    assert max(blind) / min(blind) - 1 > shard.MAX_SPREAD >= max(loads) / min(loads) - 1
+
+
 def test_groups_come_from_history_first_and_a_topology_joins_its_workers_key():
     topo = "vllm-router:round_robin x2 tiny-llama|tp=1|"
     known = durations.Estimates("cpu", {"a": 1.0, "t": 9.0}, {"a": "tiny-llama|tp=1|", "t": topo})
@@ -237,6 +269,22 @@ def test_a_shard_packs_by_the_store_and_records_what_it_was_given(tmp_path):
     assert [r["estimates_s"] for r in records] == [[130.0, 130.0]] * 2
     assert records[0]["durations_sha256"] == records[1]["durations_sha256"] == durations.Store.load(store).digest()
     assert records[0]["collected"] == 6 and records[0]["collected_sha256"] == shard.collected_digest(ids)
+
+
+def test_a_shards_loads_and_record_include_its_servers_launches(tmp_path):
+    ids = [f"tests/e2e/t.py::test_{i}" for i in range(6)]
+    when = datetime(2026, 12, 5, 10, 0, tzinfo=timezone.utc)
+    seconds = {ids[0]: 100.0, ids[1]: 20.0, ids[2]: 50.0, ids[3]: 40.0, ids[4]: 10.0}
+    store = durations.Store({"cpu": {t: [durations.Sample(when, s, "m|tp=1|" if t in ids[:2] else "")]
+                                     for t, s in seconds.items()}}, ["r"],
+                            launches={"cpu": {"m|tp=1|": [durations.Sample(when, 30.0)]}}).save(tmp_path / "d.json")
+    session = FakeSession("e2e-cpu", ids)
+    shard.select_for_session(session, ["tests/e2e"], Shard(1, 2), tmp_path, store_path=store)
+    record = json.loads((tmp_path / "shard-e2e-cpu-1of2.json").read_text())
+    # The group (120 s of tests + its 30 s launch) alone on one shard; the other four tests (140 s) on the other.
+    assert record["tests"] == ids[:2] and record["estimates_s"] == [150.0, 140.0] and record["estimate_s"] == 150.0
+    assert session.logs[0].endswith("launches of 1 server key")
+    assert session.logs[2].startswith("shard 1/2: 2 of 6 tests, ~150s of ~290s")
 
 
 def test_a_broken_store_fails_the_shard_in_one_line(tmp_path):
