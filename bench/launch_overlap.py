@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ci.engine import launch, realmodel  # noqa: E402
 from ci.engine.backends import get_backend  # noqa: E402
-from ci.engine.server import Server, ServerKey, stop_many  # noqa: E402
+from ci.engine.server import Server, ServerKey  # noqa: E402
+from ci.engine.teardown import stop_many  # noqa: E402
 from ci.profiles import runners  # noqa: E402
 
 KEYS = (ServerKey(runners.get_profile("cpu").default_model),
